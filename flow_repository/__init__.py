@@ -1,0 +1,1 @@
+"""Flow Repository: stores, validates, starts and stops OIH integration flows."""

@@ -1,0 +1,79 @@
+"""Thin HTTP entry points: request parsing, the caller's identity and response envelopes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from flask import Response, current_app, jsonify, request
+from werkzeug.exceptions import BadRequest
+
+from ..auth import Principal, bearer_token
+from ..domain import Forbidden, InvalidFlow
+from ..runtime import Runtime
+from ..services import FlowService, ItemResult
+from ..settings import Settings
+
+MISSING_PERMISSION = "MISSING_PERMISSION"
+
+
+def runtime() -> Runtime:
+    """The Runtime of the app serving the current request."""
+    return current_app.extensions["flow_repository"]
+
+
+def settings() -> Settings:
+    return runtime().settings
+
+
+def service() -> FlowService:
+    return runtime().service
+
+
+def caller(*permissions: str) -> Principal:
+    """Authenticate the request and require every named permission (admins hold all)."""
+    token = bearer_token(request.headers.get("Authorization"))
+    principal = current_app.extensions["authenticator"].authenticate(token)
+    if not all(principal.can(permission) for permission in permissions):
+        raise Forbidden(MISSING_PERMISSION)
+    return principal
+
+
+def json_body() -> Any:
+    """The parsed JSON body, whatever its content type; 400 when absent or malformed."""
+    if not request.get_data(cache=True):
+        raise InvalidFlow("the request body must be JSON")
+    try:
+        return request.get_json(force=True)
+    except BadRequest:
+        raise InvalidFlow("the request body is not valid JSON") from None
+
+
+def json_list(body: Any, what: str) -> Sequence[Any]:
+    if not isinstance(body, list):
+        raise InvalidFlow(f"the body must be a JSON array of {what}")
+    return body
+
+
+def envelope(data: Any, status: int = 200, meta: Mapping[str, Any] | None = None,
+             headers: Mapping[str, str] | None = None) -> Response:
+    body: dict[str, Any] = {"data": data}
+    if meta is not None:
+        body["meta"] = meta
+    response = jsonify(body)
+    response.status_code = status
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+def item_results(results: Sequence[ItemResult], all_ok: int) -> Response:
+    """Per-item outcomes: ``all_ok`` when every item succeeded, else 207 Multi-Status."""
+    succeeded = sum(1 for result in results if result.status < 300)
+    meta = {"total": len(results), "succeeded": succeeded, "failed": len(results) - succeeded}
+    status = all_ok if succeeded == len(results) else 207
+    return envelope([result.body() for result in results], status, meta)
+
+
+def etag(flow: Mapping[str, Any]) -> dict[str, str]:
+    return {"ETag": f'"{flow["revision"]}"'}

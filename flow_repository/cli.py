@@ -1,0 +1,95 @@
+"""The ``flow-repository`` command: serve, worker, token and openapi."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .settings import Settings
+
+GUNICORN_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "gunicorn.conf.py"
+
+
+def serve(settings: Settings) -> int:
+    """Run the API under gunicorn with deploy/gunicorn.conf.py (one worker when embedded)."""
+    from gunicorn.app.base import BaseApplication
+
+    class Application(BaseApplication):
+        def load_config(self) -> None:
+            config_file = Path(self.cfg.get("config") or GUNICORN_CONFIG)
+            if config_file.exists():
+                self.load_config_from_file(str(config_file))
+            else:
+                self.cfg.set("bind", f"0.0.0.0:{settings.port}")
+                self.cfg.set("worker_class", "gthread")
+                self.cfg.set("threads", settings.gunicorn_threads)
+                self.cfg.set("workers", 1 if settings.embedded else settings.web_concurrency)
+
+        def load(self) -> Any:
+            from .app import create_app
+
+            return create_app(settings, background=True)
+
+    Application().run()
+    return 0
+
+
+def token(settings: Settings, arguments: argparse.Namespace) -> int:
+    """Print a development JWT that the locally configured service accepts."""
+    from .auth import mint_token
+
+    permissions = [p.strip() for p in arguments.permissions.split(",") if p.strip()]
+    try:
+        print(mint_token(settings, arguments.sub, arguments.tenant, permissions,
+                         arguments.ttl))
+    except ValueError as error:
+        print(f"flow-repository token: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def openapi(settings: Settings) -> int:
+    """Print the OpenAPI document the code generates."""
+    print(openapi_document(settings))
+    return 0
+
+
+def openapi_document(settings: Settings | None = None) -> str:
+    from .app import create_app
+
+    app = create_app((settings or Settings.from_env({})).replace(log_level="ERROR"))
+    with app.app_context():
+        spec = app.extensions["flask-smorest"]["apis"][""]["ext_obj"].spec.to_dict()
+    return json.dumps(spec, indent=2, sort_keys=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="flow-repository", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="serve the REST API (gunicorn)")
+    commands.add_parser("worker", help="consume orchestrator and IAM events")
+    minting = commands.add_parser("token", help="mint a local development token")
+    minting.add_argument("--sub", required=True, help="the user id (sub claim)")
+    minting.add_argument("--tenant", default=None, help="the tenant id")
+    minting.add_argument("--permissions", default="all",
+                         help="comma-separated permissions (default: all)")
+    minting.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
+    commands.add_parser("openapi", help="print the OpenAPI document")
+    arguments = parser.parse_args(argv)
+    settings = Settings.from_env()
+    if arguments.command == "serve":
+        return serve(settings)
+    if arguments.command == "worker":
+        from worker.main import main as run_worker
+
+        return run_worker(settings)
+    if arguments.command == "token":
+        return token(settings, arguments)
+    return openapi(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""OIH event envelope, the pika publisher with confirms, and the outbox relay that uses it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Mapping
+from datetime import timedelta
+from typing import Any
+
+import pika
+import pika.exceptions
+
+from .domain import public_flow
+from .store import FlowStore, StoreUnavailable, utcnow
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "flow-repository"
+FLOW_PAYLOAD = "flow"  # the payload is the flow itself, rendered when the event is published
+
+
+def pending_event(
+    name: str, payload: Mapping[str, Any] | None = None, **flow_overrides: Any
+) -> dict[str, Any]:
+    """An outbox entry. Without ``payload`` the event carries the flow, with ``flow_overrides``."""
+    now = utcnow()
+    event: dict[str, Any] = {
+        "eventId": uuid.uuid4().hex,
+        "name": name,
+        "storedAt": now,
+        "createdAt": int(now.timestamp() * 1000),
+    }
+    if payload is None:
+        event["payloadKind"] = FLOW_PAYLOAD
+        event["flowOverrides"] = dict(flow_overrides)
+    else:
+        event["payload"] = dict(payload)
+    return event
+
+
+def envelope(event: Mapping[str, Any], flow: Mapping[str, Any]) -> dict[str, Any]:
+    """The OIH wire format of an outbox entry: ``{headers: {...}, payload: {...}}``."""
+    if event.get("payloadKind") == FLOW_PAYLOAD:
+        payload = {**public_flow(flow), **event.get("flowOverrides", {})}
+    else:
+        payload = dict(event.get("payload") or {})
+    return {
+        "headers": {
+            "name": event["name"],
+            "createdAt": event["createdAt"],
+            "serviceName": SERVICE_NAME,
+            "eventId": event["eventId"],
+        },
+        "payload": payload,
+    }
+
+
+class BrokerUnavailable(Exception):
+    """RabbitMQ refused, dropped the connection or did not confirm a message."""
+
+
+class Publisher:
+    """One pika connection with publisher confirms; use it from a single thread only."""
+
+    def __init__(self, queue_url: str, exchange: str) -> None:
+        self._parameters = pika.URLParameters(queue_url)
+        self._parameters.connection_attempts = 1
+        self._parameters.socket_timeout = 5
+        self._parameters.blocked_connection_timeout = 10
+        self._exchange = exchange
+        self._connection: pika.BlockingConnection | None = None
+        self._channel: Any = None
+
+    @property
+    def connected(self) -> bool:
+        return bool(self._connection and self._connection.is_open and self._channel
+                    and self._channel.is_open)
+
+    def connect(self) -> Any:
+        """Open the connection and channel unless they are open; returns the channel."""
+        if not self.connected:
+            self.close()
+            try:
+                self._connection = pika.BlockingConnection(self._parameters)
+                self._channel = self._connection.channel()
+                self._channel.exchange_declare(self._exchange, "topic", durable=True)
+                self._channel.confirm_delivery()
+            except (pika.exceptions.AMQPError, OSError) as error:
+                self.close()
+                raise BrokerUnavailable(f"cannot connect to RabbitMQ: {error!r}") from error
+        return self._channel
+
+    def publish(self, message: Mapping[str, Any]) -> None:
+        """Publish one envelope persistently; returns only once the broker confirmed it."""
+        channel = self.connect()
+        headers = message["headers"]
+        try:
+            channel.basic_publish(
+                exchange=self._exchange,
+                routing_key=headers["name"],
+                body=json.dumps(message, separators=(",", ":")).encode(),
+                properties=pika.BasicProperties(
+                    content_type="application/json",
+                    delivery_mode=pika.DeliveryMode.Persistent,
+                    message_id=headers["eventId"],
+                    timestamp=headers["createdAt"] // 1000,
+                ),
+            )
+        except (pika.exceptions.AMQPError, OSError) as error:
+            self.close()
+            raise BrokerUnavailable(f"publish of {headers['name']} failed: {error!r}") from error
+
+    def keep_alive(self) -> None:
+        """Service heartbeats while idle so the broker does not drop the connection."""
+        if self.connected:
+            try:
+                self._connection.process_data_events(0)
+            except (pika.exceptions.AMQPError, OSError):
+                self.close()
+
+    def close(self) -> None:
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None and connection.is_open:
+            try:
+                connection.close()
+            except (pika.exceptions.AMQPError, OSError):
+                pass
+
+
+class OutboxRelay:
+    """Publishes pending events flow by flow, in order, holding a per-flow lease.
+
+    Several relays (API processes, worker replicas) may run at once: the lease in the flow
+    document means only one publishes a given flow's events at a time, so events of one
+    flow never overtake each other. An event leaves the outbox only after the broker
+    confirmed it, so a crash at any point re-publishes (at least once) instead of losing.
+    """
+
+    def __init__(
+        self,
+        store: FlowStore,
+        publisher: Publisher,
+        *,
+        poll_seconds: float = 1.0,
+        lease_seconds: float = 30.0,
+        on_published: Callable[[str], None] = lambda name: None,
+    ) -> None:
+        self._store = store
+        self._publisher = publisher
+        self._poll_seconds = poll_seconds
+        self._lease = timedelta(seconds=lease_seconds)
+        self._margin = timedelta(seconds=lease_seconds / 3)
+        self._on_published = on_published
+        self._relay_id = uuid.uuid4().hex
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._publisher.connected
+
+    def wake(self) -> None:
+        """Ask the relay to look for pending events now rather than at its next poll."""
+        self._wake.set()
+
+    def publish_pending(self) -> int:
+        """Publish everything claimable; returns how many events went out."""
+        published = 0
+        while not self._stop.is_set():
+            flow = self._store.claim_pending(self._relay_id, self._lease)
+            if flow is None:
+                return published
+            try:
+                for event in flow.get("outbox", []):
+                    if not self._store.still_leased(flow["_id"], self._relay_id, self._margin):
+                        break  # another relay may take over; publishing on would reorder
+                    self._publisher.publish(envelope(event, flow))
+                    self._store.drop_published(flow["_id"], event["eventId"])
+                    self._on_published(event["name"])
+                    published += 1
+            finally:
+                self._store.release(flow["_id"], self._relay_id)
+        return published
+
+    def run(self) -> None:
+        """Relay until stopped, backing off while RabbitMQ or MongoDB are away."""
+        delay = 0.0
+        while not self._stop.is_set():
+            self._wake.wait(delay or self._poll_seconds)
+            self._wake.clear()
+            try:
+                self._publisher.connect()
+                self.publish_pending()
+                self._publisher.keep_alive()
+                delay = 0.0
+            except (BrokerUnavailable, StoreUnavailable) as error:
+                delay = min(max(delay * 2, 0.2), 10.0)
+                log.warning("outbox relay paused", extra={"error": str(error), "retryIn": delay})
+            except Exception:
+                delay = min(max(delay * 2, 0.2), 10.0)
+                log.exception("outbox relay failed", extra={"retryIn": delay})
+        self._publisher.close()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="outbox-relay", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+

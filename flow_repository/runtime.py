@@ -1,0 +1,142 @@
+"""The parts one process runs: store, service, and the background relay, consumer and reconciler."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import domain
+from .events import OutboxRelay, Publisher
+from .metrics import Metrics
+from .services import FlowService
+from .settings import Settings
+from .store import FlowStore, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class Periodic:
+    """Call ``action`` every ``interval`` seconds on a daemon thread until stopped."""
+
+    def __init__(self, name: str, interval: float, action: Callable[[], Any]) -> None:
+        self._name = name
+        self._interval = interval
+        self._action = action
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self._action()
+            except StoreUnavailable as error:
+                log.warning(f"{self._name} paused", extra={"error": str(error)})
+            except Exception:
+                log.exception(f"{self._name} failed")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+
+@dataclass
+class Runtime:
+    """What a process holds: the store and service, plus whichever background loops it runs."""
+
+    settings: Settings
+    store: FlowStore
+    service: FlowService
+    metrics: Metrics
+    relay: OutboxRelay | None = None
+    consumer: Any = None
+    loops: list[Periodic] = field(default_factory=list)
+
+    @classmethod
+    def build(
+        cls,
+        settings: Settings,
+        *,
+        store: FlowStore | None = None,
+        relay: bool = False,
+        consumer: bool = False,
+        reconciler: bool = False,
+    ) -> Runtime:
+        store = store or FlowStore.from_settings(settings)
+        try:
+            store.ensure_indexes()
+        except StoreUnavailable as error:
+            log.error("could not create indexes; MongoDB is unavailable", extra={"error": str(error)})
+        metrics = Metrics()
+        outbox = None
+        if relay:
+            outbox = OutboxRelay(
+                store,
+                Publisher(settings.queue_url, settings.event_exchange),
+                poll_seconds=settings.relay_poll_seconds,
+                lease_seconds=settings.relay_lease_seconds,
+                on_published=metrics.event_published,
+            )
+        service = FlowService(
+            store,
+            timeouts=domain.Timeouts(settings.start_timeout_seconds, settings.stop_timeout_seconds),
+            bulk_max_items=settings.bulk_max_items,
+            notify=outbox.wake if outbox else lambda: None,
+        )
+        runtime = cls(settings, store, service, metrics, outbox)
+        if consumer:
+            from worker.consumer import StatusConsumer  # the worker package owns the consumer
+
+            runtime.consumer = StatusConsumer(settings, service, metrics)
+        if reconciler:
+            runtime.loops.append(
+                Periodic("reconciler", settings.reconcile_interval_seconds, service.reconcile)
+            )
+        return runtime
+
+    def start(self) -> None:
+        if self.relay:
+            self.relay.start()
+        if self.consumer:
+            self.consumer.start()
+        for loop in self.loops:
+            loop.start()
+
+    def stop(self) -> None:
+        """Stop consuming first, so that no new work arrives, then the loops and the relay."""
+        if self.consumer:
+            self.consumer.stop()
+        for loop in self.loops:
+            loop.stop()
+        if self.relay:
+            self.relay.stop()
+
+    def health(self) -> dict[str, dict[str, Any]]:
+        """The state of each dependency of this process: MongoDB and, if used, the queue."""
+        details: dict[str, Any] = {}
+        try:
+            self.store.ping()
+            details["mongoDB"] = {"status": "pass"}
+        except StoreUnavailable as error:
+            details["mongoDB"] = {"status": "fail", "error": str(error)}
+        links = [part for part in (self.relay, self.consumer) if part is not None]
+        if links:
+            connected = all(part.connected for part in links)
+            details["queue"] = {"status": "pass" if connected else "fail",
+                                "connected": connected}
+        else:
+            details["queue"] = {"status": "pass", "connected": None,
+                                "note": "this process does not use the queue"}
+        return details
+
+    def refresh_gauges(self) -> None:
+        """Read the flow and outbox figures that /metrics reports."""
+        pending, oldest = self.store.outbox_backlog()
+        self.metrics.set_flow_counts(self.store.count_by_status())
+        self.metrics.set_outbox(pending, oldest)

@@ -1,0 +1,329 @@
+"""Marshmallow schemas for flow bodies, query arguments and responses, and the checks behind them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from croniter import croniter
+from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, validate
+
+from .domain import (
+    MAX_NODE_ID_LENGTH,
+    STATUSES,
+    InvalidFlow,
+    ListQuery,
+    Problem,
+    describe,
+    graph_problems,
+    is_object_id,
+)
+
+PAGE_SIZE_MAX = 100
+SEARCH_MAX_LENGTH = 200
+JSON_MAX_DEPTH = 32
+INT64 = (-(2**63), 2**63 - 1)
+SORT_FIELDS = ("createdAt", "updatedAt", "name")
+# Fields the service writes itself: a client may send them back unchanged (e.g. a GET body
+# edited and PATCHed) and they are ignored. ``status`` is different: asking for a status
+# is a request the service cannot honour through this route, so it is refused.
+READ_ONLY_FIELDS = ("id", "_id", "createdAt", "updatedAt", "revision", "tenant",
+                    "statusChangedAt", "statusReason")
+EDITABLE_FIELDS = ("name", "description", "type", "graph", "owners", "cron",
+                   "fromTemplate", "flowSettings")
+
+
+def json_problems(value: Any, depth: int = 0) -> list[str]:
+    """What MongoDB could not store faithfully in a free-form JSON value."""
+    if depth > JSON_MAX_DEPTH:
+        return [f"nested deeper than {JSON_MAX_DEPTH} levels"]
+    if isinstance(value, bool) or value is None or isinstance(value, (str, float)):
+        return []
+    if isinstance(value, int):
+        low, high = INT64
+        return [] if low <= value <= high else [f"integer {describe(value)} exceeds 64 bits"]
+    items = value.values() if isinstance(value, Mapping) else value
+    for item in items:
+        found = json_problems(item, depth + 1)
+        if found:
+            return found
+    return []
+
+
+class ObjectIdString(fields.String):
+    """A 24-hex-digit MongoDB ObjectId written as a string."""
+
+    default_error_messages: ClassVar[dict[str, str]] = {
+        "invalid_object_id": "is not a valid ObjectId"
+    }
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> str:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        if not is_object_id(text):
+            raise self.make_error("invalid_object_id")
+        return text
+
+
+class CronString(fields.String):
+    """A cron expression (five fields, or six with seconds)."""
+
+    default_error_messages: ClassVar[dict[str, str]] = {
+        "invalid_cron": "is not a valid cron expression"
+    }
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> str:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        if len(text) > 100 or not croniter.is_valid(text):
+            raise self.make_error("invalid_cron")
+        return text
+
+
+class JsonObject(fields.Dict):
+    """A free-form JSON object (settings, fields) that MongoDB can store as given."""
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> dict:
+        result = super()._deserialize(value, attr, data, **kwargs)
+        found = json_problems(result)
+        if found:
+            raise ValidationError(found)
+        return result
+
+
+class JsonValue(fields.Raw):
+    """Any JSON value MongoDB can store as given (a mapper may be an object or a string)."""
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> Any:
+        found = json_problems(value)
+        if found:
+            raise ValidationError(found)
+        return value
+
+
+def _text(maximum: int, **kwargs: Any) -> fields.String:
+    return fields.String(validate=validate.Length(max=maximum), **kwargs)
+
+
+class NodeSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    id = fields.String(required=True, validate=validate.Length(1, MAX_NODE_ID_LENGTH))
+    componentId = ObjectIdString(required=True)
+    function = fields.String(required=True, validate=validate.Length(1, 200))
+    name = _text(200, allow_none=True)
+    description = _text(2000, allow_none=True)
+    credentials_id = ObjectIdString(allow_none=True)
+    nodeSettings = JsonObject(keys=fields.String())
+    fields = JsonObject(keys=fields.String())  # OIH's name; shadows the module below here
+
+
+class EdgeConfigSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    condition = _text(5000, allow_none=True)
+    mapper = JsonValue(allow_none=True)
+
+
+class EdgeSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    id = _text(100, allow_none=True)
+    config = fields.Nested(EdgeConfigSchema, allow_none=True)
+    source = fields.String(required=True, validate=validate.Length(min=1))
+    target = fields.String(required=True, validate=validate.Length(min=1))
+
+
+class GraphSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    nodes = fields.List(fields.Nested(NodeSchema), required=True)
+    edges = fields.List(fields.Nested(EdgeSchema))
+
+
+class OwnerSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    id = fields.String(required=True, validate=validate.Length(1, 200))
+    type = fields.String(required=True, validate=validate.Length(1, 50))
+
+
+class FlowInputSchema(Schema):
+    """A flow as a client writes it (POST, or the merged result of a PATCH)."""
+
+    class Meta:
+        unknown = RAISE
+
+    name = _text(200, allow_none=True)
+    description = _text(2000, allow_none=True)
+    type = _text(50, allow_none=True)
+    graph = fields.Nested(GraphSchema, required=True)
+    owners = fields.List(fields.Nested(OwnerSchema))
+    cron = CronString(allow_none=True)
+    fromTemplate = ObjectIdString(allow_none=True)
+    flowSettings = JsonObject(keys=fields.String(), allow_none=True)
+
+
+class FlowOutputSchema(FlowInputSchema):
+    """A flow as the service returns it (documentation of the response body)."""
+
+    id = fields.String()
+    tenant = fields.String(allow_none=True)
+    status = fields.String(validate=validate.OneOf(STATUSES))
+    createdAt = fields.String()
+    updatedAt = fields.String()
+    revision = fields.Integer()
+    statusChangedAt = fields.String()
+    statusReason = fields.String()
+
+
+class FlowResponseSchema(Schema):
+    data = fields.Nested(FlowOutputSchema)
+
+
+class ListMetaSchema(Schema):
+    total = fields.Integer()
+    page = fields.Integer()
+    perPage = fields.Integer()
+    totalPages = fields.Integer()
+
+
+class FlowListResponseSchema(Schema):
+    data = fields.List(fields.Nested(FlowOutputSchema))
+    meta = fields.Nested(ListMetaSchema)
+
+
+class StatusResponseSchema(Schema):
+    data = fields.Dict()
+
+
+class ItemResultSchema(Schema):
+    id = fields.String()
+    index = fields.Integer()
+    status = fields.Integer()
+    data = fields.Dict()
+    errors = fields.List(fields.Dict())
+
+
+class ItemResultsResponseSchema(Schema):
+    data = fields.List(fields.Nested(ItemResultSchema))
+    meta = fields.Dict()
+
+
+class ErrorItemSchema(Schema):
+    message = fields.String()
+    code = fields.Integer()
+
+
+class ErrorResponseSchema(Schema):
+    errors = fields.List(fields.Nested(ErrorItemSchema))
+
+
+class ListArgumentsSchema(Schema):
+    """GET /flows query arguments, in OIH's bracketed JSON:API-style names."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    page_size = fields.Integer(data_key="page[size]", load_default=10,
+                               validate=validate.Range(1, PAGE_SIZE_MAX))
+    page_number = fields.Integer(data_key="page[number]", load_default=1,
+                                 validate=validate.Range(1, 1_000_000))
+    status = fields.String(data_key="filter[status]", validate=validate.OneOf(STATUSES))
+    type = _text(50, data_key="filter[type]")
+    user = _text(200, data_key="filter[user]")
+    from_template = ObjectIdString(data_key="filter[fromTemplate]")
+    sort = fields.String(validate=validate.OneOf(
+        [*SORT_FIELDS, *(f"-{name}" for name in SORT_FIELDS)]))
+    search = _text(SEARCH_MAX_LENGTH)
+
+
+def list_query(arguments: Mapping[str, Any]) -> ListQuery:
+    """Turn loaded list arguments into the store's query object."""
+    sort = arguments.get("sort") or "createdAt"
+    return ListQuery(
+        page_size=arguments["page_size"],
+        page_number=arguments["page_number"],
+        status=arguments.get("status"),
+        type=arguments.get("type"),
+        user=arguments.get("user"),
+        from_template=arguments.get("from_template"),
+        search=arguments.get("search") or None,
+        sort_field=sort.lstrip("-"),
+        sort_descending=sort.startswith("-"),
+    )
+
+
+# ----------------------------------------------------------------------------- problems
+
+
+def _value_at(data: Any, path: list[Any]) -> tuple[bool, Any]:
+    for step in path:
+        if isinstance(data, Mapping) and step in data or isinstance(data, list) and isinstance(step, int) and 0 <= step < len(data):
+            data = data[step]
+        else:
+            return False, None
+    return True, data
+
+
+def _path_text(path: list[Any]) -> str:
+    text = ""
+    for step in path:
+        text += f"[{step}]" if isinstance(step, int) else (f".{step}" if text else str(step))
+    return text
+
+
+def problems_from(messages: Any, data: Any, path: list[Any] | None = None) -> list[Problem]:
+    """Flatten marshmallow's nested messages into problems naming field and offending value."""
+    path = path or []
+    if isinstance(messages, Mapping):
+        found: list[Problem] = []
+        for key, inner in messages.items():
+            step = key if isinstance(key, int) or key != "_schema" else None
+            found += problems_from(inner, data, path + ([step] if step is not None else []))
+        return found
+    texts = messages if isinstance(messages, list) else [messages]
+    present, value = _value_at(data, path)
+    problems = []
+    for text in texts:
+        if isinstance(text, (Mapping, list)):
+            problems += problems_from(text, data, path)
+            continue
+        text = str(text).rstrip(".")
+        if present and text != "Unknown field":
+            text = f"{text} (got {describe(value)})"
+        problems.append(Problem(_path_text(path), text))
+    return problems
+
+
+def validate_flow(body: Any, *, partial: bool = False) -> dict[str, Any]:
+    """Check a flow body against every rule at once; return its clean fields.
+
+    With ``partial`` only the fields present are checked (a PATCH body before merging);
+    the graph rules run whenever a graph is present. Raises InvalidFlow listing every
+    problem found.
+    """
+    if not isinstance(body, Mapping):
+        raise InvalidFlow(f"the body must be a JSON object (got {describe(body)})")
+    problems: list[Problem] = []
+    if "status" in body:
+        problems.append(Problem("status", "is set by the service and cannot be written "
+                                          "(use /flows/{id}/start or /stop)"))
+    candidate = {key: value for key, value in body.items()
+                 if key not in READ_ONLY_FIELDS and key != "status"}
+    try:
+        clean = FlowInputSchema().load(candidate, partial=partial)
+    except ValidationError as error:
+        problems += problems_from(error.messages, candidate)
+        clean = None
+    graph = clean.get("graph") if clean is not None else candidate.get("graph")
+    if isinstance(graph, Mapping):
+        reported = {problem.path for problem in problems}
+        problems += [p for p in graph_problems(graph) if p.path not in reported]
+    if problems:
+        raise InvalidFlow("the flow is not valid", problems)
+    return clean
+

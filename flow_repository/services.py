@@ -1,0 +1,413 @@
+"""Use cases shared by the API and the worker: write, list, start, stop, apply events, reconcile."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from bson import ObjectId
+
+from . import domain
+from .auth import Principal
+from .domain import (
+    FlowError,
+    FlowNotFound,
+    InvalidFlow,
+    ListQuery,
+    Transition,
+    describe,
+    public_flow,
+)
+from .events import pending_event
+from .schemas import EDITABLE_FIELDS, validate_flow
+from .store import FlowStore, utcnow
+
+log = logging.getLogger(__name__)
+
+CAS_ATTEMPTS = 5
+
+
+class InvalidEvent(ValueError):
+    """A broker message the service can never apply (dead-lettered, not retried)."""
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    """The outcome of one item of a bulk request."""
+
+    status: int
+    index: int
+    id: str | None = None
+    data: Mapping[str, Any] | None = None
+    errors: Sequence[str] = ()
+
+    def body(self) -> dict[str, Any]:
+        result: dict[str, Any] = {"index": self.index, "status": self.status}
+        if self.id is not None:
+            result["id"] = self.id
+        if self.data is not None:
+            result["data"] = self.data
+        if self.errors:
+            result["errors"] = [{"message": m, "code": self.status} for m in self.errors]
+        return result
+
+
+def parse_flow_id(raw: Any) -> ObjectId:
+    """The ObjectId a client or an event names; InvalidFlow (400) when it is malformed."""
+    if not domain.is_object_id(raw):
+        raise InvalidFlow(f"invalid flow id {describe(raw)}: expected 24 hexadecimal digits")
+    return ObjectId(raw)
+
+
+def parse_if_match(header: str | None) -> int | None:
+    """The revision an If-Match header asks for; None when absent or ``*``."""
+    if header is None or header.strip() == "*":
+        return None
+    tag = header.strip().split(",")[0].strip().removeprefix("W/").strip('"')
+    if not tag.isdigit():
+        raise domain.PreconditionFailed(f"If-Match {describe(header)} names no revision "
+                                        "of this flow")
+    return int(tag)
+
+
+class FlowService:
+    """Every rule about flows, reached by the API routes and by the worker alike."""
+
+    def __init__(
+        self,
+        store: FlowStore,
+        *,
+        timeouts: domain.Timeouts,
+        bulk_max_items: int = 100,
+        notify: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._store = store
+        self._timeouts = timeouts
+        self._bulk_max_items = bulk_max_items
+        self._notify = notify  # wakes the outbox relay after a write that queued events
+
+    # ------------------------------------------------------------------------- reads
+
+    def get(self, principal: Principal, raw_id: Any) -> dict[str, Any]:
+        flow = self._store.get(parse_flow_id(raw_id), self._scope(principal))
+        if flow is None:
+            raise FlowNotFound(f"flow {raw_id} not found")
+        return public_flow(flow)
+
+    def list(self, principal: Principal, query: ListQuery) -> tuple[list[dict], dict[str, int]]:
+        flows, total = self._store.list(query, self._scope(principal))
+        meta = {
+            "total": total,
+            "page": query.page_number,
+            "perPage": query.page_size,
+            "totalPages": math.ceil(total / query.page_size),
+        }
+        return [public_flow(flow) for flow in flows], meta
+
+    # ------------------------------------------------------------------------- writes
+
+    def create(self, principal: Principal, body: Any) -> dict[str, Any]:
+        clean = validate_flow(body)
+        flow_id = ObjectId()
+        now = utcnow()
+        owners = domain.with_owner(clean.get("owners") or [], principal.sub, "user")
+        if principal.tenant:
+            owners = domain.with_owner(owners, principal.tenant, "tenant")
+        document = {
+            **{key: value for key, value in clean.items() if key != "owners"},
+            "_id": flow_id,
+            "type": clean.get("type") or "ordinary",
+            "owners": owners,
+            "tenant": principal.tenant,
+            "status": domain.INACTIVE,
+            "createdAt": now,
+            "updatedAt": now,
+            "revision": 1,
+            "statusChangedAt": now,
+            "statusReason": "created",
+            "statusRetries": 0,
+            "outbox": [self._change_event("flowrepo.flow.created", principal, flow_id)],
+        }
+        flow = self._store.insert(document)
+        self._notify()
+        log.info("flow created", extra={"flowId": str(flow_id)})
+        return public_flow(flow)
+
+    def create_many(self, principal: Principal, bodies: Sequence[Any]) -> list[ItemResult]:
+        self._check_bulk_size(bodies)
+        results = []
+        for index, body in enumerate(bodies):
+            try:
+                flow = self.create(principal, body)
+                results.append(ItemResult(201, index, flow["id"], flow))
+            except FlowError as error:
+                results.append(ItemResult(error.status, index, errors=error.messages()))
+        return results
+
+    def update(
+        self, principal: Principal, raw_id: Any, body: Any, if_match: int | None = None
+    ) -> dict[str, Any]:
+        """Apply a partial update to an inactive flow; the merged flow must be valid."""
+        flow_id = parse_flow_id(raw_id)
+        patch = validate_flow(body, partial=True)
+        for _ in range(CAS_ATTEMPTS):
+            current = self._visible(principal, flow_id, raw_id)
+            self._require_inactive(current, "updated")
+            self._require_revision(current, if_match)
+            merged = {key: current[key] for key in EDITABLE_FIELDS if key in current}
+            merged.update(body)
+            validate_flow(merged)
+            changes = dict(patch)
+            changes["owners"] = domain.with_owner(
+                patch.get("owners", current.get("owners", [])), principal.sub, "user"
+            )
+            updated = self._store.update(
+                flow_id,
+                owner_ids=self._scope(principal),
+                statuses=(domain.INACTIVE,),
+                revision=current["revision"],
+                changes=changes,
+                events=[self._change_event("flowrepo.flow.modified", principal, flow_id)],
+            )
+            if updated is not None:
+                self._notify()
+                return public_flow(updated)
+        raise domain.Conflict(f"flow {raw_id} keeps changing; retry the update")
+
+    def update_many(self, principal: Principal, items: Sequence[Any]) -> list[ItemResult]:
+        self._check_bulk_size(items)
+        results = []
+        for index, item in enumerate(items):
+            raw_id = item.get("id") if isinstance(item, Mapping) else None
+            try:
+                if not isinstance(item, Mapping):
+                    raise InvalidFlow(f"each item must be a JSON object (got {describe(item)})")
+                body = {key: value for key, value in item.items() if key != "id"}
+                flow = self.update(principal, raw_id, body)
+                results.append(ItemResult(200, index, flow["id"], flow))
+            except FlowError as error:
+                results.append(ItemResult(error.status, index, _text_id(raw_id),
+                                          errors=error.messages()))
+        return results
+
+    def delete(self, principal: Principal, raw_id: Any, if_match: int | None = None) -> None:
+        """Delete an inactive flow; flowrepo.flow.deleted still goes out after it is gone."""
+        flow_id = parse_flow_id(raw_id)
+        deleted = self._store.update(
+            flow_id,
+            owner_ids=self._scope(principal),
+            statuses=(domain.INACTIVE,),
+            revision=if_match,
+            changes={"deletedAt": utcnow()},
+            events=[self._change_event("flowrepo.flow.deleted", principal, flow_id)],
+        )
+        if deleted is None:
+            current = self._visible(principal, flow_id, raw_id)
+            self._require_inactive(current, "deleted")
+            self._require_revision(current, if_match)
+            raise domain.Conflict(f"flow {raw_id} changed while it was being deleted; retry")
+        self._notify()
+
+    # ------------------------------------------------------------------------- lifecycle
+
+    def start(self, principal: Principal, raw_id: Any) -> dict[str, str]:
+        event = pending_event("flow.starting", status=domain.STARTING, startedBy=principal.sub)
+        return self._command(principal, raw_id, domain.START, event, {"startedBy": principal.sub})
+
+    def stop(self, principal: Principal, raw_id: Any) -> dict[str, str]:
+        event = pending_event("flow.stopping", status=domain.STOPPING)
+        return self._command(principal, raw_id, domain.STOP, event, {})
+
+    def start_many(self, principal: Principal, raw_ids: Sequence[Any]) -> list[ItemResult]:
+        return self._command_many(principal, raw_ids, self.start)
+
+    def stop_many(self, principal: Principal, raw_ids: Sequence[Any]) -> list[ItemResult]:
+        return self._command_many(principal, raw_ids, self.stop)
+
+    def apply_status_event(self, name: str, payload: Any) -> str:
+        """Apply an orchestrator report (flow.started/stopped/failed); idempotent.
+
+        Returns what happened, for the log. Reports that do not fit the flow's status (late,
+        duplicate, for an unknown or deleted flow) change nothing.
+        """
+        transition = domain.STATUS_EVENTS.get(name)
+        if transition is None:
+            raise InvalidEvent(f"no handler for event {describe(name)}")
+        flow_id = _event_flow_id(payload)
+        events = [pending_event(transition.event, status=transition.target)] \
+            if transition.event else []
+        updated = self._store.update(
+            flow_id,
+            statuses=transition.sources,
+            changes=self._status_changes(transition),
+            events=events,
+        )
+        if updated is not None:
+            self._notify_if(events)
+            return f"{transition.name}: flow is now {updated['status']}"
+        current = self._store.get(flow_id)
+        if current is None:
+            return f"{transition.name}: ignored, flow {flow_id} is unknown or deleted"
+        return f"{transition.name}: ignored, flow is {current['status']}"
+
+    def remove_owner(self, owner_id: Any) -> int:
+        """Take a deleted user or tenant out of every flow; running orphans are stopped."""
+        if not isinstance(owner_id, str) or not owner_id:
+            raise InvalidEvent(f"an owner id must be a non-empty string (got {describe(owner_id)})")
+        orphaned = domain.ORPHANED
+        changed = 0
+        for flow_id in self._store.owned_by(owner_id):
+            stopped = self._store.update(
+                flow_id,
+                owner_ids=(owner_id,),
+                owner_count=1,
+                statuses=orphaned.sources,
+                remove_owner=owner_id,
+                changes=self._status_changes(orphaned),
+                events=[pending_event(orphaned.event, status=orphaned.target)],
+            )
+            if stopped is not None:
+                self._notify()
+            else:
+                self._store.update(flow_id, owner_ids=(owner_id,), remove_owner=owner_id)
+            changed += 1
+        return changed
+
+    def reconcile(self) -> int:
+        """Move flows whose orchestrator answer is overdue: re-send once, then give up."""
+        moved = 0
+        for status in (domain.STARTING, domain.STOPPING):
+            for retries in (0, 1):
+                transition, timeout = self._timeouts.plan(status, retries)
+                overdue = utcnow() - timedelta(seconds=timeout)
+                for flow in self._store.stuck(status, overdue, retries=retries):
+                    moved += self._reconcile_one(flow, transition, retries)
+        return moved
+
+    # ------------------------------------------------------------------------- helpers
+
+    def _reconcile_one(self, flow: Mapping[str, Any], transition: Transition, retries: int) -> int:
+        overrides: dict[str, Any] = {"status": transition.target}
+        if transition.event == "flow.starting":
+            overrides["startedBy"] = flow.get("startedBy")
+        events = [pending_event(transition.event, **overrides)] if transition.event else []
+        changes = self._status_changes(transition)
+        if transition.target == flow["status"]:
+            changes["statusRetries"] = retries + 1
+        updated = self._store.update(
+            flow["_id"], statuses=(flow["status"],), revision=flow["revision"],
+            changes=changes, events=events,
+        )
+        if updated is None:
+            return 0
+        log.warning("flow reconciled", extra={"flowId": str(flow["_id"]),
+                                              "reason": transition.reason})
+        self._notify_if(events)
+        return 1
+
+    def _command(
+        self,
+        principal: Principal,
+        raw_id: Any,
+        transition: Transition,
+        event: dict[str, Any],
+        extra: Mapping[str, Any],
+    ) -> dict[str, str]:
+        flow_id = parse_flow_id(raw_id)
+        updated = self._store.update(
+            flow_id,
+            owner_ids=self._scope(principal),
+            statuses=transition.sources,
+            changes={**self._status_changes(transition), **extra},
+            events=[event],
+        )
+        if updated is None:
+            current = self._visible(principal, flow_id, raw_id)
+            raise domain.Conflict(
+                f"cannot {transition.name} flow {raw_id}: its status is {current['status']}"
+            )
+        self._notify()
+        return {"id": str(flow_id), "status": updated["status"]}
+
+    def _command_many(
+        self,
+        principal: Principal,
+        raw_ids: Sequence[Any],
+        command: Callable[[Principal, Any], dict[str, str]],
+    ) -> list[ItemResult]:
+        self._check_bulk_size(raw_ids)
+        results = []
+        for index, raw_id in enumerate(raw_ids):
+            try:
+                outcome = command(principal, raw_id)
+                results.append(ItemResult(200, index, outcome["id"], outcome))
+            except FlowError as error:
+                results.append(ItemResult(error.status, index, _text_id(raw_id),
+                                          errors=error.messages()))
+        return results
+
+    @staticmethod
+    def _status_changes(transition: Transition) -> dict[str, Any]:
+        return {
+            "status": transition.target,
+            "statusChangedAt": utcnow(),
+            "statusReason": transition.reason,
+            "statusRetries": 0,
+        }
+
+    @staticmethod
+    def _scope(principal: Principal) -> tuple[str, ...] | None:
+        return None if principal.is_admin else principal.owner_ids
+
+    def _visible(self, principal: Principal, flow_id: ObjectId, raw_id: Any) -> dict[str, Any]:
+        flow = self._store.get(flow_id, self._scope(principal))
+        if flow is None:
+            raise FlowNotFound(f"flow {raw_id} not found")
+        return flow
+
+    @staticmethod
+    def _require_inactive(flow: Mapping[str, Any], action: str) -> None:
+        if flow["status"] != domain.INACTIVE:
+            raise domain.Conflict(
+                f"flow {flow['_id']} cannot be {action} while its status is {flow['status']}; "
+                "stop it first"
+            )
+
+    @staticmethod
+    def _require_revision(flow: Mapping[str, Any], if_match: int | None) -> None:
+        if if_match is not None and flow["revision"] != if_match:
+            raise domain.PreconditionFailed(
+                f"flow {flow['_id']} is at revision {flow['revision']}, not {if_match}"
+            )
+
+    def _check_bulk_size(self, items: Sequence[Any]) -> None:
+        if not items:
+            raise InvalidFlow("the list of items is empty")
+        if len(items) > self._bulk_max_items:
+            raise InvalidFlow(f"at most {self._bulk_max_items} items per request "
+                              f"(got {len(items)})")
+
+    def _notify_if(self, events: Sequence[Any]) -> None:
+        if events:
+            self._notify()
+
+    @staticmethod
+    def _change_event(name: str, principal: Principal, flow_id: ObjectId) -> dict[str, Any]:
+        return pending_event(
+            name, {"tenant": principal.tenant, "user": principal.sub, "flowId": str(flow_id)}
+        )
+
+
+def _text_id(raw_id: Any) -> str | None:
+    return raw_id if isinstance(raw_id, str) else None
+
+
+def _event_flow_id(payload: Any) -> ObjectId:
+    raw = payload.get("id") if isinstance(payload, Mapping) else None
+    if not domain.is_object_id(raw):
+        raise InvalidEvent(f"event payload names no valid flow id (got {describe(raw)})")
+    return ObjectId(raw)

@@ -1,0 +1,320 @@
+"""FlowStore: every MongoDB call of the service, owner-scoped and atomic per document."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import urlparse
+
+import pymongo
+from bson import ObjectId
+from pymongo import ReturnDocument
+from pymongo.errors import ConnectionFailure, PyMongoError
+
+from .domain import ListQuery
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+COLLECTION = "flows"
+DEFAULT_DATABASE = "flow-repository"
+# Keys MongoDB cannot hold (or would read as operators / paths) are escaped reversibly:
+# "~" is the escape character itself, so the mapping stays one-to-one.
+_KEY_ESCAPES = {"~": "~t", ".": "~d", "$": "~s", "\x00": "~0"}
+_KEY_UNESCAPES = {escaped[1]: raw for raw, escaped in _KEY_ESCAPES.items()}
+_NEEDS_ESCAPE = re.compile(r"[~.$\x00]")
+_ESCAPED = re.compile(r"~(.)", re.DOTALL)
+
+
+class StoreUnavailable(Exception):
+    """MongoDB could not be reached; the request may be retried later."""
+
+
+def utcnow() -> datetime:
+    """Now, at the millisecond precision MongoDB keeps."""
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+def encode_keys(value: Any) -> Any:
+    """Escape user-supplied keys so that MongoDB stores them verbatim."""
+    if isinstance(value, Mapping):
+        return {
+            (_NEEDS_ESCAPE.sub(lambda m: _KEY_ESCAPES[m.group()], key)): encode_keys(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [encode_keys(item) for item in value]
+    return value
+
+
+def decode_keys(value: Any) -> Any:
+    """Undo :func:`encode_keys`; stored dates come back timezone-aware (UTC)."""
+    if isinstance(value, Mapping):
+        return {
+            (_ESCAPED.sub(lambda m: _KEY_UNESCAPES.get(m.group(1), m.group()), key)
+             if "~" in key else key): decode_keys(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [decode_keys(item) for item in value]
+    if isinstance(value, datetime) and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+class FlowStore:
+    """Owner-scoped access to the ``flows`` collection; pending events live in each document."""
+
+    def __init__(self, database: Any, *, serialize: bool = False) -> None:
+        self._flows = database[COLLECTION]
+        # mongomock is not thread-safe; a real MongoDB serializes per document itself.
+        self._lock = threading.RLock() if serialize else None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> FlowStore:
+        """A store on MONGODB_URL, or on an in-memory mongomock database when it is unset."""
+        if settings.embedded:
+            import mongomock
+
+            client = mongomock.MongoClient(tz_aware=True)
+            return cls(client[DEFAULT_DATABASE], serialize=True)
+        client = pymongo.MongoClient(
+            settings.mongodb_url,
+            tz_aware=True,
+            serverSelectionTimeoutMS=settings.mongodb_timeout_ms,
+            connectTimeoutMS=settings.mongodb_timeout_ms,
+            appname="flow-repository",
+        )
+        name = urlparse(settings.mongodb_url).path.lstrip("/") or DEFAULT_DATABASE
+        return cls(client[name])
+
+    @contextlib.contextmanager
+    def _call(self) -> Iterator[None]:
+        try:
+            if self._lock is None:
+                yield
+            else:
+                with self._lock:
+                    yield
+        except ConnectionFailure as error:
+            raise StoreUnavailable(f"MongoDB is unavailable: {type(error).__name__}") from error
+
+    # ------------------------------------------------------------------------- housekeeping
+
+    def ensure_indexes(self) -> None:
+        """Create the indexes the queries and the outbox relay need (idempotent)."""
+        with self._call():
+            for key in ("owners.id", "status", "type", "createdAt", "updatedAt", "name",
+                        "fromTemplate", "outbox.createdAt", "statusChangedAt"):
+                self._flows.create_index([(key, pymongo.ASCENDING)])
+
+    def ping(self) -> None:
+        """Raise StoreUnavailable unless the database answers."""
+        with self._call():
+            try:
+                self._flows.database.command("ping")
+            except NotImplementedError:  # mongomock has no ping; it is always there
+                pass
+            except PyMongoError as error:
+                raise StoreUnavailable(str(error)) from error
+
+    # ------------------------------------------------------------------------- filters
+
+    @staticmethod
+    def _live(flow_id: ObjectId | None = None, owner_ids: Sequence[str] | None = None) -> dict:
+        query: dict[str, Any] = {"deletedAt": None}
+        if flow_id is not None:
+            query["_id"] = flow_id
+        if owner_ids is not None:
+            query["owners.id"] = {"$in": list(owner_ids)}
+        return query
+
+    # ------------------------------------------------------------------------- reads
+
+    def get(self, flow_id: ObjectId, owner_ids: Sequence[str] | None = None) -> dict | None:
+        """The live flow, if it exists and (when ``owner_ids`` is given) one of them owns it."""
+        with self._call():
+            return self._out(self._flows.find_one(self._live(flow_id, owner_ids)))
+
+    def list(self, query: ListQuery, owner_ids: Sequence[str] | None) -> tuple[list[dict], int]:
+        """One page of live flows matching ``query`` within the caller's scope, and the total."""
+        conditions: list[dict] = [self._live(owner_ids=owner_ids)]
+        if query.status:
+            conditions.append({"status": query.status})
+        if query.type:
+            conditions.append({"type": query.type})
+        if query.user:
+            conditions.append({"owners.id": query.user})
+        if query.from_template:
+            conditions.append({"fromTemplate": query.from_template})
+        if query.search:
+            pattern = {"$regex": re.escape(query.search), "$options": "i"}
+            conditions.append({"$or": [{"name": pattern}, {"description": pattern}]})
+        mongo_filter = {"$and": conditions}
+        direction = pymongo.DESCENDING if query.sort_descending else pymongo.ASCENDING
+        with self._call():
+            total = self._flows.count_documents(mongo_filter)
+            cursor = (
+                self._flows.find(mongo_filter)
+                .sort([(query.sort_field, direction), ("_id", direction)])
+                .skip((query.page_number - 1) * query.page_size)
+                .limit(query.page_size)
+            )
+            return [self._out(doc) for doc in cursor], total
+
+    def stuck(
+        self, status: str, changed_before: datetime, *, retries: int, limit: int = 100
+    ) -> list[dict]:
+        """Live flows in ``status`` since before ``changed_before``, re-sent ``retries`` times."""
+        with self._call():
+            cursor = self._flows.find(
+                {
+                    "deletedAt": None,
+                    "status": status,
+                    "statusRetries": retries,
+                    "statusChangedAt": {"$lt": changed_before},
+                }
+            ).limit(limit)
+            return [self._out(doc) for doc in cursor]
+
+    def owned_by(self, owner_id: str) -> list[ObjectId]:
+        """Ids of every live flow that lists ``owner_id`` among its owners."""
+        with self._call():
+            return [doc["_id"] for doc in
+                    self._flows.find({"deletedAt": None, "owners.id": owner_id}, {"_id": 1})]
+
+    def count_by_status(self) -> dict[str, int]:
+        with self._call():
+            counts: dict[str, int] = {}
+            for doc in self._flows.find({"deletedAt": None}, {"status": 1}):
+                counts[doc.get("status")] = counts.get(doc.get("status"), 0) + 1
+            return counts
+
+    def outbox_backlog(self) -> tuple[int, datetime | None]:
+        """How many events wait for the relay, and when the oldest of them was stored."""
+        with self._call():
+            pending = 0
+            oldest: datetime | None = None
+            for doc in self._flows.find({"outbox.0": {"$exists": True}}, {"outbox": 1}):
+                pending += len(doc["outbox"])
+                first = decode_keys(doc["outbox"][0]["storedAt"])
+                oldest = first if oldest is None or first < oldest else oldest
+            return pending, oldest
+
+    # ------------------------------------------------------------------------- writes
+
+    def insert(self, document: Mapping[str, Any]) -> dict:
+        """Store a new flow (its pending events included) and return it as stored."""
+        stored = dict(encode_keys(document))
+        stored.setdefault("_id", ObjectId())
+        with self._call():
+            self._flows.insert_one(stored)
+        return self._out(stored)
+
+    def update(
+        self,
+        flow_id: ObjectId,
+        *,
+        owner_ids: Sequence[str] | None = None,
+        owner_count: int | None = None,
+        statuses: Sequence[str] | None = None,
+        revision: int | None = None,
+        changes: Mapping[str, Any] | None = None,
+        remove_owner: str | None = None,
+        events: Sequence[Mapping[str, Any]] = (),
+        now: datetime | None = None,
+    ) -> dict | None:
+        """Apply one change atomically if every precondition holds; None when one does not.
+
+        The preconditions (owner scope and count, statuses, revision) are part of the
+        filter, so a concurrent change can never slip between a check and the write. The
+        revision is incremented and the change's events are appended to the outbox in the
+        same write.
+        """
+        query = self._live(flow_id, owner_ids)
+        if owner_count is not None:
+            query["owners"] = {"$size": owner_count}
+        if statuses is not None:
+            query["status"] = {"$in": list(statuses)}
+        if revision is not None:
+            query["revision"] = revision
+        update: dict[str, Any] = {
+            "$set": {**encode_keys(dict(changes or {})), "updatedAt": now or utcnow()},
+            "$inc": {"revision": 1},
+        }
+        if events:
+            update["$push"] = {"outbox": {"$each": [encode_keys(dict(e)) for e in events]}}
+        if remove_owner is not None:
+            update["$pull"] = {"owners": {"id": remove_owner}}
+        with self._call():
+            return self._out(
+                self._flows.find_one_and_update(
+                    query, update, return_document=ReturnDocument.AFTER
+                )
+            )
+
+    # ------------------------------------------------------------------------- outbox relay
+
+    def claim_pending(self, relay_id: str, lease: timedelta) -> dict | None:
+        """Lease one flow with pending events to ``relay_id``; the lease keeps others away."""
+        now = utcnow()
+        with self._call():
+            return self._out(
+                self._flows.find_one_and_update(
+                    {
+                        "outbox.0": {"$exists": True},
+                        "$or": [{"relayLeaseUntil": None}, {"relayLeaseUntil": {"$lt": now}}],
+                    },
+                    {"$set": {"relayLeaseUntil": now + lease, "relayLeaseOwner": relay_id}},
+                    sort=[("outbox.0.storedAt", pymongo.ASCENDING)],
+                    return_document=ReturnDocument.AFTER,
+                )
+            )
+
+    def still_leased(self, flow_id: ObjectId, relay_id: str, margin: timedelta) -> bool:
+        """True while ``relay_id`` holds the lease with at least ``margin`` to spare."""
+        with self._call():
+            return self._flows.count_documents(
+                {
+                    "_id": flow_id,
+                    "relayLeaseOwner": relay_id,
+                    "relayLeaseUntil": {"$gt": utcnow() + margin},
+                }
+            ) == 1
+
+    def drop_published(self, flow_id: ObjectId, event_id: str) -> None:
+        """Remove one event from a flow's outbox once the broker has confirmed it."""
+        with self._call():
+            self._flows.update_one({"_id": flow_id}, {"$pull": {"outbox": {"eventId": event_id}}})
+
+    def release(self, flow_id: ObjectId, relay_id: str) -> None:
+        """Give the lease back; a deleted flow whose events are all out is removed for good."""
+        with self._call():
+            self._flows.update_one(
+                {"_id": flow_id, "relayLeaseOwner": relay_id},
+                {"$unset": {"relayLeaseUntil": "", "relayLeaseOwner": ""}},
+            )
+            self._flows.delete_one(
+                {"_id": flow_id, "deletedAt": {"$ne": None}, "outbox": {"$size": 0}}
+            )
+
+    # ------------------------------------------------------------------------- test support
+
+    def raw(self, flow_id: ObjectId) -> dict | None:
+        """The stored document with its internal fields (tests and diagnostics)."""
+        with self._call():
+            return self._out(self._flows.find_one({"_id": flow_id}))
+
+    def drop_all(self) -> None:
+        with self._call():
+            self._flows.delete_many({})
+
+    @staticmethod
+    def _out(document: Mapping[str, Any] | None) -> dict | None:
+        return None if document is None else decode_keys(document)

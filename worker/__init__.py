@@ -1,0 +1,1 @@
+"""The standalone status worker: consumes orchestrator and IAM events into the flow store."""

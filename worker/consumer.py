@@ -1,0 +1,197 @@
+"""StatusConsumer: reads orchestrator and IAM events from RabbitMQ and applies them via services."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+import pika
+import pika.exceptions
+
+from flow_repository.metrics import Metrics
+from flow_repository.services import FlowService, InvalidEvent
+from flow_repository.settings import Settings
+from flow_repository.store import StoreUnavailable, utcnow
+
+log = logging.getLogger(__name__)
+
+STATUS_EVENTS = ("flow.started", "flow.stopped", "flow.failed")
+OWNER_EVENTS = ("iam.user.deleted", "iam.tenant.deleted")
+BINDINGS = STATUS_EVENTS + OWNER_EVENTS
+ATTEMPTS_HEADER = "x-flow-repository-attempts"
+
+
+def dead_letter_queue(queue: str) -> str:
+    return f"{queue}.dead-letter"
+
+
+class StatusConsumer:
+    """Consume the ``flow-repository`` queue; ack only after the database write.
+
+    Handlers are idempotent, so a redelivery (after a crash, a lost ack, a duplicate) is
+    harmless. A message that can never apply goes to the dead-letter queue with its reason;
+    one that fails unexpectedly is retried a few times, then dead-lettered too. A MongoDB
+    outage is not the message's fault: it is requeued after a pause, never dead-lettered.
+    """
+
+    def __init__(self, settings: Settings, service: FlowService, metrics: Metrics,
+                 *, prefetch: int = 1) -> None:
+        self._settings = settings
+        self._service = service
+        self._metrics = metrics
+        self._prefetch = prefetch
+        self._queue = settings.event_queue
+        self._parameters = pika.URLParameters(settings.queue_url)
+        self._parameters.connection_attempts = 1
+        self._parameters.socket_timeout = 5
+        self._stop = threading.Event()
+        self._connection: pika.BlockingConnection | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def connected(self) -> bool:
+        return bool(self._connection and self._connection.is_open)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="status-consumer", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish the message in hand, let the broker requeue anything unacked, close."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def run(self) -> None:
+        delay = 0.0
+        while not self._stop.is_set():
+            try:
+                channel = self._open()
+                delay = 0.0
+                log.info("consuming", extra={"queue": self._queue})
+                while not self._stop.is_set():
+                    self._connection.process_data_events(time_limit=0.2)
+                channel.close()  # unacked prefetched messages go back to the queue
+            except (pika.exceptions.AMQPError, OSError) as error:
+                delay = min(max(delay * 2, 0.5), 10.0)
+                log.warning("consumer disconnected", extra={"error": repr(error),
+                                                            "retryIn": delay})
+                self._stop.wait(delay)
+            finally:
+                self._close()
+
+    def _open(self) -> Any:
+        self._connection = pika.BlockingConnection(self._parameters)
+        channel = self._connection.channel()
+        channel.exchange_declare(self._settings.event_exchange, "topic", durable=True)
+        channel.queue_declare(self._queue, durable=True)
+        channel.queue_declare(dead_letter_queue(self._queue), durable=True)
+        for name in BINDINGS:
+            channel.queue_bind(self._queue, self._settings.event_exchange, routing_key=name)
+        channel.confirm_delivery()  # so a dead-lettered copy is safe before the original is acked
+        channel.basic_qos(prefetch_count=self._prefetch)
+        channel.basic_consume(self._queue, on_message_callback=self._on_message)
+        return channel
+
+    def _close(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None and connection.is_open:
+            try:
+                connection.close()
+            except (pika.exceptions.AMQPError, OSError):
+                pass
+
+    # ------------------------------------------------------------------------- messages
+
+    def _on_message(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        name = method.routing_key
+        try:
+            outcome = self.handle(name, body)
+        except InvalidEvent as error:
+            self._dead_letter(channel, method, properties, body, str(error))
+            return
+        except StoreUnavailable as error:
+            log.warning("MongoDB unavailable; message requeued",
+                        extra={"event": name, "error": str(error)})
+            self._stop.wait(2.0)
+            channel.basic_nack(method.delivery_tag, requeue=True)
+            return
+        except Exception as error:  # noqa: BLE001 - any bug in a handler must not kill the consumer
+            self._retry_or_dead_letter(channel, method, properties, body, error)
+            return
+        channel.basic_ack(method.delivery_tag)
+        self._metrics.event_consumed(name, "applied")
+        log.info("event handled", extra={"event": name, "outcome": outcome})
+
+    def handle(self, name: str, body: bytes) -> str:
+        """Apply one message; InvalidEvent when it can never be applied."""
+        try:
+            message = json.loads(body)
+        except (ValueError, RecursionError):
+            raise InvalidEvent("body is not JSON") from None
+        if not isinstance(message, dict) or not isinstance(message.get("payload"), dict):
+            raise InvalidEvent("body is not an OIH event: no payload object")
+        payload = message["payload"]
+        if name in STATUS_EVENTS:
+            return self._service.apply_status_event(name, payload)
+        if name in OWNER_EVENTS:
+            changed = self._service.remove_owner(payload.get("id"))
+            return f"{name}: owner removed from {changed} flows"
+        raise InvalidEvent(f"no handler for routing key {name!r}")
+
+    def _retry_or_dead_letter(self, channel: Any, method: Any, properties: Any,
+                              body: bytes, error: Exception) -> None:
+        headers = dict(properties.headers or {})
+        attempts = int(headers.get(ATTEMPTS_HEADER, 0)) + 1
+        reason = f"failed {attempts} times: {type(error).__name__}: {error}"
+        log.exception("event handler failed", extra={"event": method.routing_key,
+                                                      "attempts": attempts})
+        if attempts >= self._settings.consumer_max_attempts:
+            self._dead_letter(channel, method, properties, body, reason)
+            return
+        time.sleep(min(0.2 * 2**attempts, 5.0))
+        channel.basic_publish(
+            exchange=self._settings.event_exchange,
+            routing_key=method.routing_key,
+            body=body,
+            properties=pika.BasicProperties(
+                content_type=properties.content_type,
+                delivery_mode=pika.DeliveryMode.Persistent,
+                message_id=properties.message_id,
+                headers={**headers, ATTEMPTS_HEADER: attempts},
+            ),
+        )
+        channel.basic_ack(method.delivery_tag)
+        self._metrics.event_consumed(method.routing_key, "retried")
+
+    def _dead_letter(self, channel: Any, method: Any, properties: Any, body: bytes,
+                     reason: str) -> None:
+        headers = dict(properties.headers or {})
+        headers.update({
+            "x-death-reason": reason,
+            "x-original-routing-key": method.routing_key,
+            "x-original-exchange": method.exchange,
+            "x-dead-lettered-at": utcnow().isoformat(),
+        })
+        channel.basic_publish(
+            exchange="",
+            routing_key=dead_letter_queue(self._queue),
+            body=body,
+            properties=pika.BasicProperties(
+                content_type=properties.content_type,
+                delivery_mode=pika.DeliveryMode.Persistent,
+                message_id=properties.message_id,
+                headers=headers,
+            ),
+        )
+        channel.basic_ack(method.delivery_tag)
+        self._metrics.event_dead_lettered(method.routing_key)
+        log.warning("event dead-lettered", extra={"event": method.routing_key,
+                                                  "reason": reason})

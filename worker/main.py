@@ -1,0 +1,76 @@
+"""The ``flow-repository worker`` process: consumer, relay and reconciler plus a health port."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from flow_repository.logs import configure_logging
+from flow_repository.runtime import Runtime
+from flow_repository.settings import Settings
+from flow_repository.store import StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+
+def health_server(runtime: Runtime, port: int) -> ThreadingHTTPServer:
+    """/livez (consumer thread alive), /healthcheck (MongoDB + queue), /metrics."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path == "/livez":
+                alive = runtime.consumer.alive
+                self._send(200 if alive else 503, {"status": "pass" if alive else "fail"})
+            elif self.path == "/healthcheck":
+                details = runtime.health()
+                ok = all(item["status"] == "pass" for item in details.values())
+                self._send(200 if ok else 503,
+                           {"status": "pass" if ok else "fail", "details": details})
+            elif self.path == "/metrics":
+                try:
+                    runtime.refresh_gauges()
+                except StoreUnavailable:
+                    pass
+                self._send(200, runtime.metrics.render(), runtime.metrics.content_type)
+            else:
+                self._send(404, {"errors": [{"message": "Not Found", "code": 404}]})
+
+        def _send(self, status: int, body: object, content_type: str = "application/json"):
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *args: object) -> None:
+            return  # probes every few seconds would drown the log
+
+    return ThreadingHTTPServer(("0.0.0.0", port), Handler)
+
+
+def main(settings: Settings | None = None) -> int:
+    """Run until SIGTERM or SIGINT, then finish the message in hand and exit cleanly."""
+    settings = settings or Settings.from_env()
+    configure_logging(settings.log_level)
+    if settings.embedded:
+        log.warning("MONGODB_URL is not set: this worker has its own in-memory store and "
+                    "cannot see the API's flows; set MONGODB_URL to share a database")
+    runtime = Runtime.build(settings, relay=True, consumer=True, reconciler=True)
+    stopping = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopping.set())
+    server = health_server(runtime, settings.worker_health_port)
+    threading.Thread(target=server.serve_forever, name="health", daemon=True).start()
+    runtime.start()
+    log.info("worker started", extra={"queue": settings.event_queue,
+                                      "healthPort": settings.worker_health_port})
+    stopping.wait()
+    log.info("worker stopping")
+    runtime.stop()
+    server.shutdown()
+    log.info("worker stopped")
+    return 0

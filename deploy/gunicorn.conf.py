@@ -1,5 +1,8 @@
 """Gunicorn settings for the API, read from the same Settings object as the service."""
 
+import os
+import tempfile
+
 from flow_repository.logs import JsonFormatter
 from flow_repository.settings import Settings
 
@@ -15,6 +18,8 @@ threads = _settings.gunicorn_threads
 timeout = _settings.gunicorn_timeout
 graceful_timeout = _settings.gunicorn_graceful_timeout
 keepalive = 5
+# Several servers may share a host (tests, benchmarks) and pods have a read-only home.
+control_socket_disable = True
 accesslog = "-"
 errorlog = "-"
 access_log_format = (
@@ -33,6 +38,7 @@ logconfig_dict = {
         "access": {"class": "logging.StreamHandler", "formatter": "raw",
                    "stream": "ext://sys.stdout"},
     },
+    "root": {"handlers": ["stderr"], "level": _settings.log_level},
     "loggers": {
         "gunicorn.error": {"handlers": ["stderr"], "level": _settings.log_level,
                            "propagate": False},
@@ -46,3 +52,16 @@ def worker_exit(server, worker):
     extensions = getattr(getattr(worker, "wsgi", None), "extensions", {})
     if "flow_repository" in extensions:
         extensions["flow_repository"].stop()
+
+
+def on_starting(server):
+    """With several workers, let /metrics add up every worker's counters (before any fork)."""
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="flow-repository-metrics-")
+
+
+def child_exit(server, worker):
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)

@@ -15,13 +15,15 @@ GUNICORN_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "gunicorn.
 
 def serve(settings: Settings) -> int:
     """Run the API under gunicorn with deploy/gunicorn.conf.py (one worker when embedded)."""
-    from gunicorn.app.base import BaseApplication
+    from gunicorn.app.base import Application as GunicornApplication
 
-    class Application(BaseApplication):
+    class Application(GunicornApplication):
+        def init(self, parser: Any, opts: Any, args: Any) -> None:
+            return None
+
         def load_config(self) -> None:
-            config_file = Path(self.cfg.get("config") or GUNICORN_CONFIG)
-            if config_file.exists():
-                self.load_config_from_file(str(config_file))
+            if GUNICORN_CONFIG.exists():
+                self.load_config_from_file(str(GUNICORN_CONFIG))
             else:
                 self.cfg.set("bind", f"0.0.0.0:{settings.port}")
                 self.cfg.set("worker_class", "gthread")

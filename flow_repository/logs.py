@@ -43,11 +43,9 @@ class JsonFormatter(logging.Formatter):
 def configure_logging(level: str = "INFO") -> None:
     """Send every log line of the process to stderr as JSON (idempotent)."""
     root = logging.getLogger()
-    if any(isinstance(h.formatter, JsonFormatter) for h in root.handlers):
-        root.setLevel(level.upper())
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    root.handlers = [handler]
+    if not any(isinstance(h.formatter, JsonFormatter) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter())
+        root.handlers = [handler]
     root.setLevel(level.upper())
     logging.getLogger("pika").setLevel(logging.WARNING)

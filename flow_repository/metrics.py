@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import datetime
 
 from prometheus_client import (
@@ -11,12 +12,16 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
 )
 
 from .domain import STATUSES
 from .store import utcnow
 
 PREFIX = "flow_repository"
+# Set by deploy/gunicorn.conf.py when it runs several worker processes, so that a scrape
+# answered by any one of them reports the sum over all of them.
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class Metrics:
@@ -35,16 +40,18 @@ class Metrics:
             ["method", "route"], registry=self.registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
         )
+        # Read from the database at scrape time: the most recent reading is the truth.
         self._flows = Gauge(
-            f"{PREFIX}_flows", "Stored flows by status", ["status"], registry=self.registry
+            f"{PREFIX}_flows", "Stored flows by status", ["status"], registry=self.registry,
+            multiprocess_mode="mostrecent",
         )
         self._pending = Gauge(
             f"{PREFIX}_outbox_pending_events", "Events stored but not yet confirmed by RabbitMQ",
-            registry=self.registry,
+            registry=self.registry, multiprocess_mode="mostrecent",
         )
         self._oldest = Gauge(
             f"{PREFIX}_outbox_oldest_pending_seconds", "Age of the oldest unpublished event",
-            registry=self.registry,
+            registry=self.registry, multiprocess_mode="mostrecent",
         )
         self._published = Counter(
             f"{PREFIX}_events_published_total", "Events confirmed by RabbitMQ", ["name"],
@@ -81,4 +88,8 @@ class Metrics:
         self._oldest.set(0 if oldest is None else max(0.0, (utcnow() - oldest).total_seconds()))
 
     def render(self) -> bytes:
+        if os.environ.get(MULTIPROCESS_DIR):
+            combined = CollectorRegistry()
+            multiprocess.MultiProcessCollector(combined)
+            return generate_latest(combined)
         return generate_latest(self.registry)

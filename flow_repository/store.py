@@ -122,7 +122,7 @@ class FlowStore:
             except NotImplementedError:  # mongomock has no ping; it is always there
                 pass
             except PyMongoError as error:
-                raise StoreUnavailable(str(error)) from error
+                raise StoreUnavailable(f"MongoDB is unavailable: {type(error).__name__}") from error
 
     # ------------------------------------------------------------------------- filters
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 import time
 import uuid
 from typing import Any
@@ -27,6 +29,32 @@ API_VERSION = "1.0.0"
 EXTENSION = "flow_repository"
 
 
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 parses as inf, which JSON cannot write back
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """True when a parsed string holds a UTF-16 surrogate (BSON cannot encode it)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
 class StrictJSONProvider(DefaultJSONProvider):
     """JSON that MongoDB and every client can take: no NaN/Infinity, bounded nesting."""
 
@@ -35,9 +63,13 @@ class StrictJSONProvider(DefaultJSONProvider):
             raise ValueError(f"{constant} is not valid JSON")
 
         try:
-            return json.loads(s, parse_constant=refuse, **kwargs)
+            value = json.loads(s, parse_constant=refuse, parse_float=_finite, **kwargs)
         except RecursionError:
             raise ValueError("JSON nested too deeply") from None
+        suspect = isinstance(s, str) or b"\\u" in s or b"\xed" in s
+        if suspect and _has_lone_surrogate(value):
+            raise ValueError("JSON string holds an unpaired surrogate")
+        return value
 
 
 class StripTrailingSlash:

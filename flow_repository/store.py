@@ -154,7 +154,9 @@ class FlowStore:
         if query.from_template:
             conditions.append({"fromTemplate": query.from_template})
         if query.search:
-            pattern = {"$regex": re.escape(query.search), "$options": "i"}
+            # re.escape leaves NUL as is; MongoDB refuses a pattern holding a raw NUL byte.
+            literal = re.escape(query.search).replace("\x00", "\\x00")
+            pattern = {"$regex": literal, "$options": "i"}
             conditions.append({"$or": [{"name": pattern}, {"description": pattern}]})
         mongo_filter = {"$and": conditions}
         direction = pymongo.DESCENDING if query.sort_descending else pymongo.ASCENDING
@@ -307,9 +309,10 @@ class FlowStore:
     # ------------------------------------------------------------------------- test support
 
     def raw(self, flow_id: ObjectId) -> dict | None:
-        """The stored document with its internal fields (tests and diagnostics)."""
+        """The document exactly as stored: internal fields, escaped keys (tests, diagnostics)."""
         with self._call():
-            return self._out(self._flows.find_one({"_id": flow_id}))
+            document = self._flows.find_one({"_id": flow_id})
+            return None if document is None else dict(document)
 
     def drop_all(self) -> None:
         """Remove every flow (tests clean up their own database with it)."""

@@ -34,9 +34,14 @@ def caller(*permissions: str) -> Principal:
     """Authenticate the request and require every named permission (admins hold all)."""
     token = bearer_token(request.headers.get("Authorization"))
     principal = current_app.extensions["authenticator"].authenticate(token)
+    require(principal, *permissions)
+    return principal
+
+
+def require(principal: Principal, *permissions: str) -> None:
+    """403 MISSING_PERMISSION unless ``principal`` holds every named permission."""
     if not all(principal.can(permission) for permission in permissions):
         raise Forbidden(MISSING_PERMISSION)
-    return principal
 
 
 def json_body() -> Any:

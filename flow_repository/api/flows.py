@@ -17,7 +17,17 @@ from ..schemas import (
     list_query,
 )
 from ..services import parse_if_match
-from . import caller, envelope, etag, item_results, json_body, json_list, service, settings
+from . import (
+    caller,
+    envelope,
+    etag,
+    item_results,
+    json_body,
+    json_list,
+    require,
+    service,
+    settings,
+)
 
 blp = Blueprint("flows", __name__, description="Integration flows")
 
@@ -54,12 +64,12 @@ def list_flows(arguments: dict[str, Any]) -> Response:
     **_errors(400, 401, 403, 413, 503)})
 def create_flow() -> Response:
     """Create a flow, or several from a JSON array (needs the bulk permission too)."""
-    body = json_body()
     names = settings()
+    principal = caller(names.flow_write_permission)  # before the body: 401/403 come first
+    body = json_body()
     if isinstance(body, list):
-        principal = caller(names.flow_write_permission, names.flow_bulk_permission)
+        require(principal, names.flow_bulk_permission)
         return item_results(service().create_many(principal, body), 201)
-    principal = caller(names.flow_write_permission)
     flow = service().create(principal, body)
     return envelope(flow, 201, headers=etag(flow))
 

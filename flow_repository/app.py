@@ -19,6 +19,7 @@ from .auth import Authenticator, AuthError, IdentityUnavailable, build_authentic
 from .domain import FlowError
 from .logs import REQUEST_ID, configure_logging
 from .runtime import Runtime
+from .schemas import ErrorResponseSchema
 from .settings import Settings
 from .store import FlowStore, StoreUnavailable
 
@@ -70,6 +71,12 @@ class StrictJSONProvider(DefaultJSONProvider):
         if suspect and _has_lone_surrogate(value):
             raise ValueError("JSON string holds an unpaired surrogate")
         return value
+
+
+class FlowApi(Api):
+    """flask-smorest's Api documenting the service's own error shape for default responses."""
+
+    ERROR_SCHEMA = ErrorResponseSchema
 
 
 class StripTrailingSlash:
@@ -135,7 +142,7 @@ def create_app(
     app.extensions[EXTENSION] = state
     app.extensions["authenticator"] = authenticator or build_authenticator(settings)
 
-    api = Api(app, spec_kwargs={"components": {"securitySchemes": {
+    api = FlowApi(app, spec_kwargs={"components": {"securitySchemes": {
         "bearer": {"type": "http", "scheme": "bearer"}}}, "security": [{"bearer": []}]})
     from .api import flows, health, lifecycle
 

@@ -14,7 +14,7 @@ ACTIVE = "active"
 STOPPING = "stopping"
 STATUSES = (INACTIVE, STARTING, ACTIVE, STOPPING)
 
-OBJECT_ID = re.compile(r"^[0-9a-fA-F]{24}$")
+OBJECT_ID = re.compile(r"[0-9a-fA-F]{24}")  # used with fullmatch: "$" lets "\n" through
 MAX_NODE_ID_LENGTH = 30
 
 
@@ -73,7 +73,7 @@ def describe(value: Any, limit: int = 60) -> str:
 
 
 def is_object_id(value: Any) -> bool:
-    return isinstance(value, str) and bool(OBJECT_ID.match(value))
+    return isinstance(value, str) and bool(OBJECT_ID.fullmatch(value))
 
 
 # ----------------------------------------------------------------------------- lifecycle

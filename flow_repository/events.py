@@ -174,6 +174,7 @@ class OutboxRelay:
             flow = self._store.claim_pending(self._relay_id, self._lease)
             if flow is None:
                 return published
+            sent = 0
             try:
                 for event in flow.get("outbox", []):
                     if not self._store.still_leased(flow["_id"], self._relay_id, self._margin):
@@ -181,9 +182,12 @@ class OutboxRelay:
                     self._publisher.publish(envelope(event, flow))
                     self._store.drop_published(flow["_id"], event["eventId"])
                     self._on_published(event["name"])
-                    published += 1
+                    sent += 1
             finally:
                 self._store.release(flow["_id"], self._relay_id)
+            if not sent:
+                return published  # the lease ran short at once; let the next round retry
+            published += sent
         return published
 
     def run(self) -> None:

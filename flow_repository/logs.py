@@ -48,4 +48,5 @@ def configure_logging(level: str = "INFO") -> None:
         handler.setFormatter(JsonFormatter())
         root.handlers = [handler]
     root.setLevel(level.upper())
-    logging.getLogger("pika").setLevel(logging.WARNING)
+    # pika logs every failed reconnect as an ERROR with a traceback; our own warning says it once.
+    logging.getLogger("pika").setLevel(logging.CRITICAL)

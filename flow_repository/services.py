@@ -63,15 +63,25 @@ def parse_flow_id(raw: Any) -> ObjectId:
     return ObjectId(raw)
 
 
-def parse_if_match(header: str | None) -> int | None:
-    """The revision an If-Match header asks for; None when absent or ``*``."""
+def parse_if_match(header: str | None) -> tuple[int, ...] | None:
+    """The revisions an If-Match header accepts; None when absent or ``*``.
+
+    Strong comparison, as RFC 9110 requires for If-Match: weak tags (``W/"3"``) and tags
+    that name no revision match nothing, so a header holding only those fails with 412.
+    """
     if header is None or header.strip() == "*":
         return None
-    tag = header.strip().split(",")[0].strip().removeprefix("W/").strip('"')
-    if not tag.isdigit():
+    revisions = []
+    for tag in header.split(","):
+        tag = tag.strip()
+        if len(tag) > 2 and tag[0] == tag[-1] == '"':
+            tag = tag[1:-1]
+        if tag.isdigit():  # a bare revision number is accepted too, for scripts
+            revisions.append(int(tag))
+    if not revisions:
         raise domain.PreconditionFailed(f"If-Match {describe(header)} names no revision "
                                         "of this flow")
-    return int(tag)
+    return tuple(revisions)
 
 
 class FlowService:
@@ -149,7 +159,8 @@ class FlowService:
         return results
 
     def update(
-        self, principal: Principal, raw_id: Any, body: Any, if_match: int | None = None
+        self, principal: Principal, raw_id: Any, body: Any,
+        if_match: tuple[int, ...] | None = None,
     ) -> dict[str, Any]:
         """Apply a partial update to an inactive flow; the merged flow must be valid."""
         flow_id = parse_flow_id(raw_id)
@@ -194,7 +205,9 @@ class FlowService:
                                           errors=error.messages()))
         return results
 
-    def delete(self, principal: Principal, raw_id: Any, if_match: int | None = None) -> None:
+    def delete(
+        self, principal: Principal, raw_id: Any, if_match: tuple[int, ...] | None = None
+    ) -> None:
         """Delete an inactive flow; flowrepo.flow.deleted still goes out after it is gone."""
         flow_id = parse_flow_id(raw_id)
         deleted = self._store.update(
@@ -378,10 +391,11 @@ class FlowService:
             )
 
     @staticmethod
-    def _require_revision(flow: Mapping[str, Any], if_match: int | None) -> None:
-        if if_match is not None and flow["revision"] != if_match:
+    def _require_revision(flow: Mapping[str, Any], if_match: tuple[int, ...] | None) -> None:
+        if if_match is not None and flow["revision"] not in if_match:
+            expected = " or ".join(str(revision) for revision in if_match)
             raise domain.PreconditionFailed(
-                f"flow {flow['_id']} is at revision {flow['revision']}, not {if_match}"
+                f"flow {flow['_id']} is at revision {flow['revision']}, not {expected}"
             )
 
     def _check_bulk_size(self, items: Sequence[Any]) -> None:

@@ -77,7 +77,6 @@ class Settings:
 
     max_body_bytes: int = _setting("MAX_BODY_BYTES", 1024 * 1024, _integer)
     bulk_max_items: int = _setting("BULK_MAX_ITEMS", 100, _integer)
-    page_size_max: int = _setting("PAGE_SIZE_MAX", 100, _integer)
 
     start_timeout_seconds: float = _setting("START_TIMEOUT_SECONDS", 120.0, _number)
     stop_timeout_seconds: float = _setting("STOP_TIMEOUT_SECONDS", 120.0, _number)
@@ -124,7 +123,6 @@ class Settings:
             "PORT": self.port,
             "MAX_BODY_BYTES": self.max_body_bytes,
             "BULK_MAX_ITEMS": self.bulk_max_items,
-            "PAGE_SIZE_MAX": self.page_size_max,
             "CONSUMER_MAX_ATTEMPTS": self.consumer_max_attempts,
             "WEB_CONCURRENCY": self.web_concurrency,
             "GUNICORN_THREADS": self.gunicorn_threads,

@@ -68,6 +68,33 @@ def decode_keys(value: Any) -> Any:
     return value
 
 
+def _look_up_ids_directly(collection: Any) -> None:
+    """Answer mongomock filters on one ``_id`` from its id map instead of a full scan.
+
+    mongomock has no indexes: every find, update, count and delete runs the filter over
+    every stored document, so reading one flow costs O(stored flows). A filter naming one
+    ObjectId ``_id`` can match that document only, so it is checked against that one; the
+    answer is the same. Other filters still scan.
+    """
+    from mongomock.filtering import filter_applies
+
+    scan = getattr(collection, "_iter_documents", None)
+    if scan is None or not hasattr(collection, "_store"):  # other mongomock internals: leave it
+        return
+
+    def iter_documents(spec: Any) -> Iterator[dict]:
+        key = spec.get("_id") if isinstance(spec, Mapping) else None
+        if not isinstance(key, ObjectId):
+            return scan(spec)
+        try:
+            document = collection._store[key]
+        except KeyError:
+            return iter(())
+        return iter((document,) if filter_applies(spec, document) else ())
+
+    collection._iter_documents = iter_documents
+
+
 class FlowStore:
     """Owner-scoped access to the ``flows`` collection; pending events live in each document."""
 
@@ -83,7 +110,9 @@ class FlowStore:
             import mongomock
 
             client = mongomock.MongoClient(tz_aware=True)
-            return cls(client[DEFAULT_DATABASE], serialize=True)
+            store = cls(client[DEFAULT_DATABASE], serialize=True)
+            _look_up_ids_directly(store._flows)
+            return store
         client = pymongo.MongoClient(
             settings.mongodb_url,
             tz_aware=True,
@@ -226,7 +255,7 @@ class FlowStore:
         owner_ids: Sequence[str] | None = None,
         owner_count: int | None = None,
         statuses: Sequence[str] | None = None,
-        revision: int | None = None,
+        revision: int | Sequence[int] | None = None,
         changes: Mapping[str, Any] | None = None,
         remove_owner: str | None = None,
         events: Sequence[Mapping[str, Any]] = (),
@@ -244,8 +273,10 @@ class FlowStore:
             query["owners"] = {"$size": owner_count}
         if statuses is not None:
             query["status"] = {"$in": list(statuses)}
-        if revision is not None:
+        if isinstance(revision, int):
             query["revision"] = revision
+        elif revision is not None:
+            query["revision"] = {"$in": list(revision)}
         update: dict[str, Any] = {
             "$set": {**encode_keys(dict(changes or {})), "updatedAt": now or utcnow()},
             "$inc": {"revision": 1},
@@ -266,18 +297,23 @@ class FlowStore:
     def claim_pending(self, relay_id: str, lease: timedelta) -> dict | None:
         """Lease one flow with pending events to ``relay_id``; the lease keeps others away."""
         now = utcnow()
+        # mongomock copies every candidate before it sorts them; with a projection it copies
+        # their ids only, and the claimed flow is read afterwards under the same lock.
+        projection = {"_id": 1} if self._lock is not None else None
         with self._call():
-            return self._out(
-                self._flows.find_one_and_update(
-                    {
-                        "outbox.0": {"$exists": True},
-                        "$or": [{"relayLeaseUntil": None}, {"relayLeaseUntil": {"$lt": now}}],
-                    },
-                    {"$set": {"relayLeaseUntil": now + lease, "relayLeaseOwner": relay_id}},
-                    sort=[("outbox.0.storedAt", pymongo.ASCENDING)],
-                    return_document=ReturnDocument.AFTER,
-                )
+            claimed = self._flows.find_one_and_update(
+                {
+                    "outbox.0": {"$exists": True},
+                    "$or": [{"relayLeaseUntil": None}, {"relayLeaseUntil": {"$lt": now}}],
+                },
+                {"$set": {"relayLeaseUntil": now + lease, "relayLeaseOwner": relay_id}},
+                projection=projection,
+                sort=[("outbox.0.storedAt", pymongo.ASCENDING)],
+                return_document=ReturnDocument.AFTER,
             )
+            if claimed is not None and projection is not None:
+                claimed = self._flows.find_one({"_id": claimed["_id"]})
+            return self._out(claimed)
 
     def still_leased(self, flow_id: ObjectId, relay_id: str, margin: timedelta) -> bool:
         """True while ``relay_id`` holds the lease with at least ``margin`` to spare."""

@@ -22,10 +22,23 @@ STATUS_EVENTS = ("flow.started", "flow.stopped", "flow.failed")
 OWNER_EVENTS = ("iam.user.deleted", "iam.tenant.deleted")
 BINDINGS = STATUS_EVENTS + OWNER_EVENTS
 ATTEMPTS_HEADER = "x-flow-repository-attempts"
+ORIGINAL_KEY_HEADER = "x-original-routing-key"
 
 
 def dead_letter_queue(queue: str) -> str:
     return f"{queue}.dead-letter"
+
+
+def event_name(method: Any, properties: Any) -> str:
+    """The event a delivery carries: its routing key, or the original one on a retry copy.
+
+    Retry copies go straight to this service's queue through the default exchange, not back
+    onto the shared event bus, where every other subscriber would get the event again.
+    """
+    original = (properties.headers or {}).get(ORIGINAL_KEY_HEADER)
+    if method.exchange == "" and isinstance(original, str):
+        return original
+    return method.routing_key
 
 
 class StatusConsumer:
@@ -111,7 +124,7 @@ class StatusConsumer:
     # ------------------------------------------------------------------------- messages
 
     def _on_message(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
-        name = method.routing_key
+        name = event_name(method, properties)
         try:
             outcome = self.handle(name, body)
         except InvalidEvent as error:
@@ -148,36 +161,39 @@ class StatusConsumer:
 
     def _retry_or_dead_letter(self, channel: Any, method: Any, properties: Any,
                               body: bytes, error: Exception) -> None:
+        name = event_name(method, properties)
         headers = dict(properties.headers or {})
         attempts = int(headers.get(ATTEMPTS_HEADER, 0)) + 1
         reason = f"failed {attempts} times: {type(error).__name__}: {error}"
-        log.exception("event handler failed", extra={"event": method.routing_key,
-                                                      "attempts": attempts})
+        log.exception("event handler failed", extra={"event": name, "attempts": attempts})
         if attempts >= self._settings.consumer_max_attempts:
             self._dead_letter(channel, method, properties, body, reason)
             return
         time.sleep(min(0.2 * 2**attempts, 5.0))
         channel.basic_publish(
-            exchange=self._settings.event_exchange,
-            routing_key=method.routing_key,
+            exchange="",  # to this queue only: other subscribers must not see the retry
+            routing_key=self._queue,
             body=body,
             properties=pika.BasicProperties(
                 content_type=properties.content_type,
                 delivery_mode=pika.DeliveryMode.Persistent,
                 message_id=properties.message_id,
-                headers={**headers, ATTEMPTS_HEADER: attempts},
+                headers={**headers, ATTEMPTS_HEADER: attempts, ORIGINAL_KEY_HEADER: name,
+                         "x-original-exchange": method.exchange or headers.get(
+                             "x-original-exchange", "")},
             ),
         )
         channel.basic_ack(method.delivery_tag)
-        self._metrics.event_consumed(method.routing_key, "retried")
+        self._metrics.event_consumed(name, "retried")
 
     def _dead_letter(self, channel: Any, method: Any, properties: Any, body: bytes,
                      reason: str) -> None:
+        name = event_name(method, properties)
         headers = dict(properties.headers or {})
         headers.update({
             "x-death-reason": reason,
-            "x-original-routing-key": method.routing_key,
-            "x-original-exchange": method.exchange,
+            ORIGINAL_KEY_HEADER: name,
+            "x-original-exchange": method.exchange or headers.get("x-original-exchange", ""),
             "x-dead-lettered-at": utcnow().isoformat(),
         })
         channel.basic_publish(
@@ -192,6 +208,5 @@ class StatusConsumer:
             ),
         )
         channel.basic_ack(method.delivery_tag)
-        self._metrics.event_dead_lettered(method.routing_key)
-        log.warning("event dead-lettered", extra={"event": method.routing_key,
-                                                  "reason": reason})
+        self._metrics.event_dead_lettered(name)
+        log.warning("event dead-lettered", extra={"event": name, "reason": reason})

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from flask import Response, current_app, jsonify, request
-from werkzeug.exceptions import BadRequest
+from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
 
 from ..auth import Principal, bearer_token
 from ..domain import Forbidden, InvalidFlow
@@ -38,6 +39,23 @@ def caller(*permissions: str) -> Principal:
     return principal
 
 
+def authenticate_first(permission_setting: str) -> Callable[[Callable], Callable]:
+    """Check identity before flask-smorest parses query arguments, so 401/403 precede 400.
+
+    The principal is passed to the view as its first argument.
+    """
+
+    def decorate(view: Callable) -> Callable:
+        @functools.wraps(view)
+        def authenticated(*args: Any, **kwargs: Any) -> Any:
+            principal = caller(getattr(settings(), permission_setting))
+            return view(principal, *args, **kwargs)
+
+        return authenticated
+
+    return decorate
+
+
 def require(principal: Principal, *permissions: str) -> None:
     """403 MISSING_PERMISSION unless ``principal`` holds every named permission."""
     if not all(principal.can(permission) for permission in permissions):
@@ -46,8 +64,14 @@ def require(principal: Principal, *permissions: str) -> None:
 
 def json_body() -> Any:
     """The parsed JSON body, whatever its content type; 400 when absent or malformed."""
-    if not request.get_data(cache=True):
+    data = request.get_data(cache=True)
+    if not data:
         raise InvalidFlow("the request body must be JSON")
+    limit = request.max_content_length
+    # werkzeug silently stops a streamed (chunked) body at the limit: look for more.
+    if (request.content_length is None and limit is not None and len(data) >= limit
+            and request.environ["wsgi.input"].read(1)):
+        raise RequestEntityTooLarge()
     try:
         return request.get_json(force=True)
     except BadRequest:

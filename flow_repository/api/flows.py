@@ -7,6 +7,7 @@ from typing import Any
 from flask import Response, request
 from flask_smorest import Blueprint
 
+from ..auth import Principal
 from ..schemas import (
     ErrorResponseSchema,
     FlowInputSchema,
@@ -18,6 +19,7 @@ from ..schemas import (
 )
 from ..services import parse_if_match
 from . import (
+    authenticate_first,
     caller,
     envelope,
     etag,
@@ -45,12 +47,12 @@ def _errors(*codes: int) -> dict:
 
 
 @blp.route("/flows", methods=["GET"])
-@blp.arguments(ListArgumentsSchema, location="query")
+@authenticate_first("flow_read_permission")
+@blp.arguments(ListArgumentsSchema, location="query", error_status_code=400)
 @blp.response(200, FlowListResponseSchema)
 @blp.doc(responses=_errors(400, 401, 403, 503))
-def list_flows(arguments: dict[str, Any]) -> Response:
+def list_flows(principal: Principal, arguments: dict[str, Any]) -> Response:
     """List the flows the caller may see, a page at a time."""
-    principal = caller(settings().flow_read_permission)
     flows, meta = service().list(principal, list_query(arguments))
     return envelope(flows, meta=meta)
 

@@ -445,9 +445,6 @@ class Driver:
         assert response.status_code == expect, response.get_json()
         return response.get_json()
 
-    def status(self, flow_id: str) -> str:
-        return self.store.raw(ObjectId(flow_id))["status"]
-
     def wait_status(self, flow_id: str, status: str, timeout: float = 10.0) -> dict:
         return eventually(lambda: (doc := self.store.raw(ObjectId(flow_id)))
                           and doc["status"] == status and doc,

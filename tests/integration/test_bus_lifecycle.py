@@ -134,7 +134,7 @@ def test_healthcheck_reports_the_queue_connected(app, settings):
     assert body["details"]["queue"] == {"status": "pass", "connected": True}
 
 
-def test_consumer_queue_is_durable_and_bound_to_every_consumed_event(app, bus, settings):
+def test_consumer_queue_is_durable_and_bound_to_every_consumed_event(driver, bus, settings):
     connection = pika.BlockingConnection(pika.URLParameters(settings.queue_url))
     try:
         probe = connection.channel()
@@ -143,5 +143,12 @@ def test_consumer_queue_is_durable_and_bound_to_every_consumed_event(app, bus, s
         assert refused.value.reply_code == 406  # the service declared it durable
     finally:
         connection.close()
-    state = bus.queue_state(bus.dead_letter_queue)
-    assert state is not None, "the dead-letter queue is declared up front"
+    # bus.publish is mandatory with confirms: an unbound routing key raises UnroutableError
+    with pytest.raises(pika.exceptions.UnroutableError):
+        bus.publish("flow.unheard-of", ObjectId())
+    for name in ("flow.started", "flow.stopped", "flow.failed", "iam.user.deleted",
+                 "iam.tenant.deleted"):
+        bus.publish(name, ObjectId())  # unknown ids: consumed and ignored
+    driver.barrier()
+    assert bus.queue_state() == (0, 1)
+    assert bus.queue_state(bus.dead_letter_queue) == (0, 0)

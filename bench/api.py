@@ -1,0 +1,318 @@
+"""HTTP throughput, latency and worker memory of the served API, driven by wrk (not a test)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import harness
+
+DONE_LUA = """
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'BENCH_JSON {"requests":%d,"duration_us":%d,"bytes":%d,"connect_errors":%d,' ..
+    '"read_errors":%d,"write_errors":%d,"status_errors":%d,"timeouts":%d,' ..
+    '"p50_us":%d,"p90_us":%d,"p99_us":%d,"max_us":%d,"mean_us":%.1f}\\n',
+    summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write,
+    e.status, e.timeout, latency:percentile(50), latency:percentile(90),
+    latency:percentile(99), latency.max, latency.mean))
+end
+"""
+
+ROTATE_LUA = """
+local paths = {%(paths)s}
+local headers = {["Authorization"] = "Bearer %(token)s"}
+local counter = 0
+request = function()
+  counter = counter + 1
+  return wrk.format("GET", paths[(counter %% #paths) + 1], headers)
+end
+"""
+
+POST_LUA = """
+wrk.method = "POST"
+wrk.path = "/flows"
+wrk.body = %(body)s
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer %(token)s"
+"""
+
+
+def lua_string(text: str) -> str:
+    return json.dumps(text)  # a JSON string literal is a valid Lua string literal here
+
+
+def write_script(directory: Path, name: str, body: str) -> Path:
+    path = directory / f"{name}.lua"
+    path.write_text(body + DONE_LUA)
+    return path
+
+
+def rotate_script(directory: Path, name: str, paths: list[str], token: str) -> Path:
+    listed = ", ".join(lua_string(path) for path in paths)
+    return write_script(directory, name, ROTATE_LUA % {"paths": listed, "token": token})
+
+
+def run_wrk(wrk: str, url: str, script: Path, seconds: float, arguments: argparse.Namespace
+            ) -> dict[str, Any]:
+    command = [wrk, f"-t{arguments.threads}", f"-c{arguments.connections}",
+               f"-d{max(1, round(seconds))}s", "--timeout", "30s", "-s", str(script), url]
+    finished = subprocess.run(command, capture_output=True, text=True, check=False)
+    for line in finished.stdout.splitlines():
+        if line.startswith("BENCH_JSON "):
+            raw = json.loads(line.removeprefix("BENCH_JSON "))
+            break
+    else:
+        raise RuntimeError(f"wrk failed ({finished.returncode}):\n{finished.stdout}\n"
+                           f"{finished.stderr}")
+    seconds_run = raw["duration_us"] / 1e6
+    errors = sum(raw[key] for key in ("connect_errors", "read_errors", "write_errors",
+                                      "status_errors", "timeouts"))
+    return {
+        "requests": raw["requests"],
+        "seconds": round(seconds_run, 2),
+        "reqPerSec": round(raw["requests"] / seconds_run, 1),
+        "p50Ms": round(raw["p50_us"] / 1000, 2),
+        "p90Ms": round(raw["p90_us"] / 1000, 2),
+        "p99Ms": round(raw["p99_us"] / 1000, 2),
+        "maxMs": round(raw["max_us"] / 1000, 2),
+        "meanMs": round(raw["mean_us"] / 1000, 2),
+        "errors": errors,
+        "wrkErrors": {key: raw[key] for key in ("connect_errors", "read_errors",
+                                                "write_errors", "status_errors", "timeouts")},
+    }
+
+
+def measure(wrk: str, url: str, script: Path, arguments: argparse.Namespace, label: str
+            ) -> dict[str, Any]:
+    if arguments.warmup > 0:
+        run_wrk(wrk, url, script, arguments.warmup, arguments)
+    result = run_wrk(wrk, url, script, arguments.duration, arguments)
+    print(f"  {label:<28} {result['reqPerSec']:>9.1f} req/s  p50 {result['p50Ms']:>8.2f} ms"
+          f"  p99 {result['p99Ms']:>8.2f} ms  errors {result['errors']}", flush=True)
+    return result
+
+
+def pending(url: str) -> float | None:
+    return harness.metric(url, "flow_repository_outbox_pending_events")
+
+
+def bench_size(size: int, arguments: argparse.Namespace, wrk: str, workdir: Path,
+               ceiling: harness.Server) -> dict[str, Any]:
+    users = max(1, round(1 / arguments.owned_fraction))
+    secret = workdir / "dev-token-secret"
+    tokens = [harness.mint(secret, f"bench-user-{i}", f"bench-tenant-{i}") for i in range(users)]
+    exchange, queue = harness.unique_name("api-exchange"), harness.unique_name("api-queue")
+    database = None
+    mongodb_url = arguments.mongodb_url
+    if mongodb_url:
+        database = harness.unique_name(f"flows-{size}").replace("-", "_")
+        mongodb_url = harness.mongodb_database_url(mongodb_url, database)
+    env = harness.base_env(secret, mongodb_url, exchange, queue)
+    server = harness.product_server(env, harness.free_port(), workdir, f"flow-repository-{size}")
+    print(f"\n== {size} stored flows ==", flush=True)
+    server.start()
+    try:
+        clients = [harness.Client(server.url, token) for token in tokens]
+        started = time.monotonic()
+        created = harness.seed(clients, size, batch=arguments.bulk_size)
+        seed_seconds = time.monotonic() - started
+        owned = created[0]
+        print(f"  seeded {size} flows ({len(owned)} owned by the caller, {users} owners) "
+              f"in {seed_seconds:.1f}s", flush=True)
+        drain_seconds, left = harness.wait_for_outbox(server.url, arguments.drain_timeout)
+        print(f"  outbox: waited {drain_seconds:.1f}s for the relay, {left or 0:.0f} events "
+              "still pending", flush=True)
+
+        caller = tokens[0]
+        by_id = rotate_script(workdir, f"get-flow-{size}",
+                              [f"/flows/{flow_id}" for flow_id in owned[:200]], caller)
+        pages = max(1, min(10, len(owned) // 10))
+        listing = rotate_script(
+            workdir, f"list-flows-{size}",
+            [f"/flows?page%5Bsize%5D=10&page%5Bnumber%5D={page}" for page in range(1, pages + 1)],
+            caller)
+        body = json.dumps(harness.sample_flow("bench posted flow"))
+        posting = write_script(workdir, f"post-flow-{size}",
+                               POST_LUA % {"body": lua_string(body), "token": caller})
+
+        results: dict[str, Any] = {}
+        outbox_before = pending(server.url)
+        results["ceiling"] = measure(wrk, ceiling.url, by_id, arguments,
+                                     "ceiling GET /flows/{id}")
+        results["getFlow"] = measure(wrk, server.url, by_id, arguments, "GET /flows/{id}")
+        results["listFlows"] = measure(wrk, server.url, listing, arguments,
+                                       "GET /flows (page of 10)")
+        memory_reads = server.memory()
+        results["createFlow"] = measure(wrk, server.url, posting, arguments, "POST /flows")
+        memory_end = server.memory()
+        outbox_after = pending(server.url)
+        for name in ("getFlow", "listFlows", "createFlow"):
+            ceiling_rate = results["ceiling"]["reqPerSec"]
+            results[name]["ofCeiling"] = round(results[name]["reqPerSec"] / ceiling_rate, 3)
+        return {
+            "storedFlows": size,
+            "ownedByCaller": len(owned),
+            "owners": users,
+            "seedSeconds": round(seed_seconds, 1),
+            "outboxDrainWaitSeconds": round(drain_seconds, 1),
+            "outboxPendingBeforeRuns": outbox_before,
+            "outboxPendingAfterRuns": outbox_after,
+            "endpoints": results,
+            "workerMemoryAfterReads": memory_reads,
+            "workerMemoryAtEnd": memory_end,
+            "ceilingWorkerMemory": ceiling.memory(),
+        }
+    finally:
+        server.stop()
+        harness.delete_broker_objects(exchange, [queue, f"{queue}.dead-letter"])
+        if database:
+            harness.drop_mongodb_database(arguments.mongodb_url, database)
+
+
+def peak(memory: dict[str, Any]) -> float:
+    return max((entry["peakRssMiB"] or 0 for entry in memory.values()), default=0.0)
+
+
+def table(report: dict[str, Any]) -> str:
+    lines = [
+        "| stored flows | endpoint | req/s | p50 ms | p99 ms | errors | vs ceiling |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    names = {"ceiling": "bare Flask (ceiling) GET /flows/{id}", "getFlow": "GET /flows/{id}",
+             "listFlows": "GET /flows (page of 10, owner-scoped)", "createFlow": "POST /flows"}
+    for run in report["runs"]:
+        for key, label in names.items():
+            row = run["endpoints"][key]
+            share = f"{row['ofCeiling']:.0%}" if "ofCeiling" in row else "100%"
+            lines.append(f"| {run['storedFlows']} | {label} | {row['reqPerSec']:.0f} | "
+                         f"{row['p50Ms']:.2f} | {row['p99Ms']:.2f} | {row['errors']} | {share} |")
+    lines += [
+        "",
+        ("| stored flows | owned by caller | outbox pending (before runs / after) "
+         "| peak RSS per worker after reads, MiB | at end, MiB | ceiling worker, MiB |"),
+        "|---:|---:|---|---:|---:|---:|",
+    ]
+    for run in report["runs"]:
+        lines.append(
+            f"| {run['storedFlows']} | {run['ownedByCaller']} | "
+            f"{run['outboxPendingBeforeRuns']:.0f} / {run['outboxPendingAfterRuns']:.0f} | "
+            f"{peak(run['workerMemoryAfterReads']):.1f} | {peak(run['workerMemoryAtEnd']):.1f} | "
+            f"{peak(run['ceilingWorkerMemory']):.1f} |")
+    lines += ["", "| target | stored flows | measured | met |", "|---|---:|---|---|"]
+    for target in report["targets"]:
+        lines.append(f"| {target['target']} | {target['storedFlows']} | {target['measured']} | "
+                     f"{'yes' if target['met'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def targets(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    checks = []
+    for run in runs:
+        share = run["endpoints"]["getFlow"]["ofCeiling"]
+        checks.append({"target": "GET /flows/{id} >= 50% of ceiling req/s",
+                       "storedFlows": run["storedFlows"], "measured": f"{share:.0%}",
+                       "met": share >= 0.5})
+        rss = peak(run["workerMemoryAtEnd"])
+        checks.append({"target": "<= 100 MiB peak RSS per worker",
+                       "storedFlows": run["storedFlows"], "measured": f"{rss:.1f} MiB",
+                       "met": rss <= 100})
+    return checks
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpus": os.cpu_count(), "cpuModel": model, "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
+    parser.add_argument("--warmup", type=float, default=2.0,
+                        help="seconds of unmeasured load before each measurement (0: none)")
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads")
+    parser.add_argument("--sizes", default="1000,10000", help="stored flow counts, comma-separated")
+    parser.add_argument("--owned-fraction", type=float, default=0.1,
+                        help="share of the stored flows the measured caller owns")
+    parser.add_argument("--bulk-size", type=int, default=100,
+                        help="flows per seeding POST (at most BULK_MAX_ITEMS)")
+    parser.add_argument("--drain-timeout", type=float, default=120.0,
+                        help="seconds to wait after seeding for the outbox relay to catch up")
+    parser.add_argument("--mongodb-url", default=None,
+                        help="serve against this MongoDB (WEB_CONCURRENCY workers) instead of "
+                             "the embedded mongomock store; a scratch database is used")
+    parser.add_argument("--output", default=str(harness.BENCH_DIR / "results" / "api.json"))
+    parser.add_argument("--keep-logs", action="store_true",
+                        help="keep the temporary directory with server logs and wrk scripts")
+    arguments = parser.parse_args()
+    if not 0 < arguments.owned_fraction <= 1:
+        parser.error("--owned-fraction must be in (0, 1]")
+    sizes = [int(size) for size in arguments.sizes.split(",") if size.strip()]
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        print("wrk is not installed: apt-get install -y wrk (Debian/Ubuntu) or "
+              "brew install wrk (macOS)", file=sys.stderr)
+        return 2
+
+    workdir = Path(tempfile.mkdtemp(prefix="flow-repository-bench-"))
+    store_note = harness.describe_store(arguments.mongodb_url, {"?": None})
+    print(f"store: {store_note}\nwrk: {arguments.threads} threads, {arguments.connections} "
+          f"connections, {arguments.duration:g}s per measurement (+{arguments.warmup:g}s "
+          f"warm-up); logs in {workdir}", flush=True)
+    exchange, queue = harness.unique_name("ceiling-exchange"), harness.unique_name("ceiling-queue")
+    ceiling_env = harness.base_env(workdir / "dev-token-secret", arguments.mongodb_url,
+                                   exchange, queue)
+    ceiling = harness.ceiling_server(ceiling_env, harness.free_port(), workdir).start()
+    runs = []
+    try:
+        for size in sizes:
+            runs.append(bench_size(size, arguments, wrk, workdir, ceiling))
+    finally:
+        ceiling.stop()
+    workers = runs[0]["workerMemoryAtEnd"] if runs else {}
+    report = {
+        "benchmark": "bench/api.py",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "store": harness.describe_store(arguments.mongodb_url, workers),
+        "embedded": not arguments.mongodb_url,
+        "machine": machine(),
+        "wrk": {"threads": arguments.threads, "connections": arguments.connections,
+                "durationSeconds": arguments.duration, "warmupSeconds": arguments.warmup},
+        "ownedFraction": arguments.owned_fraction,
+        "runs": runs,
+    }
+    report["targets"] = targets(runs)
+    output = Path(arguments.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nstore: {report['store']}\n")
+    print(table(report))
+    print(f"\nresults written to {output}")
+    if arguments.keep_logs:
+        print(f"server logs and wrk scripts kept in {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""End-to-end tests: the service in real processes, driven over HTTP and RabbitMQ."""

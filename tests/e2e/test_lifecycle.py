@@ -1,0 +1,157 @@
+"""A flow's whole life over the wire, as OIH's web UI and Component Orchestrator drive it."""
+
+from __future__ import annotations
+
+import time
+
+from .conftest import START_DEADLINE, Bus, FakeIam, Served, bearer, wait_for
+
+
+def status_of(api: Served, flow_id: str, token: str) -> str:
+    response = api.get(f"/flows/{flow_id}", headers=bearer(token))
+    assert response.status_code == 200, response.text
+    return response.json()["data"]["status"]
+
+
+def wait_status(api: Served, flow_id: str, token: str, status: str) -> None:
+    wait_for(lambda: status_of(api, flow_id, token) == status, 15,
+             f"flow {flow_id} to become {status}")
+
+
+def test_flow_lifecycle_through_ui_and_orchestrator(api: Served, iam: FakeIam, bus: Bus,
+                                                    settings, flow_body) -> None:
+    token = iam.grant("ui-user", "tenant-a")
+    headers = bearer(token)
+    wait_for(lambda: bus.consumers(settings.event_queue) >= 1, START_DEADLINE,
+             "the embedded status consumer to attach to its queue")
+
+    created = []
+    for index in range(3):
+        response = api.request("POST", "/flows", headers=headers,
+                               json=flow_body(f"Flow {index}", nodes=2))
+        assert response.status_code == 201, response.text
+        data = response.json()["data"]
+        assert data["status"] == "inactive"
+        assert {"id": "ui-user", "type": "user"} in data["owners"]
+        assert {"id": "tenant-a", "type": "tenant"} in data["owners"]
+        assert "_id" not in data
+        created.append(data["id"])
+    flow_id = created[0]
+
+    creation = bus.event("flowrepo.flow.created", flow_id)
+    assert creation["payload"] == {"tenant": "tenant-a", "user": "ui-user", "flowId": flow_id}
+    assert creation["headers"]["serviceName"] == "flow-repository"
+    assert creation["_routingKey"] == "flowrepo.flow.created"
+
+    pages = []
+    for number in (1, 2):
+        page = api.get("/flows", headers=headers,
+                       params={"page[size]": 2, "page[number]": number, "sort": "-createdAt"})
+        assert page.status_code == 200, page.text
+        assert page.json()["meta"] == {"total": 3, "page": number, "perPage": 2,
+                                       "totalPages": 2}
+        pages.append([flow["id"] for flow in page.json()["data"]])
+    assert [len(ids) for ids in pages] == [2, 1]
+    assert sorted(pages[0] + pages[1]) == sorted(created)
+
+    # Another user of another tenant sees none of them.
+    stranger = bearer(iam.grant("someone-else", "tenant-b"))
+    assert api.get("/flows", headers=stranger).json()["meta"]["total"] == 0
+    assert api.get(f"/flows/{flow_id}", headers=stranger).status_code == 404
+
+    read = api.get(f"/flows/{flow_id}", headers=headers)
+    assert read.status_code == 200
+    etag = read.headers["ETag"]
+    stale = api.request("PATCH", f"/flows/{flow_id}", headers={**headers, "If-Match": '"999"'},
+                        json={"name": "never"})
+    assert stale.status_code == 412, stale.text
+    renamed = api.request("PATCH", f"/flows/{flow_id}", headers={**headers, "If-Match": etag},
+                          json={"name": "Renamed"})
+    assert renamed.status_code == 200, renamed.text
+    assert renamed.json()["data"]["name"] == "Renamed"
+    assert renamed.headers["ETag"] != etag
+    again = api.request("PATCH", f"/flows/{flow_id}", headers={**headers, "If-Match": etag},
+                        json={"name": "lost update"})
+    assert again.status_code == 412
+    modified = bus.event("flowrepo.flow.modified", flow_id)
+    assert modified["payload"]["flowId"] == flow_id
+
+    started = api.request("POST", f"/flows/{flow_id}/start", headers=headers)
+    assert started.status_code == 200, started.text
+    assert started.json()["data"] == {"id": flow_id, "status": "starting"}
+    starting = bus.event("flow.starting", flow_id)
+    payload = starting["payload"]
+    assert payload["id"] == flow_id
+    assert payload["startedBy"] == "ui-user"
+    assert {"id": "ui-user", "type": "user"} in payload["owners"]
+    assert abs(starting["headers"]["createdAt"] / 1000 - time.time()) < 60
+    assert payload["name"] == "Renamed"
+    assert payload["status"] == "starting"
+    assert [node["id"] for node in payload["graph"]["nodes"]] == ["step_0", "step_1"]
+    assert payload["graph"]["edges"][0]["source"] == "step_0"
+    assert "_id" not in payload and "outbox" not in payload
+    assert starting["_properties"].delivery_mode == 2
+    assert status_of(api, flow_id, token) == "starting"
+
+    # A running flow is frozen: no edits, no deletion.
+    assert api.request("PATCH", f"/flows/{flow_id}", headers=headers,
+                       json={"name": "x"}).status_code == 409
+    assert api.request("DELETE", f"/flows/{flow_id}", headers=headers).status_code == 409
+
+    bus.publish("flow.started", {"id": flow_id})
+    wait_status(api, flow_id, token, "active")
+
+    stopped = api.request("POST", f"/flows/{flow_id}/stop", headers=headers)
+    assert stopped.status_code == 200, stopped.text
+    assert stopped.json()["data"] == {"id": flow_id, "status": "stopping"}
+    stopping = bus.event("flow.stopping", flow_id)
+    assert stopping["payload"]["name"] == "Renamed"
+    assert stopping["payload"]["status"] == "stopping"
+
+    bus.publish("flow.stopped", {"id": flow_id})
+    wait_status(api, flow_id, token, "inactive")
+
+    deleted = api.request("DELETE", f"/flows/{flow_id}", headers=headers)
+    assert deleted.status_code == 200, deleted.text
+    gone = bus.event("flowrepo.flow.deleted", flow_id)
+    assert gone["payload"] == {"tenant": "tenant-a", "user": "ui-user", "flowId": flow_id}
+    assert api.get(f"/flows/{flow_id}", headers=headers).status_code == 404
+
+    # Per flow, the events left in the order the changes happened.
+    names = [m["headers"]["name"] for m in bus.received if m["payload"].get("id") == flow_id
+             or m["payload"].get("flowId") == flow_id]
+    first = {name: names.index(name) for name in names}
+    assert (first["flowrepo.flow.created"] < first["flowrepo.flow.modified"]
+            < first["flow.starting"] < first["flow.stopping"] < first["flowrepo.flow.deleted"])
+
+
+def test_start_many_reports_each_item(api: Served, iam: FakeIam, bus: Bus, flow_body) -> None:
+    headers = bearer(iam.grant("ui-user", "tenant-a"))
+    response = api.request("POST", "/flows", headers=headers, json=flow_body("Batch"))
+    assert response.status_code == 201
+    flow_id = response.json()["data"]["id"]
+    unknown = "0123456789abcdef01234567"
+
+    results = api.request("POST", "/flows/multiple/start", headers=headers,
+                          json=[flow_id, unknown, "not-an-id"])
+    assert results.status_code == 207, results.text
+    body = results.json()
+    assert body["meta"] == {"total": 3, "succeeded": 1, "failed": 2}
+    by_index = {item["index"]: item for item in body["data"]}
+    assert by_index[0]["status"] == 200
+    assert by_index[0]["data"] == {"id": flow_id, "status": "starting"}
+    assert by_index[1]["status"] == 404
+    assert by_index[1]["id"] == unknown
+    assert by_index[2]["status"] == 400
+    assert by_index[2]["errors"][0]["code"] == 400
+    starting = bus.event("flow.starting", flow_id)
+    assert starting["payload"]["startedBy"] == "ui-user"
+
+    # The same list again: the started flow now conflicts.
+    repeat = api.request("POST", "/flows/multiple/start", headers=headers, json=[flow_id])
+    assert repeat.status_code == 207
+    assert repeat.json()["data"][0]["status"] == 409
+    stops = api.request("POST", "/flows/multiple/stop", headers=headers, json=[flow_id])
+    assert stops.status_code == 200, stops.text
+    assert stops.json()["data"][0]["data"] == {"id": flow_id, "status": "stopping"}
+    bus.event("flow.stopping", flow_id)

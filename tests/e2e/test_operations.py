@@ -1,0 +1,105 @@
+"""Operating the served process: Prometheus metrics, and README's bare run command."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pika
+import pika.exceptions
+import pytest
+
+from .conftest import FakeIam, Served, bearer, free_port
+
+DEFAULT_QUEUE_URL = "amqp://guest:guest@localhost:5672"
+DEFAULT_QUEUES = ("flow-repository", "flow-repository.dead-letter")
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of one Prometheus sample in exposition text, None when absent."""
+    wanted = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
+    for line in text.splitlines():
+        match = re.fullmatch(r"([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)", line)
+        if not match or match.group(1) != name:
+            continue
+        found = ",".join(sorted(part for part in re.findall(r'\w+="[^"]*"', match.group(2) or "")))
+        if found == wanted:
+            return float(match.group(3))
+    return None
+
+
+def test_metrics_are_prometheus_text(api: Served, iam: FakeIam, flow_body) -> None:
+    headers = bearer(iam.grant())
+    assert api.get("/flows", headers=headers).status_code == 200
+    assert api.get("/flows", headers=headers).status_code == 200
+    assert api.get("/flows").status_code == 401
+    for name in ("one", "two"):
+        assert api.request("POST", "/flows", headers=headers,
+                           json=flow_body(name)).status_code == 201
+
+    response = api.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("text/plain")
+    text = response.text
+    assert "# TYPE flow_repository_http_requests_total counter" in text
+    total = "flow_repository_http_requests_total"
+    assert sample(text, total, method="GET", route="/flows", status="200") == 2.0
+    assert sample(text, total, method="GET", route="/flows", status="401") == 1.0
+    assert sample(text, total, method="POST", route="/flows", status="201") == 2.0
+    assert "# TYPE flow_repository_flows gauge" in text
+    assert sample(text, "flow_repository_flows", status="inactive") == 2.0
+    assert sample(text, "flow_repository_flows", status="active") == 0.0
+
+
+@pytest.fixture
+def default_broker_names() -> Iterator[None]:
+    """README's command uses the default exchange and queue: remove them only if it made them."""
+    def existing() -> set[str]:
+        try:
+            connection = pika.BlockingConnection(pika.URLParameters(DEFAULT_QUEUE_URL))
+        except pika.exceptions.AMQPError:
+            return set()
+        found = set()
+        try:
+            for queue in DEFAULT_QUEUES:
+                channel = connection.channel()
+                try:
+                    channel.queue_declare(queue, passive=True)
+                    found.add(queue)
+                    channel.close()
+                except pika.exceptions.ChannelClosedByBroker:
+                    pass
+        finally:
+            connection.close()
+        return found
+
+    before = existing()
+    yield
+    made = existing() - before
+    if made:
+        connection = pika.BlockingConnection(pika.URLParameters(DEFAULT_QUEUE_URL))
+        channel = connection.channel()
+        try:
+            for queue in made:
+                channel.queue_delete(queue, if_unused=True, if_empty=True)
+        finally:
+            connection.close()
+
+
+def test_readme_run_command_with_no_configuration(spawn, tmp_path: Path,
+                                                  default_broker_names: None) -> None:
+    port = free_port()
+    home = tmp_path / "home"
+    home.mkdir()
+    api = spawn(["serve"], {"PORT": str(port), "HOME": str(home)}, port)
+    api.wait_ready("/livez")
+    assert api.get("/livez").json() == {"status": "pass"}
+    assert "data is not kept" in api.stderr().lower()
+    refused = api.get("/flows")
+    assert refused.status_code == 401, "with no identity configured the service is never open"
+    assert refused.json()["errors"][0]["message"] == "Missing authorization header."
+    health = api.get("/healthcheck")
+    assert health.status_code == 200
+    assert health.json()["details"]["mongoDB"]["status"] == "pass"
+    assert api.terminate(30) == 0

@@ -1,0 +1,218 @@
+"""A consumer process killed mid-message, and the standalone worker run as a real process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from bson import ObjectId
+
+from flow_repository.auth import Principal
+from flow_repository.runtime import Runtime
+from worker.consumer import StatusConsumer
+
+from .conftest import eventually
+
+pytestmark = pytest.mark.integration
+
+BLOCKING_CONSUMER = textwrap.dedent('''
+    """Child process: a real StatusConsumer whose service blocks forever inside the handler."""
+    import json
+    import sys
+    import time
+    from pathlib import Path
+
+    from flow_repository.metrics import Metrics
+    from flow_repository.settings import Settings
+    from worker.consumer import StatusConsumer
+
+    marker = Path(sys.argv[1])
+
+
+    class BlockingService:
+        def apply_status_event(self, name, payload):
+            marker.write_text(json.dumps({"name": name, "payload": payload}))
+            time.sleep(3600)  # the parent SIGKILLs us here, before any ack
+
+        def remove_owner(self, owner_id):
+            self.apply_status_event("owner", {"id": owner_id})
+
+
+    StatusConsumer(Settings.from_env(), BlockingService(), Metrics()).run()
+''')
+
+
+def child_environment(settings, **extra: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if key != "MONGODB_URL"}
+    env.update(QUEUE_URL=settings.queue_url, EVENT_EXCHANGE=settings.event_exchange,
+               EVENT_QUEUE=settings.event_queue, LOG_LEVEL="WARNING",
+               DEV_TOKEN_SECRET_FILE=settings.dev_token_secret_file or "",
+               PYTHONPATH=str(Path(__file__).resolve().parents[2]), **extra)
+    if settings.mongodb_url:
+        env["MONGODB_URL"] = settings.mongodb_url
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class RecordingConsumer(StatusConsumer):
+    """The real consumer, noting the redelivered flag of every message it is handed."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.seen: list[tuple[str, bool]] = []
+        self._seen_lock = threading.Lock()
+
+    def _on_message(self, channel, method, properties, body) -> None:
+        with self._seen_lock:
+            self.seen.append((method.routing_key, method.redelivered))
+        super()._on_message(channel, method, properties, body)
+
+
+def test_message_in_hand_of_a_killed_consumer_is_redelivered_and_applied_once(
+        settings, store, bus, tmp_path):
+    """SIGKILL a consumer process mid-message; a fresh consumer applies the message once.
+
+    The standalone worker (``flow-repository worker``) is only meaningful with a MongoDB it
+    shares with the API: in the embedded mode each process has its own in-memory store, and
+    no MongoDB server can be installed on these machines. What the guarantee really rests on
+    is the consumer's protocol with RabbitMQ (ack only after the database write, so an
+    unacked message returns to the queue when its connection dies) plus idempotent handlers.
+    So the killed process here runs the real StatusConsumer from worker/consumer.py over the
+    network, with a service that blocks inside the handler — the point where a crash would
+    otherwise lose the message — and the survivor is the real consumer on the real service
+    and store of this test (mongomock, or MongoDB with --mongodb-url).
+    """
+    runtime = Runtime.build(settings, store=store)
+    owner = Principal(sub="user-1", tenant="tenant-1", permissions=frozenset(), is_admin=False)
+    flow_id = runtime.service.create(owner, {"name": "Crash", "graph": {"nodes": [
+        {"id": "a", "componentId": "0" * 23 + "1", "function": "run"}], "edges": []}})["id"]
+    runtime.service.start(owner, flow_id)
+    before = store.raw(ObjectId(flow_id))
+    assert before["status"] == "starting"
+
+    script = tmp_path / "blocking_consumer.py"
+    script.write_text(BLOCKING_CONSUMER)
+    marker = tmp_path / "in-handler.json"
+    child = subprocess.Popen([sys.executable, str(script), str(marker)],
+                             env=child_environment(settings), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE)
+    try:
+        bus.wait_consumers(1, timeout=30)
+        bus.publish("flow.started", flow_id)
+        eventually(marker.exists, timeout=15, message="child is inside the handler")
+        assert json.loads(marker.read_text()) == {"name": "flow.started",
+                                                  "payload": {"id": flow_id}}
+        assert bus.queue_state() == (0, 1)  # delivered to the child, not acked
+        os.kill(child.pid, signal.SIGKILL)
+        assert child.wait(10) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(10)
+        child.stderr.close()
+
+    eventually(lambda: bus.queue_state() == (1, 0), message="message back in the queue")
+    assert store.raw(ObjectId(flow_id))["revision"] == before["revision"]  # nothing applied
+
+    consumer = RecordingConsumer(settings, runtime.service, runtime.metrics)
+    consumer.start()
+    try:
+        after = eventually(lambda: (doc := store.raw(ObjectId(flow_id)))["status"] == "active"
+                           and doc)
+        eventually(lambda: bus.queue_state() == (0, 1), message="message acked")
+        assert consumer.seen == [("flow.started", True)]  # the very message, redelivered
+        assert after["revision"] == before["revision"] + 1
+        assert after["statusReason"] == "orchestrator reported started"
+
+        bus.publish("flow.started", flow_id)  # the orchestrator repeats itself: harmless
+        eventually(lambda: len(consumer.seen) == 2 and bus.queue_state() == (0, 1))
+        assert store.raw(ObjectId(flow_id))["revision"] == before["revision"] + 1
+        assert store.raw(ObjectId(flow_id))["status"] == "active"
+    finally:
+        consumer.stop()
+    assert bus.queue_state(bus.dead_letter_queue) == (0, 0)
+
+
+def test_standalone_worker_process_consumes_survives_sigkill_and_stops_on_sigterm(
+        settings, bus, tmp_path):
+    """The real ``flow-repository worker`` command, as deployed, against the real broker.
+
+    Its in-memory store knows no flows, so what can be observed from outside is the broker
+    side: it declares and binds its queue, acks what it handled, dead-letters garbage,
+    answers its health port, leaves messages published while it is dead in the durable
+    queue for its successor, and exits cleanly on SIGTERM.
+    """
+    command = [str(Path(sys.executable).parent / "flow-repository"), "worker"]
+    assert Path(command[0]).exists()
+
+    def launch():
+        port = free_port()
+        process = subprocess.Popen(command, env=child_environment(
+            settings, WORKER_HEALTH_PORT=str(port)), stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+        return process, port
+
+    def get(port: int, path: str) -> tuple[int, dict]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as answer:
+                return answer.status, json.loads(answer.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    first, port = launch()
+    try:
+        bus.wait_consumers(1, timeout=30)  # the worker declared and bound the queue itself
+        _, health = eventually(lambda: (answer := get(port, "/healthcheck"))[0] == 200
+                                    and answer, timeout=15)
+        assert health["status"] == "pass"
+        assert health["details"]["queue"]["connected"] is True
+        assert get(port, "/livez") == (200, {"status": "pass"})
+
+        bus.publish("flow.started", ObjectId())  # unknown flow: handled, acked
+        bus.publish("flow.stopped", raw=b"not json")  # garbage: dead-lettered
+        [dead] = eventually(bus.dead_letters, timeout=15)
+        assert dead.raw == b"not json"
+        assert dead.properties.headers["x-death-reason"] == "body is not JSON"
+        eventually(lambda: bus.queue_state() == (0, 1), message="worker acked its messages")
+
+        first.kill()
+        assert first.wait(10) == -signal.SIGKILL
+        eventually(lambda: bus.queue_state() == (0, 0), message="consumer gone")
+        bus.publish("flow.failed", raw=b"{}")  # published while no worker runs
+        assert bus.queue_state() == (1, 0)  # kept in the durable queue
+
+        second, port = launch()
+        try:
+            [kept] = eventually(bus.dead_letters, timeout=30)
+            assert kept.raw == b"{}"
+            assert kept.properties.headers["x-original-routing-key"] == "flow.failed"
+            eventually(lambda: bus.queue_state() == (0, 1))
+            eventually(lambda: get(port, "/healthcheck")[0] == 200, timeout=15)
+            started = time.monotonic()
+            second.send_signal(signal.SIGTERM)
+            assert second.wait(20) == 0
+            assert time.monotonic() - started < 15
+            eventually(lambda: bus.queue_state() == (0, 0), message="consumer cancelled")
+        finally:
+            if second.poll() is None:
+                second.kill()
+                second.wait(10)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait(10)

@@ -1,0 +1,231 @@
+"""Outbox delivery: broker outages, a relay that was not running, crashes and competing relays."""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from datetime import timedelta
+
+import pytest
+from bson import ObjectId
+
+from flow_repository.events import OutboxRelay, Publisher
+
+from .conftest import Received, eventually
+
+pytestmark = pytest.mark.integration
+
+
+def outbox_names(store, flow_id: str) -> list[str]:
+    return [event["name"] for event in store.raw(ObjectId(flow_id)).get("outbox", [])]
+
+
+def assert_in_order(messages: list[Received], expected_names: list[str]) -> None:
+    """Duplicates of the latest event are allowed (at least once); going back is not."""
+    distinct: list[str] = []
+    for message in messages:
+        if distinct and message.event_id == distinct[-1]:
+            continue  # a re-publish of the event just delivered
+        assert message.event_id not in distinct, (
+            f"{message.routing_key} {message.event_id} came again after a later event: "
+            f"{[m.routing_key for m in messages]}")
+        distinct.append(message.event_id)
+    by_id = {m.event_id: m.routing_key for m in messages}
+    assert [by_id[event_id] for event_id in distinct] == expected_names
+
+
+def relay_for(store, settings, **options) -> OutboxRelay:
+    return OutboxRelay(store, Publisher(settings.queue_url, settings.event_exchange),
+                       poll_seconds=options.pop("poll_seconds", 0.05), **options)
+
+
+def test_events_wait_out_a_broker_outage_and_arrive_in_order(make_app, settings, proxy, drive,
+                                                            listener, store):
+    events = listener()
+    application = make_app(settings.replace(queue_url=proxy.url(settings.queue_url)))
+    driver = drive(application)
+    client = driver.client
+    plain = [driver.create() for _ in range(3)]
+    running = driver.bring_to("active")
+    cycled = driver.create()
+    events.wait("flowrepo.flow.created", count=5)
+    events.wait("flow.starting", running)
+    assert proxy.live_connections >= 2  # the relay and the consumer go through the proxy
+
+    proxy.cut()
+
+    def degraded():
+        response = client.get("/healthcheck")
+        assert response.status_code == 200
+        body = response.get_json()
+        assert body["status"] == "warn", body
+        assert body["details"]["queue"]["connected"] is False
+        assert body["details"]["mongoDB"]["status"] == "pass"
+        return body
+
+    eventually(degraded, message="healthcheck reports the queue down")
+    for flow_id in plain:
+        assert driver.command(flow_id, "start") == {"data": {"id": flow_id, "status": "starting"}}
+    assert driver.command(running, "stop")["data"]["status"] == "stopping"
+    assert driver.command(cycled, "start")["data"]["status"] == "starting"
+    # the orchestrator's report cannot arrive through the cut either: apply it as the
+    # consumer would, so that the flow collects two pending events
+    driver.runtime.service.apply_status_event("flow.started", {"id": cycled})
+    assert driver.command(cycled, "stop")["data"]["status"] == "stopping"
+    listed = client.get("/flows?page[size]=50", headers=driver.headers)
+    assert listed.status_code == 200 and listed.get_json()["meta"]["total"] == 5
+    assert outbox_names(store, cycled) == ["flow.starting", "flow.stopping"]
+    assert outbox_names(store, running) == ["flow.stopping"]
+    assert all(outbox_names(store, flow_id) == ["flow.starting"] for flow_id in plain)
+    degraded()
+    eventually(lambda: proxy.refused >= 1, message="the service tries to reconnect while cut")
+    assert events.events("flow.stopping") == []
+    assert all(events.events("flow.starting", flow_id) == [] for flow_id in plain)
+
+    proxy.restore()
+
+    for flow_id in plain:
+        events.wait("flow.starting", flow_id, timeout=30)
+    events.wait("flow.stopping", running, timeout=30)
+    events.wait("flow.stopping", cycled, timeout=30)
+    for flow_id in plain:
+        assert_in_order(events.events(flow_id=flow_id), ["flowrepo.flow.created", "flow.starting"])
+    assert_in_order(events.events(flow_id=running),
+                    ["flowrepo.flow.created", "flow.starting", "flow.stopping"])
+    assert_in_order(events.events(flow_id=cycled),
+                    ["flowrepo.flow.created", "flow.starting", "flow.stopping"])
+    for flow_id in plain:  # nothing was published twice in this outage
+        assert len(events.events("flow.starting", flow_id)) == 1
+    assert all(outbox_names(store, f) == [] for f in (*plain, running, cycled))
+
+    def recovered():
+        body = client.get("/healthcheck").get_json()
+        assert body["status"] == "pass", body
+        return body["details"]["queue"]["connected"] is True
+
+    eventually(recovered, timeout=30, message="healthcheck recovers")
+    # and the consumer is back too: a report now goes through
+    driver.report("flow.stopped", cycled)
+    driver.wait_status(cycled, "inactive", timeout=30)
+
+
+def test_events_stored_without_a_relay_are_published_by_a_later_one(make_app, settings,
+                                                                    drive, listener, store):
+    """The process died between the database write and the publish: nothing is lost."""
+    events = listener()
+    driver = drive(make_app(background=False))
+    first = driver.create()
+    driver.command(first, "start")
+    second = driver.create()
+    assert outbox_names(store, first) == ["flowrepo.flow.created", "flow.starting"]
+    assert outbox_names(store, second) == ["flowrepo.flow.created"]
+    assert events.events() == []
+
+    relay = relay_for(store, settings)
+    relay.start()
+    try:
+        events.wait("flow.starting", first)
+        events.wait("flowrepo.flow.created", second)
+        eventually(lambda: outbox_names(store, first) == outbox_names(store, second) == [])
+    finally:
+        relay.stop()
+    assert_in_order(events.events(flow_id=first), ["flowrepo.flow.created", "flow.starting"])
+    assert_in_order(events.events(flow_id=second), ["flowrepo.flow.created"])
+    assert store.raw(ObjectId(first)).get("relayLeaseOwner") is None
+
+
+def test_a_lease_left_by_a_crashed_relay_expires(make_app, settings, drive, listener, store):
+    events = listener()
+    driver = drive(make_app(background=False))
+    orphan = driver.create()
+    other = driver.create()
+    claimed = store.claim_pending("relay-that-crashed", timedelta(seconds=1))
+    assert claimed is not None
+    stuck, free = (orphan, other) if str(claimed["_id"]) == orphan else (other, orphan)
+
+    relay = relay_for(store, settings)
+    relay.start()
+    try:
+        events.wait("flowrepo.flow.created", free)
+        assert events.events(flow_id=stuck) == []  # still leased to the dead relay
+        events.wait("flowrepo.flow.created", stuck, timeout=10)
+    finally:
+        relay.stop()
+    assert outbox_names(store, stuck) == []
+
+
+def test_a_crash_after_the_confirm_republishes_instead_of_losing(make_app, settings, drive,
+                                                                 listener, store, monkeypatch):
+    events = listener()
+    driver = drive(make_app(background=False))
+    flow_id = driver.create()
+    driver.command(flow_id, "start")
+    original = store.drop_published
+    failures = []
+
+    def crash_once(flow, event_id):
+        if not failures:
+            failures.append(event_id)
+            raise RuntimeError("process died before removing the published event")
+        return original(flow, event_id)
+
+    monkeypatch.setattr(store, "drop_published", crash_once)
+    relay = relay_for(store, settings)
+    relay.start()
+    try:
+        events.wait("flow.starting", flow_id)
+        eventually(lambda: outbox_names(store, flow_id) == [])
+    finally:
+        relay.stop()
+    messages = events.events(flow_id=flow_id)
+    assert [m.event_id for m in messages].count(failures[0]) == 2  # at least once: a duplicate
+    assert_in_order(messages, ["flowrepo.flow.created", "flow.starting"])
+
+
+def test_two_relays_never_reorder_a_flows_events(make_app, settings, drive, listener, store):
+    events = listener()
+    driver = drive(make_app(background=False))
+    service = driver.runtime.service
+    flows = [driver.create() for _ in range(12)]
+    expected: dict[str, list[str]] = defaultdict(lambda: ["flowrepo.flow.created"])
+
+    def cycle(flow_id: str) -> None:
+        driver.command(flow_id, "start")
+        service.apply_status_event("flow.started", {"id": flow_id})
+        driver.command(flow_id, "stop")
+        service.apply_status_event("flow.stopped", {"id": flow_id})
+        patched = driver.client.patch(f"/flows/{flow_id}", json={"description": "again"},
+                                      headers=driver.headers)
+        assert patched.status_code == 200
+        expected[flow_id] += ["flow.starting", "flow.stopping", "flowrepo.flow.modified"]
+
+    for flow_id in flows:  # a backlog before the relays start ...
+        cycle(flow_id)
+    counts = defaultdict(int)
+    lock = threading.Lock()
+
+    def counter(relay_name):
+        def count(_event_name):
+            with lock:
+                counts[relay_name] += 1
+        return count
+
+    relays = [relay_for(store, settings, lease_seconds=0.6, on_published=counter(name))
+              for name in ("a", "b")]
+    for relay in relays:
+        relay.start()
+    try:
+        for flow_id in flows:  # ... and more events while both relays publish
+            cycle(flow_id)
+            for relay in relays:
+                relay.wake()
+        total = sum(len(names) for names in expected.values())
+        eventually(lambda: len({m.event_id for m in events.events()}) >= total, timeout=30,
+                   message=f"{total} distinct events")
+    finally:
+        for relay in relays:
+            relay.stop()
+    for flow_id in flows:
+        assert_in_order(events.events(flow_id=flow_id), expected[flow_id])
+        assert outbox_names(store, flow_id) == []
+    assert counts["a"] > 0 and counts["b"] > 0, counts

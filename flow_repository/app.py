@@ -10,9 +10,10 @@ import time
 import uuid
 from typing import Any
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response, g, request, send_from_directory
 from flask.json.provider import DefaultJSONProvider
 from flask_smorest import Api
+from swagger_ui_bundle import swagger_ui_path
 from werkzeug.exceptions import HTTPException
 
 from .auth import Authenticator, AuthError, IdentityUnavailable, build_authenticator
@@ -28,6 +29,9 @@ log = logging.getLogger(__name__)
 API_TITLE = "Flow Repository"
 API_VERSION = "1.0.0"
 EXTENSION = "flow_repository"
+# Swagger UI's scripts are served from the installed swagger-ui-bundle, so /api-docs works
+# on installations without internet access.
+SWAGGER_ASSETS = "/api-docs/assets"
 
 
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
@@ -126,7 +130,7 @@ def create_app(
         OPENAPI_URL_PREFIX="/",
         OPENAPI_JSON_PATH="openapi.json",
         OPENAPI_SWAGGER_UI_PATH="/api-docs",
-        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
+        OPENAPI_SWAGGER_UI_URL=f"{SWAGGER_ASSETS}/",
     )
     app.url_map.strict_slashes = False
     app.wsgi_app = StripTrailingSlash(app.wsgi_app)
@@ -148,6 +152,8 @@ def create_app(
 
     for blueprint in (health.blp, flows.blp, lifecycle.blp):
         api.register_blueprint(blueprint)
+    app.add_url_rule(f"{SWAGGER_ASSETS}/<path:filename>", "swagger_ui_assets",
+                     lambda filename: send_from_directory(swagger_ui_path, filename))
     _install_error_handlers(app)
     _install_request_hooks(app, state)
     if background:

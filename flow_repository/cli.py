@@ -60,9 +60,16 @@ def openapi(settings: Settings) -> int:
 
 
 def openapi_document(settings: Settings | None = None) -> str:
+    """The OpenAPI document as JSON; builds the app without touching any identity setup."""
     from .app import create_app
+    from .auth import AuthError, Principal
 
-    app = create_app((settings or Settings.from_env({})).replace(log_level="ERROR"))
+    class NoCallers:
+        def authenticate(self, token: str) -> Principal:
+            raise AuthError("this app only prints its OpenAPI document")
+
+    app = create_app((settings or Settings.from_env({})).replace(log_level="ERROR"),
+                     authenticator=NoCallers())
     with app.app_context():
         spec = app.extensions["flask-smorest"]["apis"][""]["ext_obj"].spec.to_dict()
     return json.dumps(spec, indent=2, sort_keys=True)

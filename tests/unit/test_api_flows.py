@@ -514,6 +514,16 @@ def test_api_docs_serves_swagger_ui(client: FlaskClient) -> None:
     assert "/openapi.json" in page
 
 
+def test_api_docs_loads_its_scripts_from_this_service_not_a_cdn(client: FlaskClient) -> None:
+    page = client.get("/api-docs").get_data(as_text=True)
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page)
+    assert assets and all(asset.startswith("/api-docs/assets/") for asset in assets)
+    for asset in assets:
+        response = client.get(asset)
+        assert response.status_code == 200, asset
+        assert len(response.data) > 1000
+
+
 def test_openapi_json_is_served_without_a_token(client: FlaskClient) -> None:
     response = client.get("/openapi.json")
     assert response.status_code == 200

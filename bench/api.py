@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import harness
+import requests
 
 DONE_LUA = """
 done = function(summary, latency, requests)
@@ -123,7 +124,8 @@ def bench_size(size: int, arguments: argparse.Namespace, wrk: str, workdir: Path
     print(f"\n== {size} stored flows ==", flush=True)
     server.start()
     try:
-        clients = [harness.Client(server.url, token) for token in tokens]
+        session = requests.Session()
+        clients = [harness.Client(server.url, token, session) for token in tokens]
         started = time.monotonic()
         created = harness.seed(clients, size, batch=arguments.bulk_size)
         seed_seconds = time.monotonic() - started

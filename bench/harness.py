@@ -176,13 +176,17 @@ def proc_status(pid: int) -> dict[str, float]:
 class Client:
     """A keep-alive HTTP client for one caller of the service."""
 
-    def __init__(self, url: str, token: str) -> None:
+    def __init__(self, url: str, token: str, session: requests.Session | None = None) -> None:
         self.url = url
-        self.session = requests.Session()
-        self.session.headers["Authorization"] = f"Bearer {token}"
+        # Callers may share one session: a connection left idle longer than gunicorn's
+        # keepalive (5 s) can be closed just as it is reused, which resets the request.
+        self.session = session or requests.Session()
+        self.authorization = f"Bearer {token}"
 
     def call(self, method: str, path: str, expect: int | Sequence[int] = 200, **kwargs) -> Any:
-        response = self.session.request(method, self.url + path, timeout=600, **kwargs)
+        headers = {**kwargs.pop("headers", {}), "Authorization": self.authorization}
+        response = self.session.request(method, self.url + path, headers=headers, timeout=600,
+                                        **kwargs)
         allowed = (expect,) if isinstance(expect, int) else tuple(expect)
         if response.status_code not in allowed:
             raise RuntimeError(f"{method} {path}: {response.status_code} {response.text[:500]}")

@@ -15,6 +15,7 @@ from typing import Any
 import harness
 import pika
 import pika.exceptions
+import requests
 
 TARGET_MS = 500.0
 
@@ -155,12 +156,18 @@ def run(arguments: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         server.start()
         listener.start()
         wait_for_consumer(queue)
-        client = harness.Client(server.url, token)
+        session = requests.Session()
+        client = harness.Client(server.url, token, session)
+        if arguments.stored_flows:
+            other = harness.Client(server.url, harness.mint(secret, "other-user", "other-tenant"),
+                                   session)
+            harness.seed([other], arguments.stored_flows, batch=arguments.bulk_size,
+                         prefix="stored flow")
         total = arguments.flows + arguments.warmup
         ids = harness.seed([client], total, batch=arguments.bulk_size)[0]
-        waited, left = harness.wait_for_outbox(server.url, 120.0, poll=0.2)
-        print(f"created {total} flows; outbox drained in {waited:.1f}s ({left or 0:.0f} left)",
-              flush=True)
+        waited, left = harness.wait_for_outbox(server.url, arguments.drain_timeout, poll=0.2)
+        print(f"created {total} flows (+{arguments.stored_flows} of another owner); outbox "
+              f"drained in {waited:.1f}s ({left or 0:.0f} events left)", flush=True)
         publisher_connection = pika.BlockingConnection(pika.URLParameters(harness.QUEUE_URL))
         publisher = publisher_connection.channel()
         publisher.confirm_delivery()
@@ -182,6 +189,8 @@ def run(arguments: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "store": harness.describe_store(None, server.workers()),
             "flows": arguments.flows,
+            "otherStoredFlows": arguments.stored_flows,
+            "outboxPendingBeforeRounds": left,
             "warmupFlows": arguments.warmup,
             "pollMs": arguments.poll_ms,
             "startToStarting": {
@@ -222,6 +231,10 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=10.0,
                         help="seconds to wait for each event or status")
     parser.add_argument("--bulk-size", type=int, default=100, help="flows per creating POST")
+    parser.add_argument("--stored-flows", type=int, default=0,
+                        help="extra flows of another owner stored first (store size effect)")
+    parser.add_argument("--drain-timeout", type=float, default=120.0,
+                        help="seconds to wait for the relay to publish the creation events")
     parser.add_argument("--output",
                         default=str(harness.BENCH_DIR / "results" / "lifecycle.json"))
     parser.add_argument("--keep-logs", action="store_true",

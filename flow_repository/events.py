@@ -194,7 +194,10 @@ class OutboxRelay:
         """Relay until stopped, backing off while RabbitMQ or MongoDB are away."""
         delay = 0.0
         while not self._stop.is_set():
-            self._wake.wait(delay or self._poll_seconds)
+            if delay:  # backing off: new writes must not shorten the pause (nor double it)
+                self._stop.wait(delay)
+            else:
+                self._wake.wait(self._poll_seconds)
             self._wake.clear()
             try:
                 self._publisher.connect()

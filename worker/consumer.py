@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from typing import Any
 
 import pika
@@ -169,7 +168,7 @@ class StatusConsumer:
         if attempts >= self._settings.consumer_max_attempts:
             self._dead_letter(channel, method, properties, body, reason)
             return
-        time.sleep(min(0.2 * 2**attempts, 5.0))
+        self._stop.wait(min(0.2 * 2**attempts, 5.0))
         channel.basic_publish(
             exchange="",  # to this queue only: other subscribers must not see the retry
             routing_key=self._queue,

@@ -35,13 +35,14 @@ def unique_name(kind: str) -> str:
     return f"bench-{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-def base_env(secret_file: Path, mongodb_url: str | None, exchange: str, queue: str) -> dict:
+def base_env(secret_file: Path, mongodb_url: str | None, exchange: str, queue: str,
+             queue_url: str = QUEUE_URL) -> dict:
     """The service environment: dev tokens, quiet logs, the bench's own exchange and queue."""
     env = {key: value for key, value in os.environ.items() if key != "MONGODB_URL"}
     env.update(
         DEV_TOKEN_SECRET_FILE=str(secret_file),
         LOG_LEVEL="WARNING",
-        QUEUE_URL=QUEUE_URL,
+        QUEUE_URL=queue_url,
         EVENT_EXCHANGE=exchange,
         EVENT_QUEUE=queue,
     )

@@ -333,11 +333,20 @@ class JwtAuthenticator:
         self._jwks = jwks_client
         self._audience = audience or None
         self._issuer = issuer or None
+        # Tokens verified with the secret or the public key, with their exp: a repeated token
+        # is then not decoded again (that cost a third of a read). JWKS keys can be withdrawn,
+        # so tokens verified with one are always checked afresh.
+        self._verified = _TtlCache(60.0, CACHE_MAX_ENTRIES, time.monotonic)
 
     def authenticate(self, token: str) -> Principal:
         """The Principal for a verified ``token``; AuthError otherwise."""
         if not token:
             raise AuthError(INVALID_TOKEN)
+        verified = self._verified.get(token)
+        # The expiry test PyJWT applies (exp > now); a token that expired is verified again,
+        # which raises as before.
+        if verified is not None and verified[0] > time.time():
+            return verified[1]
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -367,7 +376,10 @@ class JwtAuthenticator:
         except jwt.PyJWTError:
             raise AuthError(INVALID_TOKEN) from None
         self._check_not_before(claims)
-        return principal_from_claims(claims)
+        principal = principal_from_claims(claims)
+        if algorithm in self._hmac_algorithms or algorithm in self._public_algorithms:
+            self._verified.put(token, (int(claims["exp"]), principal))
+        return principal
 
     @staticmethod
     def _check_not_before(claims: Mapping[str, Any]) -> None:

@@ -19,7 +19,8 @@ from .store import FlowStore, StoreUnavailable, utcnow
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "flow-repository"
-FLOW_PAYLOAD = "flow"  # the payload is the flow itself, rendered when the event is published
+FLOW_PAYLOAD = "flow"
+CLAIM_BATCH = 100  # the payload is the flow itself, rendered when the event is published
 
 
 def pending_event(
@@ -171,24 +172,35 @@ class OutboxRelay:
         """Publish everything claimable; returns how many events went out."""
         published = 0
         while not self._stop.is_set():
-            flow = self._store.claim_pending(self._relay_id, self._lease)
-            if flow is None:
-                return published
+            # One query finds a batch of candidates; each is then claimed on its own, so a
+            # flow another relay holds is simply skipped.
+            batch = self._store.pending_flows(CLAIM_BATCH)
             sent = 0
-            try:
-                for event in flow.get("outbox", []):
-                    if not self._store.still_leased(flow["_id"], self._relay_id, self._margin):
-                        break  # another relay may take over; publishing on would reorder
-                    self._publisher.publish(envelope(event, flow))
-                    self._store.drop_published(flow["_id"], event["eventId"])
-                    self._on_published(event["name"])
-                    sent += 1
-            finally:
-                self._store.release(flow["_id"], self._relay_id)
+            for flow_id in batch:
+                if self._stop.is_set():
+                    break
+                flow = self._store.claim(flow_id, self._relay_id, self._lease)
+                if flow is not None:
+                    sent += self._publish_flow(flow)
             if not sent:
-                return published  # the lease ran short at once; let the next round retry
+                return published  # nothing left, or leases ran short: the next round retries
             published += sent
         return published
+
+    def _publish_flow(self, flow: Mapping[str, Any]) -> int:
+        """Publish one leased flow's events in order; returns how many went out."""
+        sent = 0
+        try:
+            for event in flow.get("outbox", []):
+                if not self._store.still_leased(flow["_id"], self._relay_id, self._margin):
+                    break  # another relay may take over; publishing on would reorder
+                self._publisher.publish(envelope(event, flow))
+                self._store.drop_published(flow["_id"], event["eventId"])
+                self._on_published(event["name"])
+                sent += 1
+        finally:
+            self._store.release(flow["_id"], self._relay_id)
+        return sent
 
     def run(self) -> None:
         """Relay until stopped, backing off while RabbitMQ or MongoDB are away."""

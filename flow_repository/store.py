@@ -294,26 +294,34 @@ class FlowStore:
 
     # ------------------------------------------------------------------------- outbox relay
 
-    def claim_pending(self, relay_id: str, lease: timedelta) -> dict | None:
-        """Lease one flow with pending events to ``relay_id``; the lease keeps others away."""
-        now = utcnow()
-        # mongomock copies every candidate before it sorts them; with a projection it copies
-        # their ids only, and the claimed flow is read afterwards under the same lock.
-        projection = {"_id": 1} if self._lock is not None else None
+    @staticmethod
+    def _claimable(now: datetime) -> dict[str, Any]:
+        return {
+            "outbox.0": {"$exists": True},
+            "$or": [{"relayLeaseUntil": None}, {"relayLeaseUntil": {"$lt": now}}],
+        }
+
+    def pending_flows(self, limit: int) -> list[ObjectId]:
+        """Ids of flows with events waiting and no live lease, oldest waiting event first."""
         with self._call():
-            claimed = self._flows.find_one_and_update(
-                {
-                    "outbox.0": {"$exists": True},
-                    "$or": [{"relayLeaseUntil": None}, {"relayLeaseUntil": {"$lt": now}}],
-                },
-                {"$set": {"relayLeaseUntil": now + lease, "relayLeaseOwner": relay_id}},
-                projection=projection,
-                sort=[("outbox.0.storedAt", pymongo.ASCENDING)],
-                return_document=ReturnDocument.AFTER,
+            cursor = (
+                self._flows.find(self._claimable(utcnow()), {"_id": 1})
+                .sort([("outbox.0.storedAt", pymongo.ASCENDING)])
+                .limit(limit)
             )
-            if claimed is not None and projection is not None:
-                claimed = self._flows.find_one({"_id": claimed["_id"]})
-            return self._out(claimed)
+            return [document["_id"] for document in cursor]
+
+    def claim(self, flow_id: ObjectId, relay_id: str, lease: timedelta) -> dict | None:
+        """Lease one flow to ``relay_id`` if it still has events and nobody else holds it."""
+        now = utcnow()
+        with self._call():
+            return self._out(
+                self._flows.find_one_and_update(
+                    {"_id": flow_id, **self._claimable(now)},
+                    {"$set": {"relayLeaseUntil": now + lease, "relayLeaseOwner": relay_id}},
+                    return_document=ReturnDocument.AFTER,
+                )
+            )
 
     def still_leased(self, flow_id: ObjectId, relay_id: str, margin: timedelta) -> bool:
         """True while ``relay_id`` holds the lease with at least ``margin`` to spare."""

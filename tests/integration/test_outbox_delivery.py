@@ -139,9 +139,9 @@ def test_a_lease_left_by_a_crashed_relay_expires(make_app, settings, drive, list
     driver = drive(make_app(background=False))
     orphan = driver.create()
     other = driver.create()
-    claimed = store.claim_pending("relay-that-crashed", timedelta(seconds=1))
+    claimed = store.claim(ObjectId(orphan), "relay-that-crashed", timedelta(seconds=1))
     assert claimed is not None
-    stuck, free = (orphan, other) if str(claimed["_id"]) == orphan else (other, orphan)
+    stuck, free = orphan, other
 
     relay = relay_for(store, settings)
     relay.start()

@@ -1209,3 +1209,26 @@ def test_dev_secret_concurrent_creation_agrees(tmp_path: Any) -> None:
     assert len(results) == 8
     assert len(set(results)) == 1
     assert os.listdir(tmp_path / "race") == ["secret"]
+
+
+def test_a_verified_token_is_not_decoded_again_while_it_is_valid(monkeypatch) -> None:
+    authenticator = JwtAuthenticator(secret=SECRET)
+    token = jwt.encode({"sub": "u-1", "exp": int(time.time()) + 600}, SECRET, algorithm="HS256")
+    decodes = []
+    real_decode = jwt.decode
+    monkeypatch.setattr(jwt, "decode", lambda *a, **k: decodes.append(1) or real_decode(*a, **k))
+    first = authenticator.authenticate(token)
+    second = authenticator.authenticate(token)
+    assert first == second and first.sub == "u-1"
+    assert len(decodes) == 1
+
+
+def test_a_cached_token_is_refused_once_it_expires() -> None:
+    authenticator = JwtAuthenticator(secret=SECRET)
+    expiry = int(time.time()) + 1
+    token = jwt.encode({"sub": "u-1", "exp": expiry}, SECRET, algorithm="HS256")
+    assert authenticator.authenticate(token).sub == "u-1"
+    while time.time() <= expiry + 0.01:  # PyJWT reads the real clock: let the token lapse
+        time.sleep(0.05)
+    with pytest.raises(AuthError, match="expired"):
+        authenticator.authenticate(token)

@@ -19,8 +19,8 @@ from .store import FlowStore, StoreUnavailable, utcnow
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "flow-repository"
-FLOW_PAYLOAD = "flow"
-CLAIM_BATCH = 100  # the payload is the flow itself, rendered when the event is published
+FLOW_PAYLOAD = "flow"  # the payload is the flow itself, rendered when the event is published
+CLAIM_BATCH = 100  # candidate flows the relay looks up per query
 
 
 def pending_event(

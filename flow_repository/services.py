@@ -387,7 +387,7 @@ class FlowService:
         if flow["status"] != domain.INACTIVE:
             raise domain.Conflict(
                 f"flow {flow['_id']} cannot be {action} while its status is {flow['status']}; "
-                "stop it first"
+                f"only an inactive flow can be {action}"
             )
 
     @staticmethod

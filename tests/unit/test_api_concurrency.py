@@ -178,10 +178,10 @@ def test_patch_and_delete_are_409_unless_inactive(
     before = store.raw(ObjectId(flow["id"]))
     path = f"/flows/{flow['id']}"
     assert error_messages(client.patch(path, json={"name": "x"}, headers=auth()), 409) == [
-        f"flow {flow['id']} cannot be updated while its status is {status}; stop it first"
+        f"flow {flow['id']} cannot be updated while its status is {status}; only an inactive flow can be updated"
     ]
     assert error_messages(client.delete(path, headers=auth()), 409) == [
-        f"flow {flow['id']} cannot be deleted while its status is {status}; stop it first"
+        f"flow {flow['id']} cannot be deleted while its status is {status}; only an inactive flow can be deleted"
     ]
     assert store.raw(ObjectId(flow["id"])) == before
 
@@ -251,7 +251,7 @@ def test_delete_racing_a_start_is_409_and_the_flow_survives(
     race(lambda update: update(oid, statuses=("inactive",), changes={"status": "starting"}))
     response = client.delete(f"/flows/{flow['id']}", headers=auth())
     assert error_messages(response, 409) == [
-        f"flow {flow['id']} cannot be deleted while its status is starting; stop it first"
+        f"flow {flow['id']} cannot be deleted while its status is starting; only an inactive flow can be deleted"
     ]
     assert fetch(client, auth, flow["id"])["status"] == "starting"
     assert store.raw(ObjectId(flow["id"])).get("deletedAt") is None

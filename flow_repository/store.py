@@ -148,8 +148,6 @@ class FlowStore:
         with self._call():
             try:
                 self._flows.database.command("ping")
-            except NotImplementedError:  # mongomock has no ping; it is always there
-                pass
             except PyMongoError as error:
                 raise StoreUnavailable(f"MongoDB is unavailable: {type(error).__name__}") from error
 

@@ -31,7 +31,8 @@ KUSTOMIZATIONS = (BASE, OVERLAY)
 # every field the schema does not know.
 K8S_VERSION = "1.32.0"
 
-SECRET_KEYS = frozenset({"MONGODB_URL", "IAM_TOKEN", "QUEUE_URL"})
+REQUIRED_SECRETS = frozenset({"MONGODB_URL", "IAM_TOKEN", "QUEUE_URL"})
+SECRET_KEYS = REQUIRED_SECRETS | {"OIDC_CLIENT_SECRET", "JWT_SECRET"}
 API_PORT = 3001
 WORKER_PORT = 9102
 
@@ -226,9 +227,9 @@ def test_kustomization_references_exist(directory: Path) -> None:
 def test_base_does_not_apply_the_secret_template() -> None:
     # `kubectl apply -k` must never overwrite real credentials with placeholders.
     assert "secret.yaml" not in load_kustomization(BASE)["resources"]
-    assert all(
-        value == "REPLACE_ME" for value in secret_template()["stringData"].values()
-    )
+    values = secret_template()["stringData"]
+    assert all(values[key] == "REPLACE_ME" for key in REQUIRED_SECRETS)
+    assert all(values[key] == "" for key in SECRET_KEYS - REQUIRED_SECRETS)
 
 
 def test_overlay_overrides_image_replicas_and_iam_url() -> None:
@@ -372,6 +373,14 @@ def test_secret_template_holds_exactly_the_credentials() -> None:
     assert set(secret["stringData"]) == SECRET_KEYS
     assert SECRET_KEYS <= Settings.env_names()
     assert all(isinstance(value, str) for value in secret["stringData"].values())
+
+
+def test_configmap_and_secret_name_exactly_the_settings_the_service_reads() -> None:
+    names = set(configmap()["data"]) | set(secret_template()["stringData"])
+    assert names == Settings.env_names(), {
+        "missing from the manifests": sorted(Settings.env_names() - names),
+        "unknown to Settings": sorted(names - Settings.env_names()),
+    }
 
 
 def test_configured_values_parse_as_settings() -> None:

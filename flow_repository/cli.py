@@ -5,16 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from .settings import Settings
 
-GUNICORN_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "gunicorn.conf.py"
+GUNICORN_CONFIG = "python:flow_repository.gunicorn_conf"
 
 
 def serve(settings: Settings) -> int:
-    """Run the API under gunicorn with deploy/gunicorn.conf.py (one worker when embedded)."""
+    """Run the API under gunicorn with flow_repository/gunicorn_conf.py (one worker embedded)."""
     from gunicorn.app.base import Application as GunicornApplication
 
     class Application(GunicornApplication):
@@ -22,13 +21,7 @@ def serve(settings: Settings) -> int:
             return None
 
         def load_config(self) -> None:
-            if GUNICORN_CONFIG.exists():
-                self.load_config_from_file(str(GUNICORN_CONFIG))
-            else:
-                self.cfg.set("bind", f"0.0.0.0:{settings.port}")
-                self.cfg.set("worker_class", "gthread")
-                self.cfg.set("threads", settings.gunicorn_threads)
-                self.cfg.set("workers", 1 if settings.embedded else settings.web_concurrency)
+            self.load_config_from_module_name_or_filename(GUNICORN_CONFIG)
 
         def load(self) -> Any:
             from .app import create_app

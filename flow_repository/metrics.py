@@ -19,7 +19,7 @@ from .domain import STATUSES
 from .store import utcnow
 
 PREFIX = "flow_repository"
-# Set by deploy/gunicorn.conf.py when it runs several worker processes, so that a scrape
+# Set by flow_repository/gunicorn_conf.py when it runs several worker processes, so that a scrape
 # answered by any one of them reports the sum over all of them.
 MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 

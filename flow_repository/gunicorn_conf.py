@@ -1,0 +1,71 @@
+"""Gunicorn settings for the API, read from the same Settings object as the service.
+
+Shipped inside the package so that an installed ``flow-repository serve`` (a container,
+a wheel) finds it; deploy/gunicorn.conf.py re-exports it for a plain ``gunicorn -c``.
+"""
+
+import os
+import tempfile
+
+from flow_repository.logs import JsonFormatter
+from flow_repository.settings import Settings
+
+_settings = Settings.from_env()
+
+bind = f"0.0.0.0:{_settings.port}"
+# pika connections are per process and used by one relay thread each; request threads never
+# publish, so gthread workers are safe. Embedded mode keeps its data in process memory,
+# so it must run exactly one worker process.
+worker_class = "gthread"
+workers = 1 if _settings.embedded else _settings.web_concurrency
+threads = _settings.gunicorn_threads
+timeout = _settings.gunicorn_timeout
+graceful_timeout = _settings.gunicorn_graceful_timeout
+keepalive = 5
+# Several servers may share a host (tests, benchmarks) and pods have a read-only home.
+control_socket_disable = True
+accesslog = "-"
+errorlog = "-"
+access_log_format = (
+    '{"remote": "%(h)s", "method": "%(m)s", "path": "%(U)s", "status": "%(s)s", '
+    '"bytes": "%(B)s", "durationMs": "%(M)s", "requestId": "%({x-request-id}o)s", '
+    '"userAgent": "%(a)s"}'
+)
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    # The access format above already is a JSON object, so its lines are written as they are.
+    "formatters": {"json": {"()": JsonFormatter}, "raw": {"format": "%(message)s"}},
+    "handlers": {
+        "stderr": {"class": "logging.StreamHandler", "formatter": "json",
+                   "stream": "ext://sys.stderr"},
+        "access": {"class": "logging.StreamHandler", "formatter": "raw",
+                   "stream": "ext://sys.stdout"},
+    },
+    "root": {"handlers": ["stderr"], "level": _settings.log_level},
+    "loggers": {
+        "gunicorn.error": {"handlers": ["stderr"], "level": _settings.log_level,
+                           "propagate": False},
+        "gunicorn.access": {"handlers": ["access"], "level": "INFO", "propagate": False},
+    },
+}
+
+
+def worker_exit(server, worker):
+    """Stop the relay (and embedded consumer) of the exiting worker cleanly."""
+    extensions = getattr(getattr(worker, "wsgi", None), "extensions", {})
+    if "flow_repository" in extensions:
+        extensions["flow_repository"].stop()
+
+
+def on_starting(server):
+    """With several workers, let /metrics add up every worker's counters (before any fork)."""
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="flow-repository-metrics-")
+
+
+def child_exit(server, worker):
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)

@@ -228,12 +228,13 @@ class FlowService:
     # ------------------------------------------------------------------------- lifecycle
 
     def start(self, principal: Principal, raw_id: Any) -> dict[str, str]:
-        event = pending_event("flow.starting", status=domain.STARTING, startedBy=principal.sub)
-        return self._command(principal, raw_id, domain.START, event, {"startedBy": principal.sub})
+        changes, events = self._status_change(domain.START, startedBy=principal.sub)
+        changes["startedBy"] = principal.sub
+        return self._command(principal, raw_id, domain.START, changes, events)
 
     def stop(self, principal: Principal, raw_id: Any) -> dict[str, str]:
-        event = pending_event("flow.stopping", status=domain.STOPPING)
-        return self._command(principal, raw_id, domain.STOP, event, {})
+        changes, events = self._status_change(domain.STOP)
+        return self._command(principal, raw_id, domain.STOP, changes, events)
 
     def start_many(self, principal: Principal, raw_ids: Sequence[Any]) -> list[ItemResult]:
         return self._command_many(principal, raw_ids, self.start)
@@ -251,13 +252,9 @@ class FlowService:
         if transition is None:
             raise InvalidEvent(f"no handler for event {describe(name)}")
         flow_id = _event_flow_id(payload)
-        events = [pending_event(transition.event, status=transition.target)] \
-            if transition.event else []
+        changes, events = self._status_change(transition)
         updated = self._store.update(
-            flow_id,
-            statuses=transition.sources,
-            changes=self._status_changes(transition),
-            events=events,
+            flow_id, statuses=transition.sources, changes=changes, events=events
         )
         if updated is not None:
             self._notify_if(events)
@@ -274,14 +271,15 @@ class FlowService:
         orphaned = domain.ORPHANED
         changed = 0
         for flow_id in self._store.owned_by(owner_id):
+            changes, events = self._status_change(orphaned)
             stopped = self._store.update(
                 flow_id,
                 owner_ids=(owner_id,),
                 owner_count=1,
                 statuses=orphaned.sources,
                 remove_owner=owner_id,
-                changes=self._status_changes(orphaned),
-                events=[pending_event(orphaned.event, status=orphaned.target)],
+                changes=changes,
+                events=events,
             )
             if stopped is not None:
                 self._notify()
@@ -304,11 +302,8 @@ class FlowService:
     # ------------------------------------------------------------------------- helpers
 
     def _reconcile_one(self, flow: Mapping[str, Any], transition: Transition, retries: int) -> int:
-        overrides: dict[str, Any] = {"status": transition.target}
-        if transition.event == "flow.starting":
-            overrides["startedBy"] = flow.get("startedBy")
-        events = [pending_event(transition.event, **overrides)] if transition.event else []
-        changes = self._status_changes(transition)
+        extra = {"startedBy": flow.get("startedBy")} if transition.event == "flow.starting" else {}
+        changes, events = self._status_change(transition, **extra)
         if transition.target == flow["status"]:
             changes["statusRetries"] = retries + 1
         updated = self._store.update(
@@ -327,16 +322,16 @@ class FlowService:
         principal: Principal,
         raw_id: Any,
         transition: Transition,
-        event: dict[str, Any],
-        extra: Mapping[str, Any],
+        changes: Mapping[str, Any],
+        events: Sequence[Mapping[str, Any]],
     ) -> dict[str, str]:
         flow_id = parse_flow_id(raw_id)
         updated = self._store.update(
             flow_id,
             owner_ids=self._scope(principal),
             statuses=transition.sources,
-            changes={**self._status_changes(transition), **extra},
-            events=[event],
+            changes=changes,
+            events=events,
         )
         if updated is None:
             current = self._visible(principal, flow_id, raw_id)
@@ -364,13 +359,30 @@ class FlowService:
         return results
 
     @staticmethod
-    def _status_changes(transition: Transition) -> dict[str, Any]:
-        return {
+    def _status_change(
+        transition: Transition, **event_fields: Any
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """What a transition writes, and the event it queues with the same status fields.
+
+        The event carries the status, reason and time of this change, so a publish delayed
+        by an outage still reports this change even if the flow has moved on since.
+        """
+        changes = {
             "status": transition.target,
             "statusChangedAt": utcnow(),
             "statusReason": transition.reason,
             "statusRetries": 0,
         }
+        if transition.event is None:
+            return changes, []
+        event = pending_event(
+            transition.event,
+            status=transition.target,
+            statusReason=transition.reason,
+            statusChangedAt=domain.iso(changes["statusChangedAt"]),
+            **event_fields,
+        )
+        return changes, [event]
 
     @staticmethod
     def _scope(principal: Principal) -> tuple[str, ...] | None:

@@ -1,0 +1,54 @@
+"""The OIH envelope the relay publishes, rendered from a stored outbox entry and its flow."""
+
+from __future__ import annotations
+
+from bson import ObjectId
+
+from flow_repository.events import envelope, pending_event
+from flow_repository.store import FlowStore
+
+
+def test_a_change_event_carries_its_literal_payload_and_the_oih_headers() -> None:
+    event = pending_event("flowrepo.flow.created", {"tenant": "t", "user": "u", "flowId": "f"})
+    message = envelope(event, {"_id": ObjectId()})
+    assert message["payload"] == {"tenant": "t", "user": "u", "flowId": "f"}
+    headers = message["headers"]
+    assert headers["name"] == "flowrepo.flow.created"
+    assert headers["serviceName"] == "flow-repository"
+    assert headers["eventId"] == event["eventId"] and len(event["eventId"]) == 32
+    assert isinstance(headers["createdAt"], int) and headers["createdAt"] > 1_700_000_000_000
+
+
+def test_events_get_distinct_ids() -> None:
+    assert pending_event("a", {})["eventId"] != pending_event("a", {})["eventId"]
+
+
+def test_a_flow_event_renders_the_public_flow_with_its_overrides() -> None:
+    flow_id = ObjectId()
+    stored = {"_id": flow_id, "name": "n", "status": "active", "outbox": [], "startedBy": "x",
+              "graph": {"nodes": [], "edges": []}}
+    message = envelope(pending_event("flow.starting", status="starting", startedBy="u-1"), stored)
+    payload = message["payload"]
+    assert payload["id"] == str(flow_id)
+    assert payload["status"] == "starting" and payload["startedBy"] == "u-1"
+    assert payload["graph"] == {"nodes": [], "edges": []}
+    assert not {"_id", "outbox"} & set(payload)
+
+
+def test_a_delayed_start_event_still_reports_the_start_not_the_later_status(
+    client, auth, create, start_flow, store: FlowStore, app
+) -> None:
+    flow = create()
+    start_flow(flow["id"])
+    started_at = client.get(f"/flows/{flow['id']}", headers=auth()).get_json()["data"][
+        "statusChangedAt"]
+    service = app.extensions["flow_repository"].service
+    service.apply_status_event("flow.started", {"id": flow["id"]})  # the flow moves on
+    stored = store.get(ObjectId(flow["id"]))
+    assert stored["status"] == "active"
+    starting = next(e for e in stored["outbox"] if e["name"] == "flow.starting")
+    payload = envelope(starting, stored)["payload"]
+    assert payload["status"] == "starting"
+    assert payload["statusReason"] == "start requested"
+    assert payload["startedBy"] == "user-1"
+    assert payload["statusChangedAt"] == started_at

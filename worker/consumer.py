@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
+from collections import OrderedDict
 from typing import Any
 
 import pika
@@ -20,8 +22,8 @@ log = logging.getLogger(__name__)
 STATUS_EVENTS = ("flow.started", "flow.stopped", "flow.failed")
 OWNER_EVENTS = ("iam.user.deleted", "iam.tenant.deleted")
 BINDINGS = STATUS_EVENTS + OWNER_EVENTS
-ATTEMPTS_HEADER = "x-flow-repository-attempts"
 ORIGINAL_KEY_HEADER = "x-original-routing-key"
+FAILURES_REMEMBERED = 10_000
 
 
 def dead_letter_queue(queue: str) -> str:
@@ -29,10 +31,9 @@ def dead_letter_queue(queue: str) -> str:
 
 
 def event_name(method: Any, properties: Any) -> str:
-    """The event a delivery carries: its routing key, or the original one on a retry copy.
-
-    Retry copies go straight to this service's queue through the default exchange, not back
-    onto the shared event bus, where every other subscriber would get the event again.
+    """The event a delivery carries: its routing key, or the original one of a message
+    replayed from the dead-letter queue straight into this queue (default exchange), which
+    keeps other subscribers of the event bus from seeing it again.
     """
     original = (properties.headers or {}).get(ORIGINAL_KEY_HEADER)
     if method.exchange == "" and isinstance(original, str):
@@ -45,8 +46,9 @@ class StatusConsumer:
 
     Handlers are idempotent, so a redelivery (after a crash, a lost ack, a duplicate) is
     harmless. A message that can never apply goes to the dead-letter queue with its reason;
-    one that fails unexpectedly is retried a few times, then dead-lettered too. A MongoDB
-    outage is not the message's fault: it is requeued after a pause, never dead-lettered.
+    one that fails unexpectedly is requeued in place (so later events of the same flow stay
+    behind it) a few times, then dead-lettered too. A MongoDB outage is not the message's
+    fault: it is requeued after a pause, never counted, never dead-lettered.
     """
 
     def __init__(self, settings: Settings, service: FlowService, metrics: Metrics,
@@ -62,6 +64,10 @@ class StatusConsumer:
         self._stop = threading.Event()
         self._connection: pika.BlockingConnection | None = None
         self._thread: threading.Thread | None = None
+        # Failures per message (its id, or its body's hash): counted here because a
+        # requeued message comes back unchanged. A restart forgets them, which only grants
+        # a message a few more attempts.
+        self._failures: OrderedDict[str, int] = OrderedDict()
 
     @property
     def connected(self) -> bool:
@@ -139,6 +145,7 @@ class StatusConsumer:
             self._retry_or_dead_letter(channel, method, properties, body, error)
             return
         channel.basic_ack(method.delivery_tag)
+        self._failures.pop(properties.message_id or hashlib.sha256(body).hexdigest(), None)
         self._metrics.event_consumed(name, "applied")
         log.info("event handled", extra={"event": name, "outcome": outcome})
 
@@ -160,29 +167,21 @@ class StatusConsumer:
 
     def _retry_or_dead_letter(self, channel: Any, method: Any, properties: Any,
                               body: bytes, error: Exception) -> None:
+        """Requeue a failed message in place (order kept), or dead-letter it at the limit."""
         name = event_name(method, properties)
-        headers = dict(properties.headers or {})
-        attempts = int(headers.get(ATTEMPTS_HEADER, 0)) + 1
-        reason = f"failed {attempts} times: {type(error).__name__}: {error}"
+        key = properties.message_id or hashlib.sha256(body).hexdigest()
+        attempts = self._failures.pop(key, 0) + 1
         log.exception("event handler failed", extra={"event": name, "attempts": attempts})
         if attempts >= self._settings.consumer_max_attempts:
+            reason = f"failed {attempts} times: {type(error).__name__}: {error}"
             self._dead_letter(channel, method, properties, body, reason)
             return
+        self._failures[key] = attempts
+        while len(self._failures) > FAILURES_REMEMBERED:
+            self._failures.popitem(last=False)
         self._stop.wait(min(0.2 * 2**attempts, 5.0))
-        channel.basic_publish(
-            exchange="",  # to this queue only: other subscribers must not see the retry
-            routing_key=self._queue,
-            body=body,
-            properties=pika.BasicProperties(
-                content_type=properties.content_type,
-                delivery_mode=pika.DeliveryMode.Persistent,
-                message_id=properties.message_id,
-                headers={**headers, ATTEMPTS_HEADER: attempts, ORIGINAL_KEY_HEADER: name,
-                         "x-original-exchange": method.exchange or headers.get(
-                             "x-original-exchange", "")},
-            ),
-        )
-        channel.basic_ack(method.delivery_tag)
+        # Back to the head of the queue: later events of the same flow wait behind it.
+        channel.basic_nack(method.delivery_tag, requeue=True)
         self._metrics.event_consumed(name, "retried")
 
     def _dead_letter(self, channel: Any, method: Any, properties: Any, body: bytes,

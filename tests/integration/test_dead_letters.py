@@ -9,7 +9,6 @@ import pytest
 from bson import ObjectId
 
 from flow_repository.store import StoreUnavailable
-from worker.consumer import ATTEMPTS_HEADER
 
 from .conftest import eventually
 
@@ -91,13 +90,37 @@ def test_a_handler_failing_every_time_is_retried_then_dead_lettered(make_app, se
     assert headers["x-death-reason"] == "failed 3 times: RuntimeError: a bug in the handler"
     assert headers["x-original-routing-key"] == "flow.started"
     assert headers["x-original-exchange"] == settings.event_exchange
-    assert headers[ATTEMPTS_HEADER] == 2
     driver.barrier()  # not an endless loop: the consumer moved on
     assert len(calls) == 3
     assert driver.store.raw(ObjectId(doomed))["status"] == "starting"
     assert bus.queue_state() == (0, 1)
     # the retries stayed inside the service: other subscribers saw the event once
     assert len(other_subscriber.events("flow.started", doomed)) == 1
+
+
+def test_a_retried_message_keeps_its_place_before_later_events_of_the_flow(
+        make_app, settings, drive, bus, monkeypatch):
+    driver = drive(make_app(settings.replace(consumer_max_attempts=3)))
+    service = driver.runtime.service
+    flow_id = driver.bring_to("starting")
+    original = service.apply_status_event
+    seen = []
+
+    def fails_once(name, payload):
+        if payload.get("id") == flow_id:
+            seen.append(name)
+            if seen == ["flow.started"]:
+                raise RuntimeError("a passing glitch")
+        return original(name, payload)
+
+    monkeypatch.setattr(service, "apply_status_event", fails_once)
+    bus.publish("flow.started", flow_id)
+    bus.publish("flow.stopped", flow_id)
+    eventually(lambda: len(seen) == 3, timeout=20, message="both events handled")
+    assert seen == ["flow.started", "flow.started", "flow.stopped"]
+    # started (on its retry) then stopped: the flow ends inactive, not stuck in starting
+    assert driver.store.raw(ObjectId(flow_id))["status"] == "inactive"
+    assert bus.dead_letters() == []
 
 
 def test_mongodb_unavailable_requeues_instead_of_dead_lettering(make_app, settings, drive, bus,

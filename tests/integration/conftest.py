@@ -333,6 +333,13 @@ class BrokerTools:
         )
         return raw
 
+    def replay(self, raw: bytes, headers: Mapping[str, Any]) -> None:
+        """Publish straight into the service's queue, as an operator replays a dead letter."""
+        self._channel.basic_publish(
+            "", self.settings.event_queue, raw,
+            pika.BasicProperties(delivery_mode=2, headers=dict(headers)),
+        )
+
     def bind(self, routing_key: str) -> None:
         self._channel.queue_bind(self.settings.event_queue, self.settings.event_exchange,
                                  routing_key=routing_key)

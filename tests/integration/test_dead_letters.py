@@ -149,3 +149,16 @@ def test_mongodb_unavailable_requeues_instead_of_dead_lettering(make_app, settin
     assert flow["revision"] == revision + 1
     eventually(lambda: bus.queue_state() == (0, 1))
     assert bus.queue_state(bus.dead_letter_queue) == (0, 0)
+
+
+def test_a_dead_lettered_message_replayed_into_the_queue_is_applied(driver, bus, settings):
+    flow_id = driver.bring_to("starting")
+    bus.publish("flow.started", "not-an-object-id")  # poison: dead-lettered
+    [dead] = eventually(bus.dead_letters, timeout=10, message="poison dead-lettered")
+    assert dead.properties.headers["x-original-routing-key"] == "flow.started"
+    # an operator fixes the payload and replays it straight into the service's queue
+    fixed = json.dumps(bus.envelope("flow.started", flow_id)).encode()
+    bus.replay(fixed, dead.properties.headers)
+    eventually(lambda: driver.store.raw(ObjectId(flow_id))["status"] == "active", timeout=10,
+               message="replayed flow.started applied")
+    assert bus.dead_letters() == []

@@ -83,19 +83,6 @@ class FlowApi(Api):
     ERROR_SCHEMA = ErrorResponseSchema
 
 
-class StripTrailingSlash:
-    """Treat ``/flows/`` as ``/flows`` on every route, as Express does."""
-
-    def __init__(self, wsgi_app: Any) -> None:
-        self.wsgi_app = wsgi_app
-
-    def __call__(self, environ: dict, start_response: Any) -> Any:
-        path = environ.get("PATH_INFO", "")
-        if len(path) > 1 and path.endswith("/"):
-            environ["PATH_INFO"] = path.rstrip("/") or "/"
-        return self.wsgi_app(environ, start_response)
-
-
 def error_response(status: int, messages: list[str], headers: dict | None = None) -> Response:
     """The one error shape of the service: ``{"errors": [{"message", "code"}]}``."""
     body = {"errors": [{"message": message, "code": status} for message in messages]}
@@ -132,8 +119,7 @@ def create_app(
         OPENAPI_SWAGGER_UI_PATH="/api-docs",
         OPENAPI_SWAGGER_UI_URL=f"{SWAGGER_ASSETS}/",
     )
-    app.url_map.strict_slashes = False
-    app.wsgi_app = StripTrailingSlash(app.wsgi_app)
+    app.url_map.strict_slashes = False  # /flows/ is /flows, as Express treats it
 
     embedded = settings.embedded
     state = Runtime.build(

@@ -103,3 +103,32 @@ def test_readme_run_command_with_no_configuration(spawn, tmp_path: Path,
     assert health.status_code == 200
     assert health.json()["details"]["mongoDB"]["status"] == "pass"
     assert api.terminate(30) == 0
+
+
+def test_production_mode_runs_several_workers_and_reports_truthfully_without_mongodb(
+    serve, iam: FakeIam
+) -> None:
+    """MONGODB_URL set (here to a port nothing listens on): the production path of serve."""
+    served = serve(MONGODB_URL="mongodb://127.0.0.1:9/flows", MONGODB_TIMEOUT_MS="200",
+                   WEB_CONCURRENCY="2")
+    total = "flow_repository_http_requests_total"
+    before = sample(served.get("/metrics").text, total, method="GET", route="/livez",
+                    status="200")
+    for _ in range(6):
+        assert served.get("/livez").status_code == 200
+    health = served.get("/healthcheck")
+    assert health.status_code == 503
+    body = health.json()
+    assert body["status"] == "fail"
+    assert body["details"]["mongoDB"]["status"] == "fail"
+    assert "127.0.0.1" not in body["details"]["mongoDB"]["error"]  # no topology leaked
+    listing = served.get("/flows", headers=bearer(iam.grant()))
+    assert listing.status_code == 503
+    assert listing.json() == {"errors": [
+        {"message": "Database is unavailable; retry later.", "code": 503}]}
+    # two gunicorn workers; a scrape answered by either one counts the requests of both
+    after = sample(served.get("/metrics").text, total, method="GET", route="/livez",
+                   status="200")
+    assert after - before == 6.0
+    workers = re.findall(r"Booting worker with pid: (\d+)", served.stderr())
+    assert len(set(workers)) == 2

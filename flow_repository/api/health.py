@@ -10,10 +10,19 @@ from . import runtime
 
 blp = Blueprint("health", __name__, description="Health and metrics")
 
+HEALTH_BODY = {"application/json": {"schema": {
+    "type": "object",
+    "properties": {
+        "status": {"type": "string", "enum": ["pass", "warn", "fail"]},
+        "details": {"type": "object", "additionalProperties": {"type": "object"}},
+    },
+}}}
+
 
 @blp.route("/healthcheck", methods=["GET"])
-@blp.doc(security=[], responses={200: {"description": "MongoDB reachable"},
-                                 503: {"description": "MongoDB unreachable"}})
+@blp.doc(security=[], responses={
+    200: {"description": "MongoDB reachable (warn: RabbitMQ is not)", "content": HEALTH_BODY},
+    503: {"description": "MongoDB unreachable", "content": HEALTH_BODY}})
 def healthcheck() -> Response:
     """MongoDB and queue status. A queue outage is a warning: events wait in the outbox."""
     details = runtime().health()
@@ -26,14 +35,16 @@ def healthcheck() -> Response:
 
 
 @blp.route("/livez", methods=["GET"])
-@blp.doc(security=[])
+@blp.doc(security=[], responses={200: {"description": "The process answers",
+                                       "content": HEALTH_BODY}})
 def livez() -> Response:
     """The process answers; touches neither MongoDB nor RabbitMQ (Kubernetes liveness)."""
     return jsonify({"status": "pass"})
 
 
 @blp.route("/metrics", methods=["GET"])
-@blp.doc(security=[])
+@blp.doc(security=[], responses={200: {"description": "Prometheus text exposition",
+                                       "content": {"text/plain": {"schema": {"type": "string"}}}}})
 def metrics() -> Response:
     """Prometheus metrics of this process."""
     state = runtime()
@@ -41,4 +52,4 @@ def metrics() -> Response:
         state.refresh_gauges()
     except StoreUnavailable:
         pass  # the counters are still worth scraping while MongoDB is away
-    return Response(state.metrics.render(), mimetype=state.metrics.content_type)
+    return Response(state.metrics.render(), content_type=state.metrics.content_type)

@@ -148,15 +148,8 @@ class FlowService:
         return public_flow(flow)
 
     def create_many(self, principal: Principal, bodies: Sequence[Any]) -> list[ItemResult]:
-        self._check_bulk_size(bodies)
-        results = []
-        for index, body in enumerate(bodies):
-            try:
-                flow = self.create(principal, body)
-                results.append(ItemResult(201, index, flow["id"], flow))
-            except FlowError as error:
-                results.append(ItemResult(error.status, index, errors=error.messages()))
-        return results
+        return self._each(bodies, 201, lambda body: self.create(principal, body),
+                          id_of=lambda body: None)
 
     def update(
         self, principal: Principal, raw_id: Any, body: Any,
@@ -190,20 +183,14 @@ class FlowService:
         raise domain.Conflict(f"flow {raw_id} keeps changing; retry the update")
 
     def update_many(self, principal: Principal, items: Sequence[Any]) -> list[ItemResult]:
-        self._check_bulk_size(items)
-        results = []
-        for index, item in enumerate(items):
-            raw_id = item.get("id") if isinstance(item, Mapping) else None
-            try:
-                if not isinstance(item, Mapping):
-                    raise InvalidFlow(f"each item must be a JSON object (got {describe(item)})")
-                body = {key: value for key, value in item.items() if key != "id"}
-                flow = self.update(principal, raw_id, body)
-                results.append(ItemResult(200, index, flow["id"], flow))
-            except FlowError as error:
-                results.append(ItemResult(error.status, index, _text_id(raw_id),
-                                          errors=error.messages()))
-        return results
+        def update_item(item: Any) -> dict[str, Any]:
+            if not isinstance(item, Mapping):
+                raise InvalidFlow(f"each item must be a JSON object (got {describe(item)})")
+            body = {key: value for key, value in item.items() if key != "id"}
+            return self.update(principal, item.get("id"), body)
+
+        return self._each(items, 200, update_item,
+                          id_of=lambda item: item.get("id") if isinstance(item, Mapping) else None)
 
     def delete(
         self, principal: Principal, raw_id: Any, if_match: tuple[int, ...] | None = None
@@ -237,10 +224,10 @@ class FlowService:
         return self._command(principal, raw_id, domain.STOP, changes, events)
 
     def start_many(self, principal: Principal, raw_ids: Sequence[Any]) -> list[ItemResult]:
-        return self._command_many(principal, raw_ids, self.start)
+        return self._each(raw_ids, 200, lambda raw_id: self.start(principal, raw_id))
 
     def stop_many(self, principal: Principal, raw_ids: Sequence[Any]) -> list[ItemResult]:
-        return self._command_many(principal, raw_ids, self.stop)
+        return self._each(raw_ids, 200, lambda raw_id: self.stop(principal, raw_id))
 
     def apply_status_event(self, name: str, payload: Any) -> str:
         """Apply an orchestrator report (flow.started/stopped/failed); idempotent.
@@ -341,20 +328,24 @@ class FlowService:
         self._notify()
         return {"id": str(flow_id), "status": updated["status"]}
 
-    def _command_many(
+    def _each(
         self,
-        principal: Principal,
-        raw_ids: Sequence[Any],
-        command: Callable[[Principal, Any], dict[str, str]],
+        items: Sequence[Any],
+        success: int,
+        apply: Callable[[Any], Mapping[str, Any]],
+        id_of: Callable[[Any], Any] = lambda item: item,
     ) -> list[ItemResult]:
-        self._check_bulk_size(raw_ids)
+        """Apply a use case to every item of a bulk request; one failure stops no other."""
+        self._check_bulk_size(items)
         results = []
-        for index, raw_id in enumerate(raw_ids):
+        for index, item in enumerate(items):
             try:
-                outcome = command(principal, raw_id)
-                results.append(ItemResult(200, index, outcome["id"], outcome))
+                outcome = apply(item)
+                results.append(ItemResult(success, index, outcome["id"], outcome))
             except FlowError as error:
-                results.append(ItemResult(error.status, index, _text_id(raw_id),
+                raw_id = id_of(item)
+                results.append(ItemResult(error.status, index,
+                                          raw_id if isinstance(raw_id, str) else None,
                                           errors=error.messages()))
         return results
 
@@ -426,10 +417,6 @@ class FlowService:
         return pending_event(
             name, {"tenant": principal.tenant, "user": principal.sub, "flowId": str(flow_id)}
         )
-
-
-def _text_id(raw_id: Any) -> str | None:
-    return raw_id if isinstance(raw_id, str) else None
 
 
 def _event_flow_id(payload: Any) -> ObjectId:

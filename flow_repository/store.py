@@ -34,6 +34,11 @@ _ESCAPED = re.compile(r"~(.)", re.DOTALL)
 class StoreUnavailable(Exception):
     """MongoDB could not be reached; the request may be retried later."""
 
+    def __init__(self, cause: Exception) -> None:
+        # The class name only: pymongo's text names hosts and topology, which /healthcheck
+        # would otherwise show to anyone.
+        super().__init__(f"MongoDB is unavailable: {type(cause).__name__}")
+
 
 def utcnow() -> datetime:
     """Now, at the millisecond precision MongoDB keeps."""
@@ -132,7 +137,7 @@ class FlowStore:
                 with self._lock:
                     yield
         except ConnectionFailure as error:
-            raise StoreUnavailable(f"MongoDB is unavailable: {type(error).__name__}") from error
+            raise StoreUnavailable(error) from error
 
     # ------------------------------------------------------------------------- housekeeping
 
@@ -140,7 +145,9 @@ class FlowStore:
         """Create the indexes the queries and the outbox relay need (idempotent)."""
         with self._call():
             for key in ("owners.id", "status", "type", "createdAt", "updatedAt", "name",
-                        "fromTemplate", "outbox.createdAt", "statusChangedAt"):
+                        "fromTemplate", "statusChangedAt",
+                        # the relay's sort key: the oldest pending event of each flow
+                        "outbox.0.storedAt"):
                 self._flows.create_index([(key, pymongo.ASCENDING)])
 
     def ping(self) -> None:
@@ -149,7 +156,7 @@ class FlowStore:
             try:
                 self._flows.database.command("ping")
             except PyMongoError as error:
-                raise StoreUnavailable(f"MongoDB is unavailable: {type(error).__name__}") from error
+                raise StoreUnavailable(error) from error
 
     # ------------------------------------------------------------------------- filters
 
@@ -257,7 +264,6 @@ class FlowStore:
         changes: Mapping[str, Any] | None = None,
         remove_owner: str | None = None,
         events: Sequence[Mapping[str, Any]] = (),
-        now: datetime | None = None,
     ) -> dict | None:
         """Apply one change atomically if every precondition holds; None when one does not.
 
@@ -276,7 +282,7 @@ class FlowStore:
         elif revision is not None:
             query["revision"] = {"$in": list(revision)}
         update: dict[str, Any] = {
-            "$set": {**encode_keys(dict(changes or {})), "updatedAt": now or utcnow()},
+            "$set": {**encode_keys(dict(changes or {})), "updatedAt": utcnow()},
             "$inc": {"revision": 1},
         }
         if events:

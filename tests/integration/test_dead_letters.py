@@ -7,6 +7,7 @@ import threading
 
 import pytest
 from bson import ObjectId
+from pymongo.errors import AutoReconnect
 
 from flow_repository.store import StoreUnavailable
 
@@ -136,7 +137,7 @@ def test_mongodb_unavailable_requeues_instead_of_dead_lettering(make_app, settin
     def flaky(name, payload):
         if payload.get("id") == flow_id and not outcomes:
             outcomes.append("unavailable")
-            raise StoreUnavailable("MongoDB is unavailable: AutoReconnect")
+            raise StoreUnavailable(AutoReconnect("connection refused"))
         if payload.get("id") == flow_id:
             outcomes.append("applied")
         return original(name, payload)

@@ -117,8 +117,13 @@ class Runtime:
         if self.relay:
             self.relay.stop()
 
-    def health(self) -> dict[str, dict[str, Any]]:
-        """The state of each dependency of this process: MongoDB and, if used, the queue."""
+    def health(self, *, queue_required: bool) -> tuple[int, dict[str, Any]]:
+        """The HTTP status and body of /healthcheck for this process.
+
+        MongoDB down is a failure (503). A queue outage fails only a process whose job is
+        the queue (the worker); the API keeps serving and its events wait in the outbox,
+        so it answers 200 with status ``warn``.
+        """
         details: dict[str, Any] = {}
         try:
             self.store.ping()
@@ -133,10 +138,20 @@ class Runtime:
         else:
             details["queue"] = {"status": "pass", "connected": None,
                                 "note": "this process does not use the queue"}
-        return details
+        mongo_ok = details["mongoDB"]["status"] == "pass"
+        queue_ok = details["queue"]["status"] == "pass"
+        if mongo_ok and queue_ok:
+            return 200, {"status": "pass", "details": details}
+        if mongo_ok and not queue_required:
+            return 200, {"status": "warn", "details": details}
+        return 503, {"status": "fail", "details": details}
 
-    def refresh_gauges(self) -> None:
-        """Read the flow and outbox figures that /metrics reports."""
-        pending, oldest = self.store.outbox_backlog()
-        self.metrics.set_flow_counts(self.store.count_by_status())
-        self.metrics.set_outbox(pending, oldest)
+    def metrics_text(self) -> bytes:
+        """Prometheus text, with the flow and outbox gauges read from the store just now."""
+        try:
+            pending, oldest = self.store.outbox_backlog()
+            self.metrics.set_flow_counts(self.store.count_by_status())
+            self.metrics.set_outbox(pending, oldest)
+        except StoreUnavailable:
+            pass  # the counters are still worth scraping while MongoDB is away
+        return self.metrics.render()

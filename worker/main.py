@@ -11,7 +11,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from flow_repository.logs import configure_logging
 from flow_repository.runtime import Runtime
 from flow_repository.settings import Settings
-from flow_repository.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -25,16 +24,9 @@ def health_server(runtime: Runtime, port: int) -> ThreadingHTTPServer:
                 alive = runtime.consumer.alive
                 self._send(200 if alive else 503, {"status": "pass" if alive else "fail"})
             elif self.path == "/healthcheck":
-                details = runtime.health()
-                ok = all(item["status"] == "pass" for item in details.values())
-                self._send(200 if ok else 503,
-                           {"status": "pass" if ok else "fail", "details": details})
+                self._send(*runtime.health(queue_required=True))
             elif self.path == "/metrics":
-                try:
-                    runtime.refresh_gauges()
-                except StoreUnavailable:
-                    pass
-                self._send(200, runtime.metrics.render(), runtime.metrics.content_type)
+                self._send(200, runtime.metrics_text(), runtime.metrics.content_type)
             else:
                 self._send(404, {"errors": [{"message": "Not Found", "code": 404}]})
 

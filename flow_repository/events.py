@@ -63,14 +63,34 @@ class BrokerUnavailable(Exception):
     """RabbitMQ refused, dropped the connection or did not confirm a message."""
 
 
+def broker_parameters(queue_url: str) -> pika.URLParameters:
+    """Connection settings that fail fast, so callers can back off and retry themselves."""
+    parameters = pika.URLParameters(queue_url)
+    parameters.connection_attempts = 1
+    parameters.socket_timeout = 5
+    parameters.blocked_connection_timeout = 10
+    return parameters
+
+
+def close_quietly(connection: pika.BlockingConnection | None) -> None:
+    """Close a connection that may already be broken."""
+    if connection is not None and connection.is_open:
+        try:
+            connection.close()
+        except (pika.exceptions.AMQPError, OSError):
+            pass
+
+
+def back_off(delay: float, first: float) -> float:
+    """The next pause after a failure: ``first``, then doubling, at most 10 seconds."""
+    return min(max(delay * 2, first), 10.0)
+
+
 class Publisher:
     """One pika connection with publisher confirms; use it from a single thread only."""
 
     def __init__(self, queue_url: str, exchange: str) -> None:
-        self._parameters = pika.URLParameters(queue_url)
-        self._parameters.connection_attempts = 1
-        self._parameters.socket_timeout = 5
-        self._parameters.blocked_connection_timeout = 10
+        self._parameters = broker_parameters(queue_url)
         self._exchange = exchange
         self._connection: pika.BlockingConnection | None = None
         self._channel: Any = None
@@ -124,11 +144,7 @@ class Publisher:
 
     def close(self) -> None:
         connection, self._connection, self._channel = self._connection, None, None
-        if connection is not None and connection.is_open:
-            try:
-                connection.close()
-            except (pika.exceptions.AMQPError, OSError):
-                pass
+        close_quietly(connection)
 
 
 class OutboxRelay:
@@ -217,10 +233,10 @@ class OutboxRelay:
                 self._publisher.keep_alive()
                 delay = 0.0
             except (BrokerUnavailable, StoreUnavailable) as error:
-                delay = min(max(delay * 2, 0.2), 10.0)
+                delay = back_off(delay, 0.2)
                 log.warning("outbox relay paused", extra={"error": str(error), "retryIn": delay})
             except Exception:
-                delay = min(max(delay * 2, 0.2), 10.0)
+                delay = back_off(delay, 0.2)
                 log.exception("outbox relay failed", extra={"retryIn": delay})
         self._publisher.close()
 

@@ -12,6 +12,7 @@ from typing import Any
 import pika
 import pika.exceptions
 
+from flow_repository.events import back_off, broker_parameters, close_quietly
 from flow_repository.metrics import Metrics
 from flow_repository.services import FlowService, InvalidEvent
 from flow_repository.settings import Settings
@@ -58,9 +59,7 @@ class StatusConsumer:
         self._metrics = metrics
         self._prefetch = prefetch
         self._queue = settings.event_queue
-        self._parameters = pika.URLParameters(settings.queue_url)
-        self._parameters.connection_attempts = 1
-        self._parameters.socket_timeout = 5
+        self._parameters = broker_parameters(settings.queue_url)
         self._stop = threading.Event()
         self._connection: pika.BlockingConnection | None = None
         self._thread: threading.Thread | None = None
@@ -98,12 +97,13 @@ class StatusConsumer:
                     self._connection.process_data_events(time_limit=0.2)
                 channel.close()  # unacked prefetched messages go back to the queue
             except (pika.exceptions.AMQPError, OSError) as error:
-                delay = min(max(delay * 2, 0.5), 10.0)
+                delay = back_off(delay, 0.5)
                 log.warning("consumer disconnected", extra={"error": repr(error),
                                                             "retryIn": delay})
                 self._stop.wait(delay)
             finally:
-                self._close()
+                connection, self._connection = self._connection, None
+                close_quietly(connection)
 
     def _open(self) -> Any:
         self._connection = pika.BlockingConnection(self._parameters)
@@ -117,14 +117,6 @@ class StatusConsumer:
         channel.basic_qos(prefetch_count=self._prefetch)
         channel.basic_consume(self._queue, on_message_callback=self._on_message)
         return channel
-
-    def _close(self) -> None:
-        connection, self._connection = self._connection, None
-        if connection is not None and connection.is_open:
-            try:
-                connection.close()
-            except (pika.exceptions.AMQPError, OSError):
-                pass
 
     # ------------------------------------------------------------------------- messages
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .conftest import START_DEADLINE, Bus, FakeIam, Served, TcpProxy, bearer, wait_for
+from .conftest import START_DEADLINE, Bus, FakeIam, Served, bearer, wait_for
 
 
 def health(api: Served) -> tuple[int, dict[str, Any]]:
@@ -27,9 +27,9 @@ def unique_names(bus: Bus, flow_id: str) -> list[str]:
     return names
 
 
-def test_broker_cut_and_restored(serve, iam: FakeIam, bus: Bus, rabbit_proxy: TcpProxy,
+def test_broker_cut_and_restored(serve, iam: FakeIam, bus: Bus, broker_proxy,
                                  settings, flow_body) -> None:
-    api = serve(QUEUE_URL=f"amqp://guest:guest@127.0.0.1:{rabbit_proxy.port}/%2F")
+    api = serve(QUEUE_URL=f"amqp://guest:guest@127.0.0.1:{broker_proxy.port}/%2F")
     wait_for(lambda: health(api) == (200, {"status": "pass", "details": {
         "mongoDB": {"status": "pass"}, "queue": {"status": "pass", "connected": True}}}),
         START_DEADLINE, "the API to connect to RabbitMQ through the proxy")
@@ -43,9 +43,9 @@ def test_broker_cut_and_restored(serve, iam: FakeIam, bus: Bus, rabbit_proxy: Tc
         flows.append(response.json()["data"]["id"])
     for flow_id in flows:
         bus.event("flowrepo.flow.created", flow_id)
-    assert rabbit_proxy.live > 0, "the service must talk to RabbitMQ through the proxy"
+    assert broker_proxy.live_connections > 0, "the service must talk to RabbitMQ through the proxy"
 
-    rabbit_proxy.cut()
+    broker_proxy.cut()
 
     def degraded() -> bool:
         status, body = health(api)
@@ -74,7 +74,7 @@ def test_broker_cut_and_restored(serve, iam: FakeIam, bus: Bus, rabbit_proxy: Tc
     assert not [m for m in bus.received if m["headers"]["name"] in ("flow.starting",
                                                                      "flow.stopping")]
 
-    rabbit_proxy.restore()
+    broker_proxy.restore()
 
     def all_delivered(received: list[dict]) -> bool:
         return (all("flow.starting" in unique_names(bus, flow_id) for flow_id in flows)

@@ -59,11 +59,11 @@ def test_idle_api_exits_promptly_on_sigterm(serve) -> None:
     assert time.monotonic() - signalled < MARGIN, "an idle API must not sit out the grace time"
 
 
-def test_api_exits_promptly_on_sigterm_while_rabbitmq_is_away(serve, rabbit_proxy) -> None:
-    api = serve(QUEUE_URL=f"amqp://guest:guest@127.0.0.1:{rabbit_proxy.port}/%2F")
+def test_api_exits_promptly_on_sigterm_while_rabbitmq_is_away(serve, broker_proxy) -> None:
+    api = serve(QUEUE_URL=f"amqp://guest:guest@127.0.0.1:{broker_proxy.port}/%2F")
     wait_for(lambda: api.get("/healthcheck").json()["status"] == "pass", START_DEADLINE,
              "the API to connect through the proxy")
-    rabbit_proxy.cut()
+    broker_proxy.cut()
     wait_for(lambda: api.get("/healthcheck").json()["status"] == "warn", 20,
              "the API to notice the outage")
     signalled = time.monotonic()

@@ -1,17 +1,14 @@
-"""Integration helpers: TCP proxy, bus listener, orchestrator publisher, background apps, polling."""
+"""Integration helpers: bus listener, orchestrator publisher, background apps, polling."""
 
 from __future__ import annotations
 
 import json
 import re
-import socket
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import pika
 import pika.exceptions
@@ -60,125 +57,6 @@ def eventually(
             what = message or getattr(condition, "__name__", repr(condition))
             raise AssertionError(f"not true within {timeout}s: {what}") from last_error
         time.sleep(interval)
-
-
-# ----------------------------------------------------------------------------- TCP proxy
-
-
-class TcpProxy:
-    """A threaded TCP forwarder; ``cut()`` drops every live connection and refuses new ones."""
-
-    def __init__(self, target_host: str, target_port: int) -> None:
-        self._target = (target_host, target_port)
-        self._server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._server.bind(("127.0.0.1", 0))
-        self._server.listen(64)
-        self._server.settimeout(0.1)
-        self.port = self._server.getsockname()[1]
-        self._open = threading.Event()
-        self._open.set()
-        self._closed = threading.Event()
-        self._lock = threading.Lock()
-        self._sockets: set[socket.socket] = set()
-        self.accepted = 0
-        self.refused = 0
-        self._thread = threading.Thread(target=self._accept_loop, name="tcp-proxy", daemon=True)
-        self._thread.start()
-
-    @property
-    def live_connections(self) -> int:
-        with self._lock:
-            return len(self._sockets) // 2
-
-    def _accept_loop(self) -> None:
-        while not self._closed.is_set():
-            try:
-                client, _ = self._server.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            if not self._open.is_set():
-                self.refused += 1
-                _hard_close(client)
-                continue
-            try:
-                upstream = socket.create_connection(self._target, timeout=5)
-            except OSError:
-                _hard_close(client)
-                continue
-            upstream.settimeout(None)
-            client.settimeout(None)
-            with self._lock:
-                if not self._open.is_set():  # cut() ran while we were connecting
-                    _hard_close(client)
-                    _hard_close(upstream)
-                    continue
-                self._sockets.update((client, upstream))
-                self.accepted += 1
-            for source, target in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(source, target), daemon=True).start()
-
-    def _pump(self, source: socket.socket, target: socket.socket) -> None:
-        try:
-            while True:
-                data = source.recv(65536)
-                if not data:
-                    break
-                target.sendall(data)
-        except OSError:
-            pass
-        finally:
-            with self._lock:
-                self._sockets.discard(source)
-                self._sockets.discard(target)
-            _hard_close(source)
-            _hard_close(target)
-
-    def cut(self) -> None:
-        """Close every live connection (both sides) and refuse new ones until restore()."""
-        with self._lock:
-            self._open.clear()
-            doomed, self._sockets = self._sockets, set()
-        for sock in doomed:
-            _hard_close(sock)
-
-    def restore(self) -> None:
-        self._open.set()
-
-    def close(self) -> None:
-        self._closed.set()
-        self.cut()
-        self._server.close()
-        self._thread.join(2)
-
-    def url(self, queue_url: str) -> str:
-        """``queue_url`` with its host and port replaced by this proxy's."""
-        parts = urlsplit(queue_url)
-        credentials = parts.netloc.rpartition("@")[0]
-        netloc = f"{credentials}@127.0.0.1:{self.port}" if credentials else f"127.0.0.1:{self.port}"
-        return urlunsplit(parts._replace(netloc=netloc))
-
-
-def _hard_close(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    try:
-        sock.close()
-    except OSError:
-        pass
-
-
-@pytest.fixture
-def proxy(settings: Settings) -> Iterator[TcpProxy]:
-    """A TCP proxy in front of the test's RabbitMQ (QUEUE_URL's host and port)."""
-    parts = urlsplit(settings.queue_url)
-    forwarder = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672)
-    yield forwarder
-    forwarder.close()
 
 
 # ----------------------------------------------------------------------------- broker access

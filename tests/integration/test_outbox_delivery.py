@@ -39,10 +39,10 @@ def relay_for(store, settings, **options) -> OutboxRelay:
                        poll_seconds=options.pop("poll_seconds", 0.05), **options)
 
 
-def test_events_wait_out_a_broker_outage_and_arrive_in_order(make_app, settings, proxy, drive,
+def test_events_wait_out_a_broker_outage_and_arrive_in_order(make_app, settings, broker_proxy, drive,
                                                             listener, store):
     events = listener()
-    application = make_app(settings.replace(queue_url=proxy.url(settings.queue_url)))
+    application = make_app(settings.replace(queue_url=broker_proxy.url(settings.queue_url)))
     driver = drive(application)
     client = driver.client
     plain = [driver.create() for _ in range(3)]
@@ -50,9 +50,9 @@ def test_events_wait_out_a_broker_outage_and_arrive_in_order(make_app, settings,
     cycled = driver.create()
     events.wait("flowrepo.flow.created", count=5)
     events.wait("flow.starting", running)
-    assert proxy.live_connections >= 2  # the relay and the consumer go through the proxy
+    assert broker_proxy.live_connections >= 2  # the relay and the consumer go through the broker_proxy
 
-    proxy.cut()
+    broker_proxy.cut()
 
     def degraded():
         response = client.get("/healthcheck")
@@ -78,11 +78,11 @@ def test_events_wait_out_a_broker_outage_and_arrive_in_order(make_app, settings,
     assert outbox_names(store, running) == ["flow.stopping"]
     assert all(outbox_names(store, flow_id) == ["flow.starting"] for flow_id in plain)
     degraded()
-    eventually(lambda: proxy.refused >= 1, message="the service tries to reconnect while cut")
+    eventually(lambda: broker_proxy.refused >= 1, message="the service tries to reconnect while cut")
     assert events.events("flow.stopping") == []
     assert all(events.events("flow.starting", flow_id) == [] for flow_id in plain)
 
-    proxy.restore()
+    broker_proxy.restore()
 
     for flow_id in plain:
         events.wait("flow.starting", flow_id, timeout=30)

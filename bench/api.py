@@ -340,21 +340,11 @@ def main() -> int:
         "runs": runs,
     }
     report["targets"] = targets(runs)
-    output = Path(arguments.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nstore: {report['store']}")
+    summary = table(report)
     if arguments.broker_unreachable:
-        print("broker: UNREACHABLE on purpose (--broker-unreachable): relay idle, events held")
-    print()
-    print(table(report))
-    print(f"\nresults written to {output}")
-    if arguments.keep_logs:
-        print(f"server logs and wrk scripts kept in {workdir}")
-    else:
-        shutil.rmtree(workdir, ignore_errors=True)
-    return 0
-
+        summary = ("broker: UNREACHABLE on purpose (--broker-unreachable): relay idle, "
+                   f"events held\n\n{summary}")
+    return harness.finish(report, arguments.output, summary, workdir, arguments.keep_logs)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -289,3 +291,19 @@ def describe_store(mongodb_url: str | None, workers: Mapping[str, Any]) -> str:
                 "WEB_CONCURRENCY)")
     return ("MONGODB_URL unset: embedded mode, in-process mongomock store, ONE gunicorn worker "
             "(relay, consumer and reconciler run inside it)")
+
+
+def finish(report: Mapping[str, Any], output: str, summary: str, workdir: Path,
+           keep_logs: bool) -> int:
+    """Write the JSON report, print the summary, remove (or keep) the scratch directory."""
+    path = Path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nstore: {report['store']}\n")
+    print(summary)
+    print(f"\nresults written to {path}")
+    if keep_logs:
+        print(f"server logs kept in {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import tempfile
 import threading
@@ -246,20 +245,10 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="flow-repository-lifecycle-"))
     print(f"store: {harness.describe_store(None, {})}\nlogs in {workdir}", flush=True)
     report = run(arguments, workdir)
-    output = Path(arguments.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nstore: {report['store']}\n")
-    print(table(report))
     early = report["startToStarting"]["arrivedBeforeThe200"]
-    print(f"\n(flow.starting arrived before the 200 was read {early} times; counted as 0 ms)")
-    print(f"results written to {output}")
-    if arguments.keep_logs:
-        print(f"server logs kept in {workdir}")
-    else:
-        shutil.rmtree(workdir, ignore_errors=True)
-    return 0
-
+    summary = (f"{table(report)}\n\n(flow.starting arrived before the 200 was read {early} "
+               "times; counted as 0 ms)")
+    return harness.finish(report, arguments.output, summary, workdir, arguments.keep_logs)
 
 if __name__ == "__main__":
     sys.exit(main())

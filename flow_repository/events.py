@@ -208,8 +208,10 @@ class OutboxRelay:
         sent = 0
         try:
             for event in flow.get("outbox", []):
-                if not self._store.still_leased(flow["_id"], self._relay_id, self._margin):
-                    break  # another relay may take over; publishing on would reorder
+                # The lease was written by our own claim; once it runs short another relay
+                # may take the flow over, and publishing on could reorder its events.
+                if utcnow() + self._margin >= flow["relayLeaseUntil"]:
+                    break
                 self._publisher.publish(envelope(event, flow))
                 self._store.drop_published(flow["_id"], event["eventId"])
                 self._on_published(event["name"])

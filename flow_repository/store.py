@@ -327,17 +327,6 @@ class FlowStore:
                 )
             )
 
-    def still_leased(self, flow_id: ObjectId, relay_id: str, margin: timedelta) -> bool:
-        """True while ``relay_id`` holds the lease with at least ``margin`` to spare."""
-        with self._call():
-            return self._flows.count_documents(
-                {
-                    "_id": flow_id,
-                    "relayLeaseOwner": relay_id,
-                    "relayLeaseUntil": {"$gt": utcnow() + margin},
-                }
-            ) == 1
-
     def drop_published(self, flow_id: ObjectId, event_id: str) -> None:
         """Remove one event from a flow's outbox once the broker has confirmed it."""
         with self._call():

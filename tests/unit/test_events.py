@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from bson import ObjectId
 
-from flow_repository.events import envelope, pending_event
-from flow_repository.store import FlowStore
+from flow_repository.events import OutboxRelay, envelope, pending_event
+from flow_repository.store import FlowStore, utcnow
 
 
 def test_a_change_event_carries_its_literal_payload_and_the_oih_headers() -> None:
@@ -52,3 +52,48 @@ def test_a_delayed_start_event_still_reports_the_start_not_the_later_status(
     assert payload["statusReason"] == "start requested"
     assert payload["startedBy"] == "user-1"
     assert payload["statusChangedAt"] == started_at
+
+
+class RecordingPublisher:
+    """Stands in for RabbitMQ: confirms everything and remembers the order."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def publish(self, message) -> None:
+        self.names.append(message["headers"]["name"])
+
+
+def flow_with_two_pending_events(store: FlowStore) -> ObjectId:
+    first = pending_event("flow.starting", status="starting")
+    second = pending_event("flow.stopping", status="stopping")
+    return store.insert({"name": "n", "status": "stopping", "outbox": [first, second]})["_id"]
+
+
+def test_the_relay_publishes_a_flows_events_in_order_and_empties_its_outbox(store) -> None:
+    flow_id = flow_with_two_pending_events(store)
+    publisher = RecordingPublisher()
+    assert OutboxRelay(store, publisher).publish_pending() == 2
+    assert publisher.names == ["flow.starting", "flow.stopping"]
+    raw = store.raw(flow_id)
+    assert raw["outbox"] == []
+    assert "relayLeaseOwner" not in raw
+
+
+def test_a_relay_whose_lease_runs_short_stops_publishing_and_lets_go(store, monkeypatch) -> None:
+    flow_id = flow_with_two_pending_events(store)
+    claim = store.claim
+
+    def claim_that_runs_short(*args, **kwargs):
+        flow = claim(*args, **kwargs)
+        if flow is not None:
+            flow["relayLeaseUntil"] = utcnow()  # as if the lease had run out meanwhile
+        return flow
+
+    monkeypatch.setattr(store, "claim", claim_that_runs_short)
+    publisher = RecordingPublisher()
+    assert OutboxRelay(store, publisher).publish_pending() == 0
+    assert publisher.names == []
+    raw = store.raw(flow_id)
+    assert [event["name"] for event in raw["outbox"]] == ["flow.starting", "flow.stopping"]
+    assert "relayLeaseOwner" not in raw

@@ -41,7 +41,10 @@ BLOCKING_CONSUMER = textwrap.dedent('''
 
     class BlockingService:
         def apply_status_event(self, name, payload):
-            marker.write_text(json.dumps({"name": name, "payload": payload}))
+            # written aside then renamed, so the parent never reads a half-written file
+            partial = marker.with_suffix(".partial")
+            partial.write_text(json.dumps({"name": name, "payload": payload}))
+            partial.rename(marker)
             time.sleep(3600)  # the parent SIGKILLs us here, before any ack
 
         def remove_owner(self, owner_id):

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import domain
+from .consumer import StatusConsumer
 from .events import OutboxRelay, Publisher
 from .metrics import Metrics
 from .services import FlowService
@@ -55,7 +56,7 @@ class Runtime:
     service: FlowService
     metrics: Metrics
     relay: OutboxRelay | None = None
-    consumer: Any = None
+    consumer: StatusConsumer | None = None
     loops: list[Periodic] = field(default_factory=list)
 
     @classmethod
@@ -91,8 +92,6 @@ class Runtime:
         )
         runtime = cls(settings, store, service, metrics, outbox)
         if consumer:
-            from worker.consumer import StatusConsumer  # the worker package owns the consumer
-
             runtime.consumer = StatusConsumer(settings, service, metrics)
         if reconciler:
             runtime.loops.append(

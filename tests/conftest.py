@@ -4,13 +4,17 @@ and a TCP proxy in front of it that tests cut and restore."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 import pika
+import pymongo
 import pytest
 
 from flow_repository.app import create_app
@@ -27,11 +31,63 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=os.environ.get("MONGODB_URL"),
         help="run against this MongoDB instead of mongomock (default: $MONGODB_URL)",
     )
+    parser.addoption(
+        "--mongodb",
+        choices=("mongomock", "secantus"),
+        default=os.environ.get("TEST_MONGODB", "mongomock"),
+        help="secantus: start a SecantusDB server (MongoDB wire protocol over WiredTiger) "
+             "for the session and run every test on it (default: $TEST_MONGODB or mongomock)",
+    )
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mongodb_server(request: pytest.FixtureRequest,
+                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[str | None]:
+    """The URL of the real MongoDB the session runs on, or None for mongomock.
+
+    ``--mongodb-url`` names a running server; ``--mongodb=secantus`` starts ``secantusd-py``
+    on a free port with a temporary storage path and stops it when the session ends.
+    """
+    url = request.config.getoption("--mongodb-url")
+    if url or request.config.getoption("--mongodb") != "secantus":
+        yield url or None
+        return
+    executable = shutil.which("secantusd-py", path=os.path.dirname(sys.executable))
+    if executable is None:
+        pytest.fail("--mongodb=secantus needs secantusd-py: pip install -e '.[test]'")
+    port = free_port()
+    storage = tmp_path_factory.mktemp("secantus")
+    log = open(storage.parent / "secantusd.log", "wb")  # noqa: SIM115 - closed below
+    server = subprocess.Popen(
+        [executable, "--host", "127.0.0.1", "--port", str(port), "--storage-path",
+         str(storage / "data"), "--standalone", "--log-level", "WARNING"],
+        stdout=log, stderr=subprocess.STDOUT)
+    url = f"mongodb://127.0.0.1:{port}/?directConnection=true"
+    try:
+        client = pymongo.MongoClient(url, serverSelectionTimeoutMS=30_000)
+        client.admin.command("ping")
+        client.close()
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(5)
+        log.close()
 
 
 @pytest.fixture
-def mongodb_url(request: pytest.FixtureRequest) -> str | None:
-    return request.config.getoption("--mongodb-url") or None
+def mongodb_url(mongodb_server: str | None) -> str | None:
+    return mongodb_server
 
 
 @pytest.fixture

@@ -16,9 +16,9 @@ import pytest
 from bson import ObjectId
 
 from flow_repository.app import create_app
+from flow_repository.consumer import dead_letter_queue
 from flow_repository.settings import Settings
 from flow_repository.store import FlowStore
-from worker.consumer import dead_letter_queue
 
 PRODUCT_EVENTS = (
     "flow.starting",

@@ -18,8 +18,8 @@ import pytest
 from bson import ObjectId
 
 from flow_repository.auth import Principal
+from flow_repository.consumer import StatusConsumer
 from flow_repository.runtime import Runtime
-from worker.consumer import StatusConsumer
 
 from .conftest import eventually
 
@@ -34,7 +34,7 @@ BLOCKING_CONSUMER = textwrap.dedent('''
 
     from flow_repository.metrics import Metrics
     from flow_repository.settings import Settings
-    from worker.consumer import StatusConsumer
+    from flow_repository.consumer import StatusConsumer
 
     marker = Path(sys.argv[1])
 
@@ -95,7 +95,7 @@ def test_message_in_hand_of_a_killed_consumer_is_redelivered_and_applied_once(
     no MongoDB server can be installed on these machines. What the guarantee really rests on
     is the consumer's protocol with RabbitMQ (ack only after the database write, so an
     unacked message returns to the queue when its connection dies) plus idempotent handlers.
-    So the killed process here runs the real StatusConsumer from worker/consumer.py over the
+    So the killed process here runs the real StatusConsumer from flow_repository/consumer.py over the
     network, with a service that blocks inside the handler — the point where a crash would
     otherwise lose the message — and the survivor is the real consumer on the real service
     and store of this test (mongomock, or MongoDB with --mongodb-url).

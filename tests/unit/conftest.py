@@ -34,7 +34,8 @@ class FakeClock:
 def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     """Deterministic, strictly increasing timestamps for flow writes (services and store)."""
     fake = FakeClock(datetime(2024, 1, 1, tzinfo=UTC))
-    monkeypatch.setattr("flow_repository.services.utcnow", fake)
+    for module in ("services.flows", "services.lifecycle", "events"):
+        monkeypatch.setattr(f"flow_repository.{module}.utcnow", fake)
     monkeypatch.setattr("flow_repository.store.utcnow", fake)
     return fake
 

@@ -12,11 +12,11 @@ from typing import Any
 import pika
 import pika.exceptions
 
-from flow_repository.events import back_off, broker_parameters, close_quietly
-from flow_repository.metrics import Metrics
-from flow_repository.services import FlowService, InvalidEvent
-from flow_repository.settings import Settings
-from flow_repository.store import StoreUnavailable, utcnow
+from .events import back_off, broker_parameters, close_quietly
+from .metrics import Metrics
+from .services import FlowService, InvalidEvent
+from .settings import Settings
+from .store import StoreUnavailable, utcnow
 
 log = logging.getLogger(__name__)
 

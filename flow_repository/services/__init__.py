@@ -1,0 +1,13 @@
+"""Use cases shared by the API and the worker: the one place where the rules about flows live."""
+
+from __future__ import annotations
+
+from .common import InvalidEvent, ItemResult, parse_flow_id, parse_if_match
+from .flows import FlowUseCases
+from .lifecycle import LifecycleUseCases
+
+__all__ = ["FlowService", "InvalidEvent", "ItemResult", "parse_flow_id", "parse_if_match"]
+
+
+class FlowService(FlowUseCases, LifecycleUseCases):
+    """Every use case, reached by the API routes and by the worker alike."""

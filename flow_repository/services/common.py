@@ -1,0 +1,162 @@
+"""What every use case shares: results of bulk items, id and If-Match parsing, scope checks."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from bson import ObjectId
+
+from .. import domain
+from ..auth import Principal
+from ..domain import (
+    FlowError,
+    FlowNotFound,
+    InvalidFlow,
+    describe,
+)
+from ..events import pending_event
+from ..store import FlowStore
+
+log = logging.getLogger(__name__)
+
+
+class InvalidEvent(ValueError):
+    """A broker message the service can never apply (dead-lettered, not retried)."""
+
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    """The outcome of one item of a bulk request."""
+
+    status: int
+    index: int
+    id: str | None = None
+    data: Mapping[str, Any] | None = None
+    errors: Sequence[str] = ()
+
+    def body(self) -> dict[str, Any]:
+        result: dict[str, Any] = {"index": self.index, "status": self.status}
+        if self.id is not None:
+            result["id"] = self.id
+        if self.data is not None:
+            result["data"] = self.data
+        if self.errors:
+            result["errors"] = [{"message": m, "code": self.status} for m in self.errors]
+        return result
+
+
+
+def parse_flow_id(raw: Any) -> ObjectId:
+    """The ObjectId a client or an event names; InvalidFlow (400) when it is malformed."""
+    if not domain.is_object_id(raw):
+        raise InvalidFlow(f"invalid flow id {describe(raw)}: expected 24 hexadecimal digits")
+    return ObjectId(raw)
+
+
+
+def parse_if_match(header: str | None) -> tuple[int, ...] | None:
+    """The revisions an If-Match header accepts; None when absent or ``*``.
+
+    Strong comparison, as RFC 9110 requires for If-Match: weak tags (``W/"3"``) and tags
+    that name no revision match nothing, so a header holding only those fails with 412.
+    """
+    if header is None or header.strip() == "*":
+        return None
+    revisions = []
+    for tag in header.split(","):
+        tag = tag.strip()
+        if len(tag) > 2 and tag[0] == tag[-1] == '"':
+            tag = tag[1:-1]
+        if tag.isdigit():  # a bare revision number is accepted too, for scripts
+            revisions.append(int(tag))
+    if not revisions:
+        raise domain.PreconditionFailed(f"If-Match {describe(header)} names no revision "
+                                        "of this flow")
+    return tuple(revisions)
+
+
+
+class UseCases:
+    """The store, settings and helpers that the flow and lifecycle use cases share."""
+
+    def __init__(
+        self,
+        store: FlowStore,
+        *,
+        timeouts: domain.Timeouts,
+        bulk_max_items: int = 100,
+        notify: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._store = store
+        self._timeouts = timeouts
+        self._bulk_max_items = bulk_max_items
+        self._notify = notify  # wakes the outbox relay after a write that queued events
+
+    def _each(
+        self,
+        items: Sequence[Any],
+        success: int,
+        apply: Callable[[Any], Mapping[str, Any]],
+        id_of: Callable[[Any], Any] = lambda item: item,
+    ) -> list[ItemResult]:
+        """Apply a use case to every item of a bulk request; one failure stops no other."""
+        self._check_bulk_size(items)
+        results = []
+        for index, item in enumerate(items):
+            try:
+                outcome = apply(item)
+                results.append(ItemResult(success, index, outcome["id"], outcome))
+            except FlowError as error:
+                raw_id = id_of(item)
+                results.append(ItemResult(error.status, index,
+                                          raw_id if isinstance(raw_id, str) else None,
+                                          errors=error.messages()))
+        return results
+
+    @staticmethod
+    def _scope(principal: Principal) -> tuple[str, ...] | None:
+        return None if principal.is_admin else principal.owner_ids
+
+    def _visible(self, principal: Principal, flow_id: ObjectId, raw_id: Any) -> dict[str, Any]:
+        flow = self._store.get(flow_id, self._scope(principal))
+        if flow is None:
+            raise FlowNotFound(f"flow {raw_id} not found")
+        return flow
+
+    @staticmethod
+    def _require_inactive(flow: Mapping[str, Any], action: str) -> None:
+        if flow["status"] != domain.INACTIVE:
+            raise domain.Conflict(
+                f"flow {flow['_id']} cannot be {action} while its status is {flow['status']}; "
+                f"only an inactive flow can be {action}"
+            )
+
+    @staticmethod
+    def _require_revision(flow: Mapping[str, Any], if_match: tuple[int, ...] | None) -> None:
+        if if_match is not None and flow["revision"] not in if_match:
+            expected = " or ".join(str(revision) for revision in if_match)
+            raise domain.PreconditionFailed(
+                f"flow {flow['_id']} is at revision {flow['revision']}, not {expected}"
+            )
+
+    def _check_bulk_size(self, items: Sequence[Any]) -> None:
+        if not items:
+            raise InvalidFlow("the list of items is empty")
+        if len(items) > self._bulk_max_items:
+            raise InvalidFlow(f"at most {self._bulk_max_items} items per request "
+                              f"(got {len(items)})")
+
+    def _notify_if(self, events: Sequence[Any]) -> None:
+        if events:
+            self._notify()
+
+    @staticmethod
+    def _change_event(name: str, principal: Principal, flow_id: ObjectId) -> dict[str, Any]:
+        return pending_event(
+            name, {"tenant": principal.tenant, "user": principal.sub, "flowId": str(flow_id)}
+        )
+

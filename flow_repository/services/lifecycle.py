@@ -1,0 +1,172 @@
+"""Lifecycle use cases: start, stop, orchestrator and IAM events, and the reconciler."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from datetime import timedelta
+from typing import Any
+
+from bson import ObjectId
+
+from .. import domain
+from ..auth import Principal
+from ..domain import (
+    Transition,
+    describe,
+)
+from ..events import pending_event
+from ..store import utcnow
+from .common import InvalidEvent, ItemResult, UseCases, parse_flow_id
+
+log = logging.getLogger(__name__)
+
+
+class LifecycleUseCases(UseCases):
+    """Status changes: commands from clients, reports from the orchestrator, timeouts."""
+
+    def start(self, principal: Principal, raw_id: Any) -> dict[str, str]:
+        changes, events = self._status_change(domain.START, startedBy=principal.sub)
+        changes["startedBy"] = principal.sub
+        return self._command(principal, raw_id, domain.START, changes, events)
+
+    def stop(self, principal: Principal, raw_id: Any) -> dict[str, str]:
+        changes, events = self._status_change(domain.STOP)
+        return self._command(principal, raw_id, domain.STOP, changes, events)
+
+    def start_many(self, principal: Principal, raw_ids: Sequence[Any]) -> list[ItemResult]:
+        return self._each(raw_ids, 200, lambda raw_id: self.start(principal, raw_id))
+
+    def stop_many(self, principal: Principal, raw_ids: Sequence[Any]) -> list[ItemResult]:
+        return self._each(raw_ids, 200, lambda raw_id: self.stop(principal, raw_id))
+
+    def apply_status_event(self, name: str, payload: Any) -> str:
+        """Apply an orchestrator report (flow.started/stopped/failed); idempotent.
+
+        Returns what happened, for the log. Reports that do not fit the flow's status (late,
+        duplicate, for an unknown or deleted flow) change nothing.
+        """
+        transition = domain.STATUS_EVENTS.get(name)
+        if transition is None:
+            raise InvalidEvent(f"no handler for event {describe(name)}")
+        flow_id = _event_flow_id(payload)
+        changes, events = self._status_change(transition)
+        updated = self._store.update(
+            flow_id, statuses=transition.sources, changes=changes, events=events
+        )
+        if updated is not None:
+            self._notify_if(events)
+            return f"{transition.name}: flow is now {updated['status']}"
+        current = self._store.get(flow_id)
+        if current is None:
+            return f"{transition.name}: ignored, flow {flow_id} is unknown or deleted"
+        return f"{transition.name}: ignored, flow is {current['status']}"
+
+    def remove_owner(self, owner_id: Any) -> int:
+        """Take a deleted user or tenant out of every flow; running orphans are stopped."""
+        if not isinstance(owner_id, str) or not owner_id:
+            raise InvalidEvent(f"an owner id must be a non-empty string (got {describe(owner_id)})")
+        orphaned = domain.ORPHANED
+        changed = 0
+        for flow_id in self._store.owned_by(owner_id):
+            changes, events = self._status_change(orphaned)
+            stopped = self._store.update(
+                flow_id,
+                owner_ids=(owner_id,),
+                owner_count=1,
+                statuses=orphaned.sources,
+                remove_owner=owner_id,
+                changes=changes,
+                events=events,
+            )
+            if stopped is not None:
+                self._notify()
+            else:
+                self._store.update(flow_id, owner_ids=(owner_id,), remove_owner=owner_id)
+            changed += 1
+        return changed
+
+    def reconcile(self) -> int:
+        """Move flows whose orchestrator answer is overdue: re-send once, then give up."""
+        moved = 0
+        for status in (domain.STARTING, domain.STOPPING):
+            for retries in (0, 1):
+                transition, timeout = self._timeouts.plan(status, retries)
+                overdue = utcnow() - timedelta(seconds=timeout)
+                for flow in self._store.stuck(status, overdue, retries=retries):
+                    moved += self._reconcile_one(flow, transition, retries)
+        return moved
+
+    def _reconcile_one(self, flow: Mapping[str, Any], transition: Transition, retries: int) -> int:
+        extra = {"startedBy": flow.get("startedBy")} if transition.event == "flow.starting" else {}
+        changes, events = self._status_change(transition, **extra)
+        if transition.target == flow["status"]:
+            changes["statusRetries"] = retries + 1
+        updated = self._store.update(
+            flow["_id"], statuses=(flow["status"],), revision=flow["revision"],
+            changes=changes, events=events,
+        )
+        if updated is None:
+            return 0
+        log.warning("flow reconciled", extra={"flowId": str(flow["_id"]),
+                                              "reason": transition.reason})
+        self._notify_if(events)
+        return 1
+
+    def _command(
+        self,
+        principal: Principal,
+        raw_id: Any,
+        transition: Transition,
+        changes: Mapping[str, Any],
+        events: Sequence[Mapping[str, Any]],
+    ) -> dict[str, str]:
+        flow_id = parse_flow_id(raw_id)
+        updated = self._store.update(
+            flow_id,
+            owner_ids=self._scope(principal),
+            statuses=transition.sources,
+            changes=changes,
+            events=events,
+        )
+        if updated is None:
+            current = self._visible(principal, flow_id, raw_id)
+            raise domain.Conflict(
+                f"cannot {transition.name} flow {raw_id}: its status is {current['status']}"
+            )
+        self._notify()
+        return {"id": str(flow_id), "status": updated["status"]}
+
+    @staticmethod
+    def _status_change(
+        transition: Transition, **event_fields: Any
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """What a transition writes, and the event it queues with the same status fields.
+
+        The event carries the status, reason and time of this change, so a publish delayed
+        by an outage still reports this change even if the flow has moved on since.
+        """
+        changes = {
+            "status": transition.target,
+            "statusChangedAt": utcnow(),
+            "statusReason": transition.reason,
+            "statusRetries": 0,
+        }
+        if transition.event is None:
+            return changes, []
+        event = pending_event(
+            transition.event,
+            status=transition.target,
+            statusReason=transition.reason,
+            statusChangedAt=domain.iso(changes["statusChangedAt"]),
+            **event_fields,
+        )
+        return changes, [event]
+
+
+def _event_flow_id(payload: Any) -> ObjectId:
+    raw = payload.get("id") if isinstance(payload, Mapping) else None
+    if not domain.is_object_id(raw):
+        raise InvalidEvent(f"event payload names no valid flow id (got {describe(raw)})")
+    return ObjectId(raw)
+

@@ -36,7 +36,7 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     fake = FakeClock(datetime(2024, 1, 1, tzinfo=UTC))
     for module in ("services.flows", "services.lifecycle", "events"):
         monkeypatch.setattr(f"flow_repository.{module}.utcnow", fake)
-    monkeypatch.setattr("flow_repository.store.utcnow", fake)
+    monkeypatch.setattr("flow_repository.store.mongo.utcnow", fake)
     return fake
 
 

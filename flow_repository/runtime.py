@@ -14,6 +14,7 @@ from .events import OutboxRelay, Publisher
 from .metrics import Metrics
 from .services import FlowService
 from .settings import Settings
+from .step_logs import StepLogClient
 from .store import FlowStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,9 @@ class Runtime:
             timeouts=domain.Timeouts(settings.start_timeout_seconds, settings.stop_timeout_seconds),
             bulk_max_items=settings.bulk_max_items,
             notify=outbox.wake if outbox else lambda: None,
+            step_logs=StepLogClient(settings.logging_service_base_url, settings.iam_token,
+                                    settings.logging_service_timeout_seconds)
+            if settings.logging_service_base_url else None,
         )
         runtime = cls(settings, store, service, metrics, outbox)
         if consumer:

@@ -9,6 +9,8 @@ from croniter import croniter
 from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, validate
 
 from .domain import (
+    ACTIVE,
+    INACTIVE,
     MAX_NODE_ID_LENGTH,
     STATUSES,
     InvalidFlow,
@@ -19,14 +21,15 @@ from .domain import (
     is_object_id,
 )
 
-PAGE_SIZE_MAX = 100
 SEARCH_MAX_LENGTH = 200
 JSON_MAX_DEPTH = 32
 INT64 = (-(2**63), 2**63 - 1)
 SORT_FIELDS = ("createdAt", "updatedAt", "name")
+STATUS_CODES = {"1": ACTIVE, "0": INACTIVE}  # OIH's filter[status] values
 # Fields the service writes itself: a client may send them back unchanged (e.g. a GET body
-# edited and PATCHed) and they are ignored. ``status`` is different: asking for a status
-# is a request the service cannot honour through this route, so it is refused.
+# edited and PATCHed) and they are ignored. ``status`` is different: the same status as the
+# flow's is ignored too, but asking for another one is a request the service cannot honour
+# through this route, so it is refused.
 READ_ONLY_FIELDS = ("id", "_id", "createdAt", "updatedAt", "revision", "tenant",
                     "statusChangedAt", "statusReason")
 EDITABLE_FIELDS = ("name", "description", "type", "graph", "owners", "cron",
@@ -180,14 +183,20 @@ class FlowOutputSchema(FlowInputSchema):
     statusReason = fields.String()
 
 
+class FlowMetaSchema(Schema):
+    ignoredFields = fields.List(fields.String(), metadata={
+        "description": "paths of unknown fields that were dropped from the request"})
+
+
 class FlowResponseSchema(Schema):
     data = fields.Nested(FlowOutputSchema)
+    meta = fields.Nested(FlowMetaSchema)
 
 
 class ListMetaSchema(Schema):
     total = fields.Integer()
     page = fields.Integer()
-    perPage = fields.Integer()
+    perPage = fields.Integer(metadata={"description": "the page size used (after clamping)"})
     totalPages = fields.Integer()
 
 
@@ -196,21 +205,32 @@ class FlowListResponseSchema(Schema):
     meta = fields.Nested(ListMetaSchema)
 
 
-class StatusResponseSchema(Schema):
-    data = fields.Dict()
-
-
-class ItemResultSchema(Schema):
+class FlowStatusSchema(Schema):
     id = fields.String()
-    index = fields.Integer()
-    status = fields.Integer()
-    data = fields.Dict()
-    errors = fields.List(fields.Dict())
+    status = fields.String(validate=validate.OneOf(STATUSES))
 
 
-class ItemResultsResponseSchema(Schema):
-    data = fields.List(fields.Nested(ItemResultSchema))
+class StatusResponseSchema(Schema):
+    data = fields.Nested(FlowStatusSchema)
     meta = fields.Dict()
+
+
+class BulkMetaSchema(Schema):
+    total = fields.Integer()
+    succeeded = fields.Integer()
+    failed = fields.Integer()
+    ignoredFields = fields.List(fields.String(), metadata={
+        "description": "dropped unknown fields, each prefixed by its item's index"})
+
+
+class BulkResponseSchema(Schema):
+    data = fields.List(fields.Dict(), metadata={
+        "description": "aligned with the input: the flow written, or {errors: [...]}"})
+    meta = fields.Nested(BulkMetaSchema)
+
+
+class DeletedResponseSchema(Schema):
+    msg = fields.String(metadata={"example": "Flow was successfully deleted"})
 
 
 class ErrorItemSchema(Schema):
@@ -228,11 +248,13 @@ class ListArgumentsSchema(Schema):
     class Meta:
         unknown = EXCLUDE
 
+    # No upper bound here: sizes above the configured maximum are clamped, not refused.
     page_size = fields.Integer(data_key="page[size]", load_default=10,
-                               validate=validate.Range(1, PAGE_SIZE_MAX))
+                               validate=validate.Range(min=1))
     page_number = fields.Integer(data_key="page[number]", load_default=1,
                                  validate=validate.Range(1, 1_000_000))
-    status = fields.String(data_key="filter[status]", validate=validate.OneOf(STATUSES))
+    status = fields.String(data_key="filter[status]",
+                           validate=validate.OneOf([*STATUSES, *STATUS_CODES]))
     type = _text(50, data_key="filter[type]")
     user = _text(200, data_key="filter[user]")
     from_template = ObjectIdString(data_key="filter[fromTemplate]")
@@ -241,13 +263,18 @@ class ListArgumentsSchema(Schema):
     search = _text(SEARCH_MAX_LENGTH)
 
 
-def list_query(arguments: Mapping[str, Any]) -> ListQuery:
-    """Turn loaded list arguments into the store's query object."""
+def list_query(arguments: Mapping[str, Any], max_page_size: int) -> ListQuery:
+    """Turn loaded list arguments into the store's query object.
+
+    A page size above ``max_page_size`` is clamped to it (OIH has no bound and its clients
+    ask for 1000); ``filter[status]`` takes OIH's ``1`` and ``0`` besides the names.
+    """
     sort = arguments.get("sort") or "createdAt"
+    status = arguments.get("status")
     return ListQuery(
-        page_size=arguments["page_size"],
+        page_size=min(arguments["page_size"], max_page_size),
         page_number=arguments["page_number"],
-        status=arguments.get("status"),
+        status=STATUS_CODES.get(status, status),
         type=arguments.get("type"),
         user=arguments.get("user"),
         from_template=arguments.get("from_template"),
@@ -299,21 +326,66 @@ def problems_from(messages: Any, data: Any, path: list[Any] | None = None) -> li
     return problems
 
 
-def validate_flow(body: Any, *, partial: bool = False) -> dict[str, Any]:
-    """Check a flow body against every rule at once; return its clean fields.
+def _load_fields(schema: Schema) -> dict[str, fields.Field]:
+    return {field.data_key or name: field for name, field in schema.load_fields.items()}
+
+
+def drop_unknown(schema: Schema, data: Any, path: list[Any] | None = None,
+                 ignore: tuple[str, ...] = ()) -> tuple[Any, list[str]]:
+    """``data`` without the fields ``schema`` does not know, at any depth of its structure.
+
+    Nested schemas and lists of them are followed; free-form values (``fields``,
+    ``nodeSettings``, ``flowSettings``, an edge's ``mapper``) are kept whole. Values of
+    the wrong type are left alone for validation to report. Returns the kept data and the
+    path of every dropped field; keys in ``ignore`` are dropped without being reported.
+    """
+    path = path or []
+    if not isinstance(data, Mapping):
+        return data, []
+    known = _load_fields(schema)
+    kept: dict[str, Any] = {}
+    dropped: list[str] = []
+    for key, value in data.items():
+        field = known.get(key)
+        if field is None:
+            if key not in ignore:
+                dropped.append(_path_text([*path, key]))
+            continue
+        inner = field.inner if isinstance(field, fields.List) else None
+        if isinstance(field, fields.Nested):
+            value, found = drop_unknown(field.schema, value, [*path, key])
+            dropped += found
+        elif isinstance(inner, fields.Nested) and isinstance(value, list):
+            items = []
+            for index, item in enumerate(value):
+                item, found = drop_unknown(inner.schema, item, [*path, key, index])
+                items.append(item)
+                dropped += found
+            value = items
+        kept[key] = value
+    return kept, dropped
+
+
+def validate_flow(
+    body: Any, *, partial: bool = False, status: str | None = INACTIVE
+) -> tuple[dict[str, Any], list[str]]:
+    """Check a flow body against every rule at once; return its clean fields and the
+    paths of the unknown fields that were dropped from it.
 
     With ``partial`` only the fields present are checked (a PATCH body before merging);
-    the graph rules run whenever a graph is present. Raises InvalidFlow listing every
-    problem found.
+    the graph rules run whenever a graph is present. A ``status`` equal to ``status`` (the
+    flow's current status; a new flow is inactive) is ignored, any other is refused; with
+    ``status=None`` the caller checks it later. Raises InvalidFlow listing every problem.
     """
     if not isinstance(body, Mapping):
         raise InvalidFlow(f"the body must be a JSON object (got {describe(body)})")
     problems: list[Problem] = []
-    if "status" in body:
-        problems.append(Problem("status", "is set by the service and cannot be written "
-                                          "(use /flows/{id}/start or /stop)"))
-    candidate = {key: value for key, value in body.items()
-                 if key not in READ_ONLY_FIELDS and key != "status"}
+    if status is not None and "status" in body and body["status"] != status:
+        problems.append(Problem("status", f"must be the flow's current status, {status}: "
+                                          f"use /flows/{{id}}/start or /stop to change it "
+                                          f"(got {describe(body['status'])})"))
+    candidate, dropped = drop_unknown(FlowInputSchema(), body,
+                                      ignore=(*READ_ONLY_FIELDS, "status"))
     try:
         clean = FlowInputSchema().load(candidate, partial=partial)
     except ValidationError as error:
@@ -325,5 +397,4 @@ def validate_flow(body: Any, *, partial: bool = False) -> dict[str, Any]:
         problems += [p for p in graph_problems(graph) if p.path not in reported]
     if problems:
         raise InvalidFlow("the flow is not valid", problems)
-    return clean
-
+    return clean, dropped

@@ -76,6 +76,10 @@ class Settings:
     origin_whitelist: tuple[str, ...] = _setting("ORIGINWHITELIST", (), _names)
 
     max_body_bytes: int = _setting("MAX_BODY_BYTES", 1024 * 1024, _integer)
+    max_page_size: int = _setting("MAX_PAGE_SIZE", 1000, _integer)
+    logging_service_base_url: str | None = _setting("LOGGING_SERVICE_BASE_URL", None)
+    logging_service_timeout_seconds: float = _setting("LOGGING_SERVICE_TIMEOUT_SECONDS",
+                                                      10.0, _number)
     bulk_max_items: int = _setting("BULK_MAX_ITEMS", 100, _integer)
 
     start_timeout_seconds: float = _setting("START_TIMEOUT_SECONDS", 120.0, _number)
@@ -119,9 +123,14 @@ class Settings:
         """Refuse combinations that would leave the service misconfigured."""
         if self.introspect_type not in (None, "basic", "oidc"):
             raise SettingsError("INTROSPECT_TYPE must be basic or oidc")
+        if self.logging_service_base_url and not self.logging_service_base_url.startswith(
+                ("http://", "https://")):
+            raise SettingsError("LOGGING_SERVICE_BASE_URL must be an http or https URL")
         positive = {
             "PORT": self.port,
             "MAX_BODY_BYTES": self.max_body_bytes,
+            "MAX_PAGE_SIZE": self.max_page_size,
+            "LOGGING_SERVICE_TIMEOUT_SECONDS": self.logging_service_timeout_seconds,
             "BULK_MAX_ITEMS": self.bulk_max_items,
             "CONSUMER_MAX_ATTEMPTS": self.consumer_max_attempts,
             "WEB_CONCURRENCY": self.web_concurrency,

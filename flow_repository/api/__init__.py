@@ -12,7 +12,7 @@ from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
 from ..auth import Principal, bearer_token
 from ..domain import Forbidden, InvalidFlow
 from ..runtime import Runtime
-from ..services import FlowService, ItemResult
+from ..services import FlowService, ItemResult, Saved
 from ..settings import Settings
 
 MISSING_PERMISSION = "MISSING_PERMISSION"
@@ -96,12 +96,41 @@ def envelope(data: Any, status: int = 200, meta: Mapping[str, Any] | None = None
     return response
 
 
-def item_results(results: Sequence[ItemResult], all_ok: int) -> Response:
-    """Per-item outcomes: ``all_ok`` when every item succeeded, else 207 Multi-Status."""
-    succeeded = sum(1 for result in results if result.status < 300)
-    meta = {"total": len(results), "succeeded": succeeded, "failed": len(results) - succeeded}
-    status = all_ok if succeeded == len(results) else 207
-    return envelope([result.body() for result in results], status, meta)
+def flow_answer(saved: Saved, status: int = 200) -> Response:
+    """One flow as OIH answers it, ``{data, meta: {}}``, naming any dropped fields in meta."""
+    meta = {"ignoredFields": list(saved.ignored_fields)} if saved.ignored_fields else {}
+    return envelope(saved.flow, status, meta, headers=etag(saved.flow))
+
+
+def aligned_results(results: Sequence[ItemResult], status: int) -> Response:
+    """Bulk create/update: ``data[i]`` is the flow written for item i, or ``{errors}``."""
+    data: list[Any] = []
+    ignored: list[str] = []
+    for result in results:
+        if result.ok:
+            data.append(result.data)
+            ignored += [f"[{result.index}].{path}" for path in result.ignored_fields]
+        else:
+            data.append({"errors": [{"message": message, "code": result.status}
+                                    for message in result.errors]})
+    succeeded = sum(1 for result in results if result.ok)
+    meta: dict[str, Any] = {"total": len(results), "succeeded": succeeded,
+                            "failed": len(results) - succeeded}
+    if ignored:
+        meta["ignoredFields"] = ignored
+    return envelope(data, status, meta)
+
+
+def command_results(results: Sequence[ItemResult], flow_ids: Sequence[Any]) -> Response:
+    """Several starts or stops, as OIH answers them: a bare array aligned with the ids."""
+    body = []
+    for result in results:
+        if result.ok:
+            body.append({"data": result.data, "meta": {}})
+        else:
+            body.append({"errors": [{"message": message, "flowId": flow_ids[result.index],
+                                     "code": result.status} for message in result.errors]})
+    return jsonify(body)
 
 
 def etag(flow: Mapping[str, Any]) -> dict[str, str]:

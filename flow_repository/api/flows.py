@@ -4,26 +4,28 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Response, request
+from flask import Response, jsonify, request
 from flask_smorest import Blueprint
 
 from ..auth import Principal
 from ..schemas import (
+    BulkResponseSchema,
+    DeletedResponseSchema,
     ErrorResponseSchema,
     FlowInputSchema,
     FlowListResponseSchema,
     FlowResponseSchema,
-    ItemResultsResponseSchema,
     ListArgumentsSchema,
     list_query,
 )
 from ..services import parse_if_match
 from . import (
+    aligned_results,
     authenticate_first,
     caller,
     envelope,
     etag,
-    item_results,
+    flow_answer,
     json_body,
     json_list,
     require,
@@ -53,16 +55,16 @@ def _errors(*codes: int) -> dict:
 @blp.doc(responses=_errors(400, 401, 403, 503))
 def list_flows(principal: Principal, arguments: dict[str, Any]) -> Response:
     """List the flows the caller may see, a page at a time."""
-    flows, meta = service().list(principal, list_query(arguments))
+    flows, meta = service().list(principal, list_query(arguments, settings().max_page_size))
     return envelope(flows, meta=meta)
 
 
 @blp.route("/flows", methods=["POST"])
 @blp.doc(requestBody=FLOW_OR_LIST_BODY, responses={
-    201: {"description": "Created", "content": {"application/json": {
-        "schema": FlowResponseSchema}}},
-    207: {"description": "Array body: some items failed", "content": {"application/json": {
-        "schema": ItemResultsResponseSchema}}},
+    201: {"description": "Created. An array body gets `data` aligned with it: each item the "
+                          "created flow or `{errors}`", "content": {"application/json": {
+                              "schema": {"oneOf": [{"$ref": "#/components/schemas/FlowResponse"},
+                                                   {"$ref": "#/components/schemas/BulkResponse"}]}}}},
     **_errors(400, 401, 403, 413, 503)})
 def create_flow() -> Response:
     """Create a flow, or several from a JSON array (needs the bulk permission too)."""
@@ -71,23 +73,23 @@ def create_flow() -> Response:
     body = json_body()
     if isinstance(body, list):
         require(principal, names.flow_bulk_permission)
-        return item_results(service().create_many(principal, body), 201)
-    flow = service().create(principal, body)
-    return envelope(flow, 201, headers=etag(flow))
+        return aligned_results(service().create_many(principal, body), 201)
+    return flow_answer(service().create(principal, body), 201)
 
 
 @blp.route("/flows/bulk", methods=["PATCH"])
 @blp.doc(requestBody={"content": {"application/json": {"schema": {
     "type": "array", "items": {"$ref": "#/components/schemas/FlowInput"}}}}},
-    responses={200: {"description": "Every item updated", "content": {"application/json": {
-        "schema": ItemResultsResponseSchema}}},
-        207: {"description": "Some items failed"}, **_errors(400, 401, 403, 413, 503)})
+    responses={200: {"description": "`data` aligned with the input: each item the updated "
+                                     "flow or `{errors}`", "content": {"application/json": {
+                                         "schema": BulkResponseSchema}}},
+               **_errors(400, 401, 403, 413, 503)})
 def update_flows() -> Response:
     """Update several flows; each item carries its ``id``. Results are per item."""
     names = settings()
     principal = caller(names.flow_write_permission, names.flow_bulk_permission)
     items = json_list(json_body(), "flows with ids")
-    return item_results(service().update_many(principal, items), 200)
+    return aligned_results(service().update_many(principal, items), 200)
 
 
 @blp.route("/flows/<flow_id>", methods=["GET"])
@@ -97,7 +99,7 @@ def get_flow(flow_id: str) -> Response:
     """One flow; its revision is returned as the ETag."""
     principal = caller(settings().flow_read_permission)
     flow = service().get(principal, flow_id)
-    return envelope(flow, headers=etag(flow))
+    return envelope(flow, meta={}, headers=etag(flow))
 
 
 @blp.route("/flows/<flow_id>", methods=["PATCH"])
@@ -108,16 +110,38 @@ def update_flow(flow_id: str) -> Response:
     """Change an inactive flow; honours If-Match."""
     principal = caller(settings().flow_write_permission)
     if_match = parse_if_match(request.headers.get("If-Match"))
-    flow = service().update(principal, flow_id, json_body(), if_match)
-    return envelope(flow, headers=etag(flow))
+    return flow_answer(service().update(principal, flow_id, json_body(), if_match))
 
 
 @blp.route("/flows/<flow_id>", methods=["DELETE"])
-@blp.doc(responses={200: {"description": "Deleted"}, **_errors(*ERRORS)},
+@blp.doc(responses={200: {"description": "Deleted", "content": {"application/json": {
+    "schema": DeletedResponseSchema}}}, **_errors(*ERRORS)},
          parameters=[{"in": "header", "name": "If-Match", "schema": {"type": "string"}}])
 def delete_flow(flow_id: str) -> Response:
     """Delete an inactive flow; honours If-Match."""
     principal = caller(settings().flow_write_permission)
     if_match = parse_if_match(request.headers.get("If-Match"))
     service().delete(principal, flow_id, if_match)
-    return envelope({"id": flow_id, "deleted": True})
+    return jsonify({"msg": "Flow was successfully deleted"})  # OIH's answer, word for word
+
+
+@blp.route("/flows/<flow_id>/steps/<step_id>/logs", methods=["GET"])
+@blp.doc(
+    summary="The logs of one step, from OIH's logging service",
+    parameters=[{"in": "query", "name": "params", "required": False, "style": "form",
+                 "explode": True, "schema": {"type": "object", "additionalProperties": True},
+                 "description": "any query string is passed on to the logging service"}],
+    responses={200: {"description": "The logging service's answer, passed on as it streams",
+                     "content": {"application/json": {"schema": {}}}},
+               **_errors(400, 401, 404, 501, 502, 503, 504)})
+def step_logs(flow_id: str, step_id: str) -> Response:
+    """Proxy to LOGGING_SERVICE_BASE_URL/logs/flows/{id}/steps/{stepId} for a visible flow.
+
+    Status and body of the logging service are passed on, except that a refusal of the
+    service's own token (401/403) is 502. Unreachable: 502; slower than
+    LOGGING_SERVICE_TIMEOUT_SECONDS: 504; no logging service configured: 501.
+    """
+    principal = caller()
+    query = request.query_string.decode("latin-1")
+    answer = service().step_logs(principal, flow_id, step_id, query)
+    return Response(answer.chunks, status=answer.status, content_type=answer.content_type)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from flask import Response
 from flask_smorest import Blueprint
 
-from ..schemas import ErrorResponseSchema, ItemResultsResponseSchema, StatusResponseSchema
-from . import caller, envelope, item_results, json_body, json_list, service, settings
+from ..schemas import ErrorResponseSchema, StatusResponseSchema
+from . import caller, command_results, envelope, json_body, json_list, service, settings
 
 blp = Blueprint("lifecycle", __name__, description="Starting and stopping flows")
 
@@ -14,9 +14,16 @@ IDS_BODY = {"content": {"application/json": {"schema": {
     "type": "array", "items": {"type": "string"}}}}}
 ERRORS = {code: {"description": "Error", "content": {"application/json": {
     "schema": ErrorResponseSchema}}} for code in (400, 401, 403, 404, 409, 503)}
-MANY = {200: {"description": "Every flow accepted the command", "content": {
-    "application/json": {"schema": ItemResultsResponseSchema}}},
-    207: {"description": "Some flows refused"}, **ERRORS}
+MANY = {200: {"description": "A bare array aligned with the ids, as OIH answers: each item "
+                             "`{data: {id, status}, meta: {}}` or "
+                             "`{errors: [{message, flowId, code}]}`",
+              "content": {"application/json": {"schema": {"type": "array", "items": {"oneOf": [
+                  {"$ref": "#/components/schemas/StatusResponse"},
+                  {"type": "object", "properties": {"errors": {"type": "array", "items": {
+                      "type": "object", "properties": {
+                          "message": {"type": "string"}, "flowId": {},
+                          "code": {"type": "integer"}}}}}}]}}}}},
+        **ERRORS}
 
 
 @blp.route("/flows/<flow_id>/start", methods=["POST"])
@@ -25,7 +32,7 @@ MANY = {200: {"description": "Every flow accepted the command", "content": {
 def start_flow(flow_id: str) -> Response:
     """Ask the orchestrator to start an inactive flow (status becomes starting)."""
     principal = caller(settings().flow_control_permission)
-    return envelope(service().start(principal, flow_id))
+    return envelope(service().start(principal, flow_id), meta={})
 
 
 @blp.route("/flows/<flow_id>/stop", methods=["POST"])
@@ -34,7 +41,7 @@ def start_flow(flow_id: str) -> Response:
 def stop_flow(flow_id: str) -> Response:
     """Ask the orchestrator to stop an active or starting flow (status becomes stopping)."""
     principal = caller(settings().flow_control_permission)
-    return envelope(service().stop(principal, flow_id))
+    return envelope(service().stop(principal, flow_id), meta={})
 
 
 @blp.route("/flows/multiple/start", methods=["POST"])
@@ -43,7 +50,7 @@ def start_flows() -> Response:
     """Start several flows; the body is a JSON array of flow ids."""
     principal = caller(settings().flow_control_permission)
     ids = json_list(json_body(), "flow ids")
-    return item_results(service().start_many(principal, ids), 200)
+    return command_results(service().start_many(principal, ids), ids)
 
 
 @blp.route("/flows/multiple/stop", methods=["POST"])
@@ -52,4 +59,4 @@ def stop_flows() -> Response:
     """Stop several flows; the body is a JSON array of flow ids."""
     principal = caller(settings().flow_control_permission)
     ids = json_list(json_body(), "flow ids")
-    return item_results(service().stop_many(principal, ids), 200)
+    return command_results(service().stop_many(principal, ids), ids)

@@ -15,6 +15,8 @@ EXPIRED_TOKEN = "Token expired."
 IAM_UNAVAILABLE = "IAM is unavailable."
 
 CACHE_MAX_ENTRIES = 10_000
+# The permission that makes a caller an administrator, as in OIH's iam-utils.
+ADMIN_PERMISSION = "all"
 
 
 class AuthError(Exception):
@@ -52,7 +54,7 @@ class Principal:
         return (self.sub,) if self.tenant is None else (self.sub, self.tenant)
 
 
-def _permissions_claim(raw: Any) -> frozenset[str]:
+def _string_list(raw: Any) -> frozenset[str]:
     if raw is None:
         return frozenset()
     if isinstance(raw, str):
@@ -63,17 +65,35 @@ def _permissions_claim(raw: Any) -> frozenset[str]:
     raise AuthError("Token permissions are malformed.")
 
 
+def _permissions_claim(claims: Mapping[str, Any]) -> frozenset[str]:
+    """Direct permissions plus those of populated roles, as OIH's IAM resolves them.
+
+    OIH's IAM adds the permissions of an account's roles to ``permissions`` before it
+    answers; a role that arrives populated (an object with ``permissions``) is added here
+    too, so a token whose roles were not yet folded in still grants them. A role given
+    only by its id carries nothing to add.
+    """
+    permissions = _string_list(claims.get("permissions"))
+    roles = claims.get("roles")
+    if isinstance(roles, list):
+        for role in roles:
+            if isinstance(role, Mapping):
+                permissions |= _string_list(role.get("permissions"))
+    return permissions
+
+
 def _tenant_claim(claims: Mapping[str, Any]) -> str | None:
     raw = claims.get("tenant")
     if raw is None or raw == "":
         memberships = claims.get("memberships")
-        # With several memberships the tenant is ambiguous, so the caller gets none.
-        if (
-            isinstance(memberships, list)
-            and len(memberships) == 1
-            and isinstance(memberships[0], Mapping)
-        ):
-            raw = memberships[0].get("tenant")
+        if isinstance(memberships, list):
+            entries = [entry for entry in memberships if isinstance(entry, Mapping)]
+            # iam-utils takes the active membership as the caller's context; a sole
+            # membership counts too. With several and none active the tenant is ambiguous.
+            active = [entry for entry in entries if entry.get("active") is True]
+            chosen = active[:1] or (entries if len(entries) == 1 else [])
+            if chosen:
+                raw = chosen[0].get("tenant")
     if raw is None or raw == "":
         return None
     if not isinstance(raw, str):
@@ -81,17 +101,35 @@ def _tenant_claim(claims: Mapping[str, Any]) -> str | None:
     return raw
 
 
+def _subject_claim(claims: Mapping[str, Any]) -> str:
+    # OIH's IAM answers basic introspection with the account document, whose id is
+    # ``_id``; iam-utils uses ``sub`` when present and ``_id`` otherwise.
+    for name in ("sub", "_id"):
+        raw = claims.get(name)
+        if raw is not None and raw != "":
+            if not isinstance(raw, str) or not raw.strip():
+                raise AuthError("Token subject is malformed.")
+            return raw
+    raise AuthError("Token has no subject.")
+
+
 def principal_from_claims(claims: Mapping[str, Any]) -> Principal:
-    """Build a Principal from verified token claims (OIH IAM or JWT shape)."""
-    sub = claims.get("sub")
-    if not isinstance(sub, str) or not sub.strip():
-        raise AuthError("Token has no subject.")
-    permissions = _permissions_claim(claims.get("permissions"))
+    """Build a Principal from verified token claims (OIH IAM account document, OIDC or JWT).
+
+    The rule follows OIH's lib/iam-utils: nested ``claims`` override the top level; the
+    subject is ``sub``, else ``_id``; the tenant is ``tenant``, else the active (or only)
+    membership's; permissions are ``permissions`` plus those of populated ``roles``; the
+    caller is an administrator exactly when its permissions include ``all``.
+    """
+    nested = claims.get("claims")
+    if isinstance(nested, Mapping):
+        claims = {**claims, **nested}
+    permissions = _permissions_claim(claims)
     return Principal(
-        sub=sub,
+        sub=_subject_claim(claims),
         tenant=_tenant_claim(claims),
         permissions=permissions,
-        is_admin="all" in permissions or claims.get("isAdmin") is True,
+        is_admin=ADMIN_PERMISSION in permissions,
     )
 
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from .common import InvalidEvent, ItemResult, parse_flow_id, parse_if_match
+from .common import InvalidEvent, ItemResult, Saved, parse_flow_id, parse_if_match
 from .flows import FlowUseCases
 from .lifecycle import LifecycleUseCases
 
-__all__ = ["FlowService", "InvalidEvent", "ItemResult", "parse_flow_id", "parse_if_match"]
+__all__ = ["FlowService", "InvalidEvent", "ItemResult", "Saved", "parse_flow_id", "parse_if_match"]
 
 
 class FlowService(FlowUseCases, LifecycleUseCases):

@@ -18,6 +18,7 @@ from ..domain import (
     describe,
 )
 from ..events import pending_event
+from ..step_logs import StepLogClient
 from ..store import FlowStore
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,14 @@ class InvalidEvent(ValueError):
 
 
 @dataclass(frozen=True)
+class Saved:
+    """A flow as written, and the unknown fields that were dropped from the request."""
+
+    flow: dict[str, Any]
+    ignored_fields: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class ItemResult:
     """The outcome of one item of a bulk request."""
 
@@ -37,16 +46,11 @@ class ItemResult:
     id: str | None = None
     data: Mapping[str, Any] | None = None
     errors: Sequence[str] = ()
+    ignored_fields: Sequence[str] = ()
 
-    def body(self) -> dict[str, Any]:
-        result: dict[str, Any] = {"index": self.index, "status": self.status}
-        if self.id is not None:
-            result["id"] = self.id
-        if self.data is not None:
-            result["data"] = self.data
-        if self.errors:
-            result["errors"] = [{"message": m, "code": self.status} for m in self.errors]
-        return result
+    @property
+    def ok(self) -> bool:
+        return self.status < 300
 
 
 
@@ -90,17 +94,19 @@ class UseCases:
         timeouts: domain.Timeouts,
         bulk_max_items: int = 100,
         notify: Callable[[], None] = lambda: None,
+        step_logs: StepLogClient | None = None,
     ) -> None:
         self._store = store
         self._timeouts = timeouts
         self._bulk_max_items = bulk_max_items
+        self._step_logs = step_logs  # None when no logging service is configured
         self._notify = notify  # wakes the outbox relay after a write that queued events
 
     def _each(
         self,
         items: Sequence[Any],
         success: int,
-        apply: Callable[[Any], Mapping[str, Any]],
+        apply: Callable[[Any], Mapping[str, Any] | Saved],
         id_of: Callable[[Any], Any] = lambda item: item,
     ) -> list[ItemResult]:
         """Apply a use case to every item of a bulk request; one failure stops no other."""
@@ -109,7 +115,9 @@ class UseCases:
         for index, item in enumerate(items):
             try:
                 outcome = apply(item)
-                results.append(ItemResult(success, index, outcome["id"], outcome))
+                saved = outcome if isinstance(outcome, Saved) else Saved(dict(outcome))
+                results.append(ItemResult(success, index, saved.flow["id"], saved.flow,
+                                          ignored_fields=saved.ignored_fields))
             except FlowError as error:
                 raw_id = id_of(item)
                 results.append(ItemResult(error.status, index,

@@ -19,8 +19,9 @@ from ..domain import (
     public_flow,
 )
 from ..schemas import EDITABLE_FIELDS, validate_flow
+from ..step_logs import StepLogs, StepLogsNotConfigured
 from ..store import utcnow
-from .common import ItemResult, UseCases, parse_flow_id
+from .common import ItemResult, Saved, UseCases, parse_flow_id
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,9 @@ class FlowUseCases(UseCases):
         }
         return [public_flow(flow) for flow in flows], meta
 
-    def create(self, principal: Principal, body: Any) -> dict[str, Any]:
-        clean = validate_flow(body)
+    def create(self, principal: Principal, body: Any) -> Saved:
+        """Store a new, inactive flow; unknown fields of the body are dropped and named."""
+        clean, ignored = validate_flow(body)
         flow_id = ObjectId()
         now = utcnow()
         owners = domain.with_owner(clean.get("owners") or [], principal.sub, "user")
@@ -72,7 +74,7 @@ class FlowUseCases(UseCases):
         flow = self._store.insert(document)
         self._notify()
         log.info("flow created", extra={"flowId": str(flow_id)})
-        return public_flow(flow)
+        return self._saved(flow, ignored)
 
     def create_many(self, principal: Principal, bodies: Sequence[Any]) -> list[ItemResult]:
         return self._each(bodies, 201, lambda body: self.create(principal, body),
@@ -81,17 +83,21 @@ class FlowUseCases(UseCases):
     def update(
         self, principal: Principal, raw_id: Any, body: Any,
         if_match: tuple[int, ...] | None = None,
-    ) -> dict[str, Any]:
-        """Apply a partial update to an inactive flow; the merged flow must be valid."""
+    ) -> Saved:
+        """Apply a partial update to an inactive flow; the merged flow must be valid.
+
+        A ``status`` in the body must be the flow's own (clients PATCH back what they
+        read); unknown fields are dropped and named.
+        """
         flow_id = parse_flow_id(raw_id)
-        patch = validate_flow(body, partial=True)
+        patch, ignored = validate_flow(body, partial=True, status=None)
         for _ in range(CAS_ATTEMPTS):
             current = self._visible(principal, flow_id, raw_id)
             self._require_inactive(current, "updated")
             self._require_revision(current, if_match)
             merged = {key: current[key] for key in EDITABLE_FIELDS if key in current}
             merged.update(body)
-            validate_flow(merged)
+            validate_flow(merged, status=current["status"])
             changes = dict(patch)
             changes["owners"] = domain.with_owner(
                 patch.get("owners", current.get("owners", [])), principal.sub, "user"
@@ -106,8 +112,16 @@ class FlowUseCases(UseCases):
             )
             if updated is not None:
                 self._notify()
-                return public_flow(updated)
+                return self._saved(updated, ignored)
         raise domain.Conflict(f"flow {raw_id} keeps changing; retry the update")
+
+    @staticmethod
+    def _saved(flow: dict[str, Any], ignored: list[str]) -> Saved:
+        if ignored:
+            # The caller learns it from meta.ignoredFields; the log keeps it for operators.
+            log.info("unknown fields dropped", extra={"flowId": str(flow["_id"]),
+                                                      "ignoredFields": ignored})
+        return Saved(public_flow(flow), tuple(ignored))
 
     def update_many(self, principal: Principal, items: Sequence[Any]) -> list[ItemResult]:
         def update_item(item: Any) -> dict[str, Any]:
@@ -139,3 +153,14 @@ class FlowUseCases(UseCases):
             raise domain.Conflict(f"flow {raw_id} changed while it was being deleted; retry")
         self._notify()
 
+
+    def step_logs(self, principal: Principal, raw_id: Any, step_id: str, query: str) -> StepLogs:
+        """The logs of one step of a flow the caller may see, from OIH's logging service."""
+        flow_id = parse_flow_id(raw_id)
+        self._visible(principal, flow_id, raw_id)
+        if step_id in (".", ".."):  # would name another path of the logging service
+            raise InvalidFlow(f"invalid step id {describe(step_id)}")
+        if self._step_logs is None:
+            raise StepLogsNotConfigured("step logs are not available: this installation "
+                                        "has no logging service (LOGGING_SERVICE_BASE_URL)")
+        return self._step_logs.fetch(str(flow_id), step_id, query)

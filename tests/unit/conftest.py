@@ -101,6 +101,7 @@ def start_flow(client: FlaskClient, auth: Callable[..., dict[str, str]]) -> Call
     def start(flow_id: str) -> None:
         response = client.post(f"/flows/{flow_id}/start", headers=auth())
         assert response.status_code == 200, response.get_json()
-        assert response.get_json() == {"data": {"id": flow_id, "status": "starting"}}
+        assert response.get_json() == {"data": {"id": flow_id, "status": "starting"},
+                                       "meta": {}}
 
     return start

@@ -44,7 +44,7 @@ def test_create_returns_201_with_the_whole_flow_and_its_etag(
     assert response.status_code == 201
     assert response.headers["ETag"] == '"1"'
     envelope = response.get_json()
-    assert set(envelope) == {"data"}
+    assert envelope["meta"] == {}  # OIH's single-flow answers carry an empty meta
     flow = envelope["data"]
     assert set(flow) == PUBLIC_FLOW_KEYS | {"cron", "fromTemplate", "flowSettings"}
     assert HEX_ID.match(flow["id"])
@@ -67,7 +67,7 @@ def test_created_flow_is_stored_as_returned(
     flow = create()
     response = client.get(f"/flows/{flow['id']}", headers=auth())
     assert response.status_code == 200
-    assert response.get_json() == {"data": flow}
+    assert response.get_json() == {"data": flow, "meta": {}}
     assert response.headers["ETag"] == '"1"'
 
 
@@ -133,7 +133,9 @@ def test_patch_of_the_name_changes_only_the_name(
     assert updated == {**flow, "name": "renamed", "revision": 2,
                        "updatedAt": updated["updatedAt"]}
     assert updated["updatedAt"] > flow["updatedAt"]
-    assert client.get(f"/flows/{flow['id']}", headers=auth()).get_json() == {"data": updated}
+    assert response.get_json()["meta"] == {}
+    assert client.get(f"/flows/{flow['id']}", headers=auth()).get_json() == {"data": updated,
+                                                                             "meta": {}}
 
 
 def test_patch_sets_updated_at_to_the_write_time(
@@ -192,7 +194,8 @@ def test_delete_removes_the_flow_from_reads_and_lists(
     kept = create(name="kept")
     response = client.delete(f"/flows/{flow['id']}", headers=auth())
     assert response.status_code == 200
-    assert response.get_json() == {"data": {"id": flow["id"], "deleted": True}}
+    # services/flow-repository/app/api/controllers/flow.js answers exactly this
+    assert response.get_json() == {"msg": "Flow was successfully deleted"}
     error_messages(client.get(f"/flows/{flow['id']}", headers=auth()), 404)
     assert ids(client.get("/flows", headers=auth())) == [kept["id"]]
     error_messages(client.delete(f"/flows/{flow['id']}", headers=auth()), 404)
@@ -410,19 +413,18 @@ def test_filter_user_never_widens_a_non_admin_view(
 # ----------------------------------------------------------------------------- bulk
 
 
-def test_bulk_create_returns_201_with_a_result_per_item(
+def test_bulk_create_returns_201_with_the_created_flows_aligned_with_the_input(
     client: FlaskClient, auth: Headers, flow_body: Callable[..., dict]
 ) -> None:
     response = client.post("/flows", json=[flow_body("one"), flow_body("two")], headers=auth())
     assert response.status_code == 201
     body = response.get_json()
     assert body["meta"] == {"total": 2, "succeeded": 2, "failed": 0}
-    for index, (item, name) in enumerate(zip(body["data"], ("one", "two"), strict=True)):
-        assert set(item) == {"index", "status", "id", "data"}
-        assert (item["index"], item["status"], item["data"]["name"]) == (index, 201, name)
-        assert item["id"] == item["data"]["id"]
+    assert [item["name"] for item in body["data"]] == ["one", "two"]
+    for item in body["data"]:
+        assert set(item) == PUBLIC_FLOW_KEYS
         stored = client.get(f"/flows/{item['id']}", headers=auth()).get_json()["data"]
-        assert stored == item["data"]
+        assert stored == item
 
 
 def test_bulk_create_stores_valid_items_past_an_invalid_one(
@@ -430,14 +432,14 @@ def test_bulk_create_stores_valid_items_past_an_invalid_one(
 ) -> None:
     items = [{"name": "broken"}, flow_body("good"), "not an object"]
     response = client.post("/flows", json=items, headers=auth())
-    assert response.status_code == 207
+    assert response.status_code == 201  # as OIH: per-item outcomes in an aligned data
     body = response.get_json()
     assert body["meta"] == {"total": 3, "succeeded": 1, "failed": 2}
     broken, good, junk = body["data"]
-    assert broken == {"index": 0, "status": 400, "errors": [
+    assert broken == {"errors": [
         {"message": "graph: Missing data for required field", "code": 400}]}
-    assert (good["index"], good["status"], good["data"]["name"]) == (1, 201, "good")
-    assert junk == {"index": 2, "status": 400, "errors": [
+    assert good["name"] == "good" and set(good) == PUBLIC_FLOW_KEYS
+    assert junk == {"errors": [
         {"message": "the body must be a JSON object (got 'not an object')", "code": 400}]}
     assert names(client.get("/flows", headers=auth())) == ["good"]
 
@@ -458,8 +460,8 @@ def test_bulk_update_returns_200_when_every_item_succeeds(
     assert response.status_code == 200
     body = response.get_json()
     assert body["meta"] == {"total": 2, "succeeded": 2, "failed": 0}
-    assert [(item["index"], item["status"], item["id"]) for item in body["data"]] == [
-        (0, 200, first["id"]), (1, 200, second["id"])]
+    assert [item["id"] for item in body["data"]] == [first["id"], second["id"]]
+    assert [item["revision"] for item in body["data"]] == [2, 2]
     assert client.get(f"/flows/{first['id']}", headers=auth()).get_json()["data"]["name"] == "a2"
     stored = client.get(f"/flows/{second['id']}", headers=auth()).get_json()["data"]
     assert (stored["name"], stored["description"], stored["revision"]) == ("b", "d2", 2)
@@ -475,18 +477,19 @@ def test_bulk_update_reports_each_failure_and_applies_the_rest(
         {"id": good["id"], "name": "better"},
         {"id": missing, "name": "x"},
         {"id": running["id"], "name": "x"},
-        {"id": good["id"], "bogus": True},
+        {"id": good["id"], "cron": "never"},
         {"name": "no id"},
     ]
     response = client.patch("/flows/bulk", json=items, headers=auth())
-    assert response.status_code == 207
+    assert response.status_code == 200  # per-item outcomes in an aligned data
     body = response.get_json()
     assert body["meta"] == {"total": 5, "succeeded": 1, "failed": 4}
-    assert [(item["index"], item["status"]) for item in body["data"]] == [
-        (0, 200), (1, 404), (2, 409), (3, 400), (4, 400)]
+    assert body["data"][0]["name"] == "better"
+    assert [item["errors"][0]["code"] for item in body["data"][1:]] == [404, 409, 400, 400]
     assert body["data"][1]["errors"] == [{"message": f"flow {missing} not found", "code": 404}]
-    assert body["data"][3]["errors"] == [{"message": "bogus: Unknown field", "code": 400}]
-    assert "id" not in body["data"][4]
+    assert body["data"][3]["errors"] == [
+        {"message": "cron: is not a valid cron expression (got 'never')", "code": 400}]
+    assert all(set(item) == {"errors"} for item in body["data"][1:])
     assert client.get(f"/flows/{good['id']}", headers=auth()).get_json()["data"]["name"] == (
         "better")
     stored = client.get(f"/flows/{running['id']}", headers=auth()).get_json()["data"]
@@ -637,9 +640,9 @@ def test_internal_fields_never_appear_in_responses(
         *client.get("/flows", headers=auth()).get_json()["data"],
         client.patch(f"/flows/{other['id']}", json={"name": "x"}, headers=auth())
         .get_json()["data"],
-        client.post("/flows", json=[flow_body()], headers=auth()).get_json()["data"][0]["data"],
+        client.post("/flows", json=[flow_body()], headers=auth()).get_json()["data"][0],
         client.patch("/flows/bulk", json=[{"id": other["id"]}], headers=auth())
-        .get_json()["data"][0]["data"],
+        .get_json()["data"][0],
         other,
     ]
     for data in responses:

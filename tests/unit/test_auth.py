@@ -229,11 +229,11 @@ def test_principal_admin_via_all_permission() -> None:
     assert principal.can("anything.at.all")
 
 
-def test_principal_admin_via_is_admin_flag() -> None:
-    assert principal_from_claims({"sub": "root", "isAdmin": True}).is_admin
-    # Only a real boolean counts: a string "true" must not grant administration.
-    assert not principal_from_claims({"sub": "root", "isAdmin": "true"}).is_admin
-    assert not principal_from_claims({"sub": "root", "isAdmin": 1}).is_admin
+def test_is_admin_flag_alone_does_not_make_an_administrator() -> None:
+    # iam-utils recomputes isAdmin from the permissions (`all`) and ignores the flag sent;
+    # OIH's IAM sets the flag from the same rule, so the two never disagree in OIH.
+    for flag in (True, "true", 1):
+        assert not principal_from_claims({"sub": "root", "isAdmin": flag}).is_admin
 
 
 def test_principal_tenant_from_single_membership() -> None:
@@ -274,12 +274,78 @@ def test_principal_permission_shapes(raw: Any, expected: set[str]) -> None:
 
 @pytest.mark.parametrize(
     "claims",
-    [{}, {"sub": ""}, {"sub": "   "}, {"sub": 42}, {"sub": None}, {"permissions": ["all"]}],
+    [{}, {"sub": ""}, {"sub": None}, {"_id": ""}, {"sub": None, "_id": None},
+     {"permissions": ["all"]}],
 )
 def test_principal_requires_subject(claims: dict[str, Any]) -> None:
     with pytest.raises(AuthError) as excinfo:
         principal_from_claims(claims)
     assert_auth_error(excinfo, "Token has no subject.")
+
+
+@pytest.mark.parametrize("claims", [{"sub": "   "}, {"sub": 42}, {"_id": {"$oid": "x"}},
+                                    {"_id": 7}])
+def test_principal_refuses_a_malformed_subject(claims: dict[str, Any]) -> None:
+    with pytest.raises(AuthError) as excinfo:
+        principal_from_claims(claims)
+    assert_auth_error(excinfo, "Token subject is malformed.")
+
+
+# What OIH's IAM answers to basic introspection: the account document itself
+# (services/iam/src/routes/tokens.js `res.send(accountData)`, with roles resolved into
+# permissions by services/iam/src/util/tokens.js resolveUserPermissions). It has no `sub`.
+IAM_ACCOUNT = {
+    "_id": "5d9f1e2a3b4c5d6e7f809102",
+    "username": "jane@example.com",
+    "firstname": "Jane",
+    "status": "ACTIVE",
+    "tenant": "5d9f1e2a3b4c5d6e7f800001",
+    "roles": ["5d9f1e2a3b4c5d6e7f80aaaa"],
+    "permissions": ["flows.read", "flows.write"],
+    "isAdmin": False,
+    "confirmed": True,
+}
+
+
+def test_principal_from_an_iam_account_document() -> None:
+    principal = principal_from_claims(IAM_ACCOUNT)
+    # lib/iam-utils/src/index.js: `user.sub = user.sub || body._id`
+    assert principal.sub == IAM_ACCOUNT["_id"]
+    assert principal.tenant == IAM_ACCOUNT["tenant"]
+    assert principal.permissions == frozenset({"flows.read", "flows.write"})
+    assert not principal.is_admin
+
+
+def test_sub_wins_over_the_account_id() -> None:
+    assert principal_from_claims({**IAM_ACCOUNT, "sub": "oidc-subject"}).sub == "oidc-subject"
+
+
+def test_populated_roles_add_their_permissions() -> None:
+    claims = {**IAM_ACCOUNT, "permissions": ["flows.read"], "roles": [
+        {"_id": "r1", "name": "operator", "permissions": ["flows.control"]},
+        {"_id": "r2", "name": "empty"},
+        "5d9f1e2a3b4c5d6e7f80aaaa",  # an unpopulated role id carries nothing
+    ]}
+    assert principal_from_claims(claims).permissions == frozenset(
+        {"flows.read", "flows.control"})
+
+
+def test_a_populated_role_holding_all_makes_an_administrator() -> None:
+    claims = {**IAM_ACCOUNT, "roles": [{"name": "admin", "permissions": ["all"]}]}
+    assert principal_from_claims(claims).is_admin
+
+
+def test_nested_claims_override_the_top_level_as_in_iam_utils() -> None:
+    claims = {**IAM_ACCOUNT, "claims": {"tenant": "t-from-claims", "permissions": ["all"]}}
+    principal = principal_from_claims(claims)
+    assert principal.tenant == "t-from-claims"
+    assert principal.is_admin
+
+
+def test_tenant_of_the_active_membership() -> None:
+    claims = {"_id": "u", "memberships": [{"tenant": "t-1", "active": False},
+                                          {"tenant": "t-2", "active": True}]}
+    assert principal_from_claims(claims).tenant == "t-2"
 
 
 @pytest.mark.parametrize("permissions", [["a", 1], {"a": True}, 7])

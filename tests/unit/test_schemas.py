@@ -18,6 +18,8 @@ from flow_repository.schemas import (
 )
 
 COMPONENT = "5f3e2d1c0b9a887766554433"
+STATUS_MESSAGE = ("status: must be the flow's current status, inactive: use "
+                  "/flows/{id}/start or /stop to change it (got 'active')")
 
 
 def node(node_id: str = "a", **extra: Any) -> dict:
@@ -52,7 +54,7 @@ def test_valid_flow_comes_back_clean() -> None:
                 owners=[{"id": "u", "type": "user"}])
     full["graph"]["nodes"][0].update(credentials_id=COMPONENT, name="n", description="d",
                                      fields={"x": [1, {"y": None}]}, nodeSettings={"z": True})
-    assert validate_flow(copy.deepcopy(full)) == full
+    assert validate_flow(copy.deepcopy(full)) == (full, [])
 
 
 def test_graph_is_required() -> None:
@@ -97,7 +99,7 @@ def test_object_id_with_a_trailing_newline_is_refused() -> None:
 
 @pytest.mark.parametrize("cron", ["* * * * *", "0 3 * * 1-5", "*/15 * * * * 30"])
 def test_valid_cron_expressions_are_accepted(cron: str) -> None:
-    assert validate_flow(body(cron=cron))["cron"] == cron
+    assert validate_flow(body(cron=cron))[0]["cron"] == cron
 
 
 @pytest.mark.parametrize("cron", ["every day", "61 * * * *", "* * *", "", "* " * 60])
@@ -124,7 +126,6 @@ def test_edges_need_source_and_target() -> None:
 def test_every_problem_is_reported_at_once_with_path_and_value() -> None:
     candidate = {
         "status": "active",
-        "bogus": 1,
         "cron": "nope",
         "fromTemplate": "x",
         "owners": [{"id": "u"}],
@@ -132,8 +133,7 @@ def test_every_problem_is_reported_at_once_with_path_and_value() -> None:
                   "edges": [{"source": "a", "target": "ghost"}]},
     }
     assert sorted(problems(candidate)) == sorted([
-        "status: is set by the service and cannot be written (use /flows/{id}/start or /stop)",
-        "bogus: Unknown field",
+        STATUS_MESSAGE,
         "cron: is not a valid cron expression (got 'nope')",
         "fromTemplate: is not a valid ObjectId (got 'x')",
         "owners[0].type: Missing data for required field",
@@ -143,26 +143,63 @@ def test_every_problem_is_reported_at_once_with_path_and_value() -> None:
     ])
 
 
-def test_status_is_refused_even_when_it_is_inactive() -> None:
-    assert problems(body(status="inactive")) == [
-        "status: is set by the service and cannot be written (use /flows/{id}/start or /stop)"
-    ]
+def test_a_status_equal_to_the_current_one_is_ignored() -> None:
+    assert validate_flow(body(status="inactive")) == (body(), [])
+    assert validate_flow(body(status="active"), status="active") == (body(), [])
 
 
-def test_unknown_fields_are_refused_at_every_level() -> None:
-    candidate = body(extra=1)
-    candidate["graph"]["nodes"][0]["color"] = "red"
+@pytest.mark.parametrize("status", ["active", "stopping", "", None, 1])
+def test_a_status_other_than_the_current_one_is_refused(status: Any) -> None:
+    assert problems(body(status=status)) == [STATUS_MESSAGE.replace("'active'", repr(status))]
+
+
+def test_status_none_leaves_the_status_check_to_the_caller() -> None:
+    assert validate_flow({"status": "active"}, partial=True, status=None) == ({}, [])
+
+
+def test_unknown_fields_are_dropped_at_every_level_of_the_structure() -> None:
+    candidate = body(extra=1, **{"description:": "mistyped key"})
+    candidate["graph"]["nodes"][0].update(privileged=True, authorization={"a": 1})
     candidate["graph"]["shape"] = "round"
-    assert sorted(problems(candidate)) == [
-        "extra: Unknown field", "graph.nodes[0].color: Unknown field",
-        "graph.shape: Unknown field",
-    ]
+    candidate["graph"]["edges"] = [{"source": "a", "target": "a", "weight": 2,
+                                    "config": {"mapper": {"kept": 1}, "lang": "jsonata"}}]
+    candidate["owners"] = [{"id": "u", "type": "user", "role": "x"}]
+    clean, dropped = validate_flow(candidate)
+    assert sorted(dropped) == sorted([
+        "extra", "description:", "graph.nodes[0].privileged", "graph.nodes[0].authorization",
+        "graph.shape", "graph.edges[0].weight", "graph.edges[0].config.lang",
+        "owners[0].role",
+    ])
+    assert clean == body(graph={"nodes": [node()], "edges": [
+        {"source": "a", "target": "a", "config": {"mapper": {"kept": 1}}}]},
+        owners=[{"id": "u", "type": "user"}])
 
 
-def test_read_only_fields_are_dropped() -> None:
+def test_free_form_objects_keep_every_key() -> None:
+    candidate = body(flowSettings={"anything": {"deep": 1}})
+    candidate["graph"]["nodes"][0].update(fields={"x": {"y": 1}}, nodeSettings={"z": [1]})
+    candidate["graph"]["edges"] = [{"source": "a", "target": "a",
+                                    "config": {"mapper": {"$.a": {"b": 1}}}}]
+    clean, dropped = validate_flow(copy.deepcopy(candidate))
+    assert (clean, dropped) == (candidate, [])
+
+
+def test_known_fields_stay_strict_next_to_dropped_ones() -> None:
+    candidate = body(extra=1)
+    candidate["graph"]["nodes"][0].update(privileged=True, componentId="nope")
+    assert problems(candidate) == [
+        "graph.nodes[0].componentId: is not a valid ObjectId (got 'nope')"]
+
+
+def test_wrongly_typed_structures_are_reported_not_dropped() -> None:
+    assert problems(body(graph="a graph")) == ["graph: Invalid input type (got 'a graph')"]
+    assert "graph.nodes[0]: Invalid input type (got 'n')" in problems(body(graph={"nodes": ["n"]}))
+
+
+def test_read_only_fields_are_dropped_without_being_reported() -> None:
     candidate = body(id="x", _id="y", createdAt="c", updatedAt="u", revision=9, tenant="t",
                      statusChangedAt="s", statusReason="r")
-    assert validate_flow(candidate) == body()
+    assert validate_flow(candidate) == (body(), [])
 
 
 @pytest.mark.parametrize("value", ["text", 5, None, [body()]])
@@ -172,7 +209,7 @@ def test_body_must_be_an_object(value: Any) -> None:
 
 
 def test_partial_body_checks_only_the_fields_present() -> None:
-    assert validate_flow({"name": "renamed"}, partial=True) == {"name": "renamed"}
+    assert validate_flow({"name": "renamed"}, partial=True) == ({"name": "renamed"}, [])
     assert problems({"name": 5}, partial=True) == ["name: Not a valid string (got 5)"]
 
 
@@ -187,7 +224,7 @@ def test_edge_mapper_may_be_a_string_or_an_object() -> None:
     graph = {"nodes": [node("a"), node("b")],
              "edges": [{"source": "a", "target": "b", "config": {"mapper": "$.x"}},
                        {"source": "b", "target": "a", "config": {"mapper": {"$.y": 1}}}]}
-    assert validate_flow(body(graph=graph))["graph"] == graph
+    assert validate_flow(body(graph=graph))[0]["graph"] == graph
 
 
 # ----------------------------------------------------------------------------- free-form JSON
@@ -228,7 +265,7 @@ def test_free_form_objects_refuse_big_integers_and_deep_nesting(field: str) -> N
 
 def test_free_form_objects_accept_keys_mongodb_cannot_hold() -> None:
     settings = {"$where": 1, "a.b": {"~": [{"$in": "\x00"}]}, "nul\x00": None}
-    assert validate_flow(body(flowSettings=settings))["flowSettings"] == settings
+    assert validate_flow(body(flowSettings=settings))[0]["flowSettings"] == settings
 
 
 # ----------------------------------------------------------------------------- list arguments
@@ -239,7 +276,7 @@ def load_arguments(raw: dict[str, str]) -> dict[str, Any]:
 
 
 def test_list_arguments_default_to_first_page_of_ten_by_creation() -> None:
-    query = list_query(load_arguments({}))
+    query = list_query(max_page_size=1000, arguments=load_arguments({}))
     assert (query.page_size, query.page_number) == (10, 1)
     assert (query.sort_field, query.sort_descending) == ("createdAt", False)
     assert (query.status, query.type, query.user, query.from_template, query.search) == (
@@ -251,24 +288,37 @@ def test_list_arguments_default_to_first_page_of_ten_by_creation() -> None:
     ("-createdAt", "createdAt", True),
 ])
 def test_sort_argument_names_field_and_direction(sort: str, field: str, descending: bool) -> None:
-    query = list_query(load_arguments({"sort": sort}))
+    query = list_query(max_page_size=1000, arguments=load_arguments({"sort": sort}))
     assert (query.sort_field, query.sort_descending) == (field, descending)
 
 
 def test_list_arguments_are_carried_into_the_query() -> None:
-    query = list_query(load_arguments({
-        "page[size]": "100", "page[number]": "3", "filter[status]": "active",
+    query = list_query(max_page_size=1000, arguments=load_arguments({
+        "page[size]": "1000", "page[number]": "3", "filter[status]": "active",
         "filter[type]": "ordinary", "filter[user]": "u", "filter[fromTemplate]": COMPONENT,
         "search": "a.*b",
     }))
     assert (query.page_size, query.page_number, query.status, query.type, query.user,
-            query.from_template, query.search) == (100, 3, "active", "ordinary", "u",
+            query.from_template, query.search) == (1000, 3, "active", "ordinary", "u",
                                                    COMPONENT, "a.*b")
 
 
+@pytest.mark.parametrize(("size", "used"), [("1", 1), ("999", 999), ("1000", 1000),
+                                            ("1001", 1000), ("99999999999999999999", 1000)])
+def test_page_size_above_the_maximum_is_clamped(size: str, used: int) -> None:
+    assert list_query(load_arguments({"page[size]": size}), max_page_size=1000).page_size == used
+
+
+@pytest.mark.parametrize(("raw", "status"), [("1", "active"), ("0", "inactive"),
+                                             ("active", "active"), ("stopping", "stopping")])
+def test_status_filter_takes_oih_codes_and_names(raw: str, status: str) -> None:
+    query = list_query(load_arguments({"filter[status]": raw}), max_page_size=1000)
+    assert query.status == status
+
+
 @pytest.mark.parametrize("raw", [
-    {"page[size]": "0"}, {"page[size]": "101"}, {"page[size]": "abc"}, {"page[number]": "0"},
-    {"filter[status]": "running"}, {"filter[fromTemplate]": "xyz"}, {"sort": "owner"},
+    {"page[size]": "0"}, {"page[size]": "-1"}, {"page[size]": "abc"}, {"page[size]": "2.5"},
+    {"page[number]": "0"}, {"filter[status]": "running"}, {"filter[status]": "2"}, {"filter[fromTemplate]": "xyz"}, {"sort": "owner"},
     {"sort": "+name"}, {"search": "s" * 201},
 ])
 def test_out_of_range_list_arguments_are_refused(raw: dict[str, str]) -> None:

@@ -80,8 +80,7 @@ class StepLogClient:
                                             "retry later") from None
         return self._answer(upstream, flow_id)
 
-    @staticmethod
-    def _answer(upstream: requests.Response, flow_id: str) -> StepLogs:
+    def _answer(self, upstream: requests.Response, flow_id: str) -> StepLogs:
         status = upstream.status_code
         content_type = upstream.headers.get("Content-Type", "application/json")
         if status in (401, 403) or 300 <= status < 400 or status < 200:
@@ -93,7 +92,8 @@ class StepLogClient:
             raise LoggingServiceUnavailable(
                 f"the logging service answered HTTP {status} to the flow repository")
         if status >= 400:
-            return StepLogs(status, "application/json", iter([_json_error(upstream, status)]))
+            body = _json_error(upstream, status, secret=self._iam_token)
+            return StepLogs(status, "application/json", iter([body]))
         return StepLogs(status, content_type, _stream(upstream))
 
 
@@ -107,8 +107,9 @@ def _stream(upstream: requests.Response) -> Iterator[bytes]:
         upstream.close()
 
 
-def _json_error(upstream: requests.Response, status: int) -> bytes:
-    """An upstream error in the service's error shape, keeping the upstream's messages."""
+def _json_error(upstream: requests.Response, status: int, secret: str | None) -> bytes:
+    """An upstream error in the service's error shape, keeping the upstream's messages
+    (with ``secret``, the service's token, blotted out should the upstream echo it)."""
     try:
         raw = upstream.raw.read(ERROR_BODY_MAX_BYTES + 1, decode_content=True)
     except Exception:  # noqa: BLE001 - whatever broke, the caller gets our own message
@@ -124,5 +125,7 @@ def _json_error(upstream: requests.Response, status: int) -> bytes:
         items = body.get("errors") if isinstance(body.get("errors"), list) else [body]
         messages = [item["message"] for item in items
                     if isinstance(item, dict) and isinstance(item.get("message"), str)]
+    if secret:
+        messages = [message.replace(secret, "[redacted]") for message in messages]
     messages = messages or [f"the logging service answered HTTP {status}"]
     return json.dumps({"errors": [{"message": m, "code": status} for m in messages]}).encode()

@@ -1,0 +1,541 @@
+"""The requests OIH's own services and scripts send, against the service configured as OIH
+configures it: INTROSPECT_TYPE=basic against an IAM that answers with account documents.
+
+Each test names the OIH source (openintegrationhub/openintegrationhub) whose request it sends.
+IAM and the logging service are real HTTP servers on 127.0.0.1, started by the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from bson import ObjectId
+from flask import Flask
+from flask.testing import FlaskClient
+
+from flow_repository.app import create_app
+from flow_repository.settings import Settings
+from flow_repository.store import FlowStore
+from tests.conftest import ALL_PERMISSIONS, free_port
+
+SERVICE_TOKEN = "flow-repository-service-token-5f1d"
+COMPONENT = "5d9f1e2a3b4c5d6e7f800abc"
+TENANT = "5d9f1e2a3b4c5d6e7f800001"
+
+
+@dataclass
+class Exchange:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: Any
+
+
+@dataclass
+class FakeService:
+    """A small HTTP service: ``answer(exchange)`` gives (status, content type, body bytes)."""
+
+    answer: Callable[[Exchange], tuple[int, str, bytes]]
+    calls: list[Exchange] = field(default_factory=list)
+    release: threading.Event = field(default_factory=threading.Event)
+    slow: bool = False  # hold every answer until ``release`` is set
+    url: str = ""
+
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _serve(self) -> None:
+                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = json.loads(raw) if raw else None
+                exchange = Exchange(self.command, self.path,
+                                    {k.lower(): v for k, v in self.headers.items()}, body)
+                fake.calls.append(exchange)
+                if fake.slow:
+                    fake.release.wait(30)
+                status, content_type, data = fake.answer(exchange)
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = _serve
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        return Handler
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[Callable[[Exchange], tuple[int, str, bytes]]], FakeService]]:
+    """serve(answer): start a FakeService on 127.0.0.1; every one is stopped afterwards."""
+    servers: list[tuple[FakeService, ThreadingHTTPServer]] = []
+
+    def start(answer: Callable[[Exchange], tuple[int, str, bytes]]) -> FakeService:
+        fake = FakeService(answer)
+        server = ThreadingHTTPServer(("127.0.0.1", 0), fake.handler())
+        server.daemon_threads = True
+        fake.url = f"http://127.0.0.1:{server.server_address[1]}"
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()
+        servers.append((fake, server))
+        return fake
+
+    yield start
+    for fake, server in servers:
+        fake.release.set()
+        server.shutdown()
+        server.server_close()
+
+
+def json_answer(status: int, body: Any) -> tuple[int, str, bytes]:
+    return status, "application/json", json.dumps(body).encode()
+
+
+class Iam:
+    """OIH's IAM: POST /api/v1/tokens/introspect answers the account document itself
+    (services/iam/src/routes/tokens.js `res.send(accountData)`): no `sub`, `_id` instead."""
+
+    def __init__(self) -> None:
+        self.accounts: dict[str, dict[str, Any]] = {}
+
+    def account(self, permissions: tuple[str, ...] | list[str] = ALL_PERMISSIONS,
+                tenant: str | None = TENANT, **fields: Any) -> tuple[str, dict[str, str]]:
+        """A new account and its token; returns (account id, Authorization headers)."""
+        account_id = str(ObjectId())
+        token = uuid.uuid4().hex
+        self.accounts[token] = {
+            "_id": account_id, "username": f"{account_id}@example.com", "firstname": "Jo",
+            "status": "ACTIVE", "tenant": tenant, "roles": [], "permissions": list(permissions),
+            "isAdmin": "all" in permissions, "confirmed": True, **fields,
+        }
+        return account_id, {"Authorization": f"Bearer {token}"}
+
+    def answer(self, exchange: Exchange) -> tuple[int, str, bytes]:
+        authorized = (exchange.headers.get("authorization") == f"Bearer {SERVICE_TOKEN}"
+                      and exchange.headers.get("x-auth-type") == "basic")
+        account = self.accounts.get((exchange.body or {}).get("token"))
+        if not authorized:
+            return json_answer(403, {"errors": [{"message": "MISSING_PERMISSION"}]})
+        if account is None:
+            return 404, "text/plain", b"Not Found"
+        return json_answer(200, account)
+
+
+@pytest.fixture
+def iam() -> Iam:
+    return Iam()
+
+
+@pytest.fixture
+def oih_settings(settings: Settings, iam: Iam, serve) -> Settings:
+    iam_server = serve(iam.answer)
+    return settings.replace(introspect_type="basic", iam_token=SERVICE_TOKEN,
+                            introspect_endpoint_basic=f"{iam_server.url}/api/v1/tokens/introspect",
+                            logging_service_timeout_seconds=0.5)
+
+
+@pytest.fixture
+def oih_app(oih_settings: Settings, store: FlowStore) -> Callable[..., Flask]:
+    """oih_app(**setting_changes): the real app, configured as OIH configures it."""
+    return lambda **changes: create_app(oih_settings.replace(**changes), store=store)
+
+
+@pytest.fixture
+def oih(oih_app: Callable[..., Flask]) -> FlaskClient:
+    return oih_app().test_client()
+
+
+def flow(name: str = "OIH flow", **extra: Any) -> dict[str, Any]:
+    return {"name": name, "description": "synced contacts", "graph": {
+        "nodes": [{"id": "step_1", "componentId": COMPONENT, "function": "getPersons",
+                   "name": "Source", "fields": {"interval": "minute"}},
+                  {"id": "step_2", "componentId": COMPONENT, "function": "upsertPerson",
+                   "name": "Target", "fields": {}}],
+        "edges": [{"source": "step_1", "target": "step_2"}]}, **extra}
+
+
+def created(client: FlaskClient, headers: dict[str, str], body: Any = None) -> dict[str, Any]:
+    response = client.post("/flows", json=body or flow(), headers=headers)
+    assert response.status_code == 201, response.get_json()
+    return response.get_json()["data"]
+
+
+# ----------------------------------------------------------------------------- identity
+
+
+def test_an_iam_account_document_identifies_the_caller(oih: FlaskClient, iam: Iam) -> None:
+    """lib/iam-utils/src/index.js: `user.sub = user.sub || body._id`; tenant from `tenant`."""
+    account_id, headers = iam.account()
+    response = oih.post("/flows", json=flow(), headers=headers)
+    assert response.status_code == 201, response.get_json()
+    data = response.get_json()["data"]
+    assert data["owners"] == [{"id": account_id, "type": "user"}, {"id": TENANT, "type": "tenant"}]
+    assert oih.get(f"/flows/{data['id']}", headers=headers).status_code == 200
+
+
+def test_permissions_come_from_the_account_document(oih: FlaskClient, iam: Iam,
+                                                    error_messages) -> None:
+    _, reader = iam.account(permissions=["flows.read"])
+    assert oih.get("/flows", headers=reader).status_code == 200
+    assert error_messages(oih.post("/flows", json=flow(), headers=reader), 403) == [
+        "MISSING_PERMISSION"]
+
+
+def test_populated_roles_grant_their_permissions(oih: FlaskClient, iam: Iam) -> None:
+    _, headers = iam.account(permissions=[], roles=[
+        {"_id": str(ObjectId()), "name": "flow editor",
+         "permissions": ["flows.read", "flows.write"]}])
+    created(oih, headers)
+
+
+def test_an_account_with_all_is_an_administrator(oih: FlaskClient, iam: Iam) -> None:
+    _, owner = iam.account(tenant=None)
+    mine = created(oih, owner)
+    _, admin = iam.account(permissions=["all"], tenant=str(ObjectId()))
+    assert oih.get(f"/flows/{mine['id']}", headers=admin).status_code == 200
+    _, stranger = iam.account(tenant=str(ObjectId()))
+    assert oih.get(f"/flows/{mine['id']}", headers=stranger).status_code == 404
+
+
+def test_a_token_iam_does_not_know_is_401(oih: FlaskClient, error_messages) -> None:
+    response = oih.get("/flows", headers={"Authorization": "Bearer unknown"})
+    assert error_messages(response, 401) == ["Invalid token."]
+
+
+# ----------------------------------------------------------------------------- bodies sent back
+
+
+def test_web_ui_patches_back_the_flow_it_read(oih: FlaskClient, iam: Iam) -> None:
+    """services/web-ui flow-teaser JSON editor and flow detail page: GET, edit, PATCH all."""
+    _, headers = iam.account()
+    read = oih.get(f"/flows/{created(oih, headers)['id']}", headers=headers).get_json()["data"]
+    response = oih.patch(f"/flows/{read['id']}", json={**read, "name": "edited"},
+                         headers=headers)
+    assert response.status_code == 200, response.get_json()
+    assert response.get_json() == {"data": {**read, "name": "edited", "revision": 2,
+                                            "updatedAt": response.get_json()["data"]["updatedAt"]},
+                                   "meta": {}}
+
+
+def test_dev_tools_setup_patches_with_status_inactive(oih: FlaskClient, iam: Iam) -> None:
+    """dev-tools/docker-compose/src/setup/flows.js sends `status: 'inactive'` in its body."""
+    _, headers = iam.account()
+    flow_id = created(oih, headers, flow(status="inactive"))["id"]
+    response = oih.patch(f"/flows/{flow_id}", json=flow("renamed", status="inactive"),
+                         headers=headers)
+    assert response.status_code == 200, response.get_json()
+    assert response.get_json()["data"]["status"] == "inactive"
+
+
+def test_changing_the_status_by_patch_is_still_400(oih: FlaskClient, iam: Iam, store: FlowStore,
+                                                  error_messages) -> None:
+    _, headers = iam.account()
+    flow_id = created(oih, headers)["id"]
+    before = store.raw(ObjectId(flow_id))
+    messages = error_messages(oih.patch(f"/flows/{flow_id}", json={"status": "active"},
+                                        headers=headers), 400)
+    assert messages == [("status: must be the flow's current status, inactive: use "
+                        "/flows/{id}/start or /stop to change it (got 'active')")]
+    assert store.raw(ObjectId(flow_id)) == before
+
+
+# ----------------------------------------------------------------------------- unknown fields
+
+
+def test_web_ui_privileged_node_flag_is_dropped_and_named(
+    oih: FlaskClient, iam: Iam, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The web UI's flow detail page adds `privileged` to every node it creates."""
+    _, headers = iam.account()
+    body = flow()
+    for node in body["graph"]["nodes"]:
+        node["privileged"] = False
+    with caplog.at_level(logging.INFO, logger="flow_repository.services.flows"):
+        response = oih.post("/flows", json=body, headers=headers)
+    assert response.status_code == 201, response.get_json()
+    answer = response.get_json()
+    assert answer["meta"] == {"ignoredFields": ["graph.nodes[0].privileged",
+                                                "graph.nodes[1].privileged"]}
+    assert all("privileged" not in node for node in answer["data"]["graph"]["nodes"])
+    [record] = [r for r in caplog.records if r.getMessage() == "unknown fields dropped"]
+    assert record.ignoredFields == ["graph.nodes[0].privileged", "graph.nodes[1].privileged"]
+    assert record.flowId == answer["data"]["id"]
+
+
+def test_template_repository_node_authorization_is_dropped(oih: FlaskClient, iam: Iam) -> None:
+    """services/template-repository merges a template node's `authorization` into the flow it
+    POSTs, and answers 500 unless the flow repository answers 201."""
+    _, headers = iam.account()
+    body = flow(fromTemplate=str(ObjectId()))
+    body["graph"]["nodes"][0]["authorization"] = {"authType": "OA2_AUTHORIZATION_CODE"}
+    response = oih.post("/flows", json=body, headers=headers)
+    assert response.status_code == 201, response.get_json()
+    assert response.get_json()["meta"]["ignoredFields"] == ["graph.nodes[0].authorization"]
+
+
+def test_minikube_setup_mistyped_key_is_dropped(oih: FlaskClient, iam: Iam) -> None:
+    """dev-tools/minikube/setup.sh POSTs `"description:"` under `set -e` and `curl --fail`."""
+    _, headers = iam.account()
+    body = {key: value for key, value in flow().items() if key != "description"}
+    body["description:"] = "This flow takes actions at regular invervals"
+    response = oih.post("/flows", json=body, headers=headers)
+    assert response.status_code == 201, response.get_json()
+    assert response.get_json()["meta"] == {"ignoredFields": ["description:"]}
+
+
+def test_unknown_fields_in_a_patch_are_dropped_and_named(oih: FlaskClient, iam: Iam) -> None:
+    _, headers = iam.account()
+    flow_id = created(oih, headers)["id"]
+    response = oih.patch(f"/flows/{flow_id}", json={"name": "x", "owner": "me"}, headers=headers)
+    assert response.status_code == 200, response.get_json()
+    assert response.get_json()["meta"] == {"ignoredFields": ["owner"]}
+    assert "owner" not in response.get_json()["data"]
+
+
+def test_bulk_create_names_dropped_fields_by_item(oih: FlaskClient, iam: Iam) -> None:
+    _, headers = iam.account()
+    response = oih.post("/flows", json=[flow(), flow(color="red")], headers=headers)
+    assert response.status_code == 201
+    assert response.get_json()["meta"]["ignoredFields"] == ["[1].color"]
+
+
+# ----------------------------------------------------------------------------- listing
+
+
+@pytest.mark.parametrize(("size", "used"), [("1000", 1000), ("5000", 1000), ("7", 7)])
+def test_load_test_page_size_is_served_and_clamped(
+    oih: FlaskClient, iam: Iam, size: str, used: int
+) -> None:
+    """dev-tools/docker-compose/src/load-test.js lists with `page[size]=1000`."""
+    _, headers = iam.account()
+    response = oih.get(f"/flows?page[size]={size}", headers=headers)
+    assert response.status_code == 200
+    assert response.get_json()["meta"] == {"total": 0, "page": 1, "perPage": used,
+                                           "totalPages": 0}
+
+
+def test_max_page_size_is_configurable(oih_app: Callable[..., Flask], iam: Iam) -> None:
+    _, headers = iam.account()
+    client = oih_app(max_page_size=50).test_client()
+    for _ in range(3):
+        created(client, headers)
+    body = client.get("/flows?page[size]=1000", headers=headers).get_json()
+    assert body["meta"] == {"total": 3, "page": 1, "perPage": 50, "totalPages": 1}
+
+
+def test_status_filter_takes_one_and_zero(oih: FlaskClient, iam: Iam) -> None:
+    """services/flow-repository/app/api/controllers/flow.js: filter[status] 1 active, 0 inactive."""
+    _, headers = iam.account()
+    running, idle = created(oih, headers), created(oih, headers)
+    oih.post(f"/flows/{running['id']}/start", headers=headers)
+    oih_ids = {code: [item["id"] for item in oih.get(
+        f"/flows?filter[status]={code}", headers=headers).get_json()["data"]]
+        for code in ("0", "1", "starting")}
+    assert oih_ids == {"0": [idle["id"]], "1": [], "starting": [running["id"]]}
+
+
+# ----------------------------------------------------------------------------- response shapes
+
+
+def test_start_and_stop_answer_data_and_empty_meta(oih: FlaskClient, iam: Iam) -> None:
+    """startstop.js: `{data: {id, status}, meta: {}}`."""
+    _, headers = iam.account()
+    flow_id = created(oih, headers)["id"]
+    start = oih.post(f"/flows/{flow_id}/start", headers=headers)
+    assert (start.status_code, start.get_json()) == (
+        200, {"data": {"id": flow_id, "status": "starting"}, "meta": {}})
+    stop = oih.post(f"/flows/{flow_id}/stop", headers=headers)
+    assert stop.get_json() == {"data": {"id": flow_id, "status": "stopping"}, "meta": {}}
+
+
+def test_multiple_start_answers_a_bare_array_aligned_with_the_ids(
+    oih: FlaskClient, iam: Iam, store: FlowStore
+) -> None:
+    """startstop.js POST /flows/multiple/start: 200, `[{data, meta}, {errors: [{message,
+    flowId, code}]}]`; each id succeeds or fails on its own."""
+    _, headers = iam.account()
+    first, running = created(oih, headers)["id"], created(oih, headers)["id"]
+    oih.post(f"/flows/{running}/start", headers=headers)
+    missing = str(ObjectId())
+    response = oih.post("/flows/multiple/start", json=[first, "nonsense", missing, running],
+                        headers=headers)
+    assert response.status_code == 200
+    ok, bad, absent, busy = response.get_json()
+    assert ok == {"data": {"id": first, "status": "starting"}, "meta": {}}
+    assert bad == {"errors": [{"message": "invalid flow id 'nonsense': expected 24 "
+                                          "hexadecimal digits", "flowId": "nonsense",
+                               "code": 400}]}
+    assert absent == {"errors": [{"message": f"flow {missing} not found", "flowId": missing,
+                                  "code": 404}]}
+    assert busy["errors"][0]["code"] == 409 and busy["errors"][0]["flowId"] == running
+    assert store.raw(ObjectId(first))["status"] == "starting"
+
+
+def test_multiple_stop_answers_the_same_shape(oih: FlaskClient, iam: Iam) -> None:
+    _, headers = iam.account()
+    flow_id = created(oih, headers)["id"]
+    oih.post(f"/flows/{flow_id}/start", headers=headers)
+    response = oih.post("/flows/multiple/stop", json=[flow_id, 7], headers=headers)
+    assert response.status_code == 200
+    stopped, junk = response.get_json()
+    assert stopped == {"data": {"id": flow_id, "status": "stopping"}, "meta": {}}
+    assert junk["errors"][0]["flowId"] == 7 and junk["errors"][0]["code"] == 400
+
+
+def test_delete_answers_oih_message(oih: FlaskClient, iam: Iam) -> None:
+    """flow.js DELETE: `res.status(200).send({ msg: 'Flow was successfully deleted' })`."""
+    _, headers = iam.account()
+    flow_id = created(oih, headers)["id"]
+    response = oih.delete(f"/flows/{flow_id}", headers=headers)
+    assert (response.status_code, response.get_json()) == (
+        200, {"msg": "Flow was successfully deleted"})
+
+
+# ----------------------------------------------------------------------------- step logs
+
+
+LOG_LINES = {"data": [{"msg": "step ran", "level": 30}], "meta": {"page": 1}}
+
+
+@pytest.fixture
+def logging_service(serve) -> FakeService:
+    return serve(lambda exchange: json_answer(200, LOG_LINES))
+
+
+@pytest.fixture
+def logs_app(oih_app: Callable[..., Flask], logging_service: FakeService) -> FlaskClient:
+    return oih_app(logging_service_base_url=f"{logging_service.url}/base").test_client()
+
+
+def test_step_logs_are_proxied_with_the_service_token(
+    logs_app: FlaskClient, iam: Iam, logging_service: FakeService
+) -> None:
+    """flow.js GET /:id/steps/:stepId/logs: visibility first, then the logging service with
+    `Bearer $IAM_TOKEN` and the caller's query string."""
+    _, headers = iam.account()
+    flow_id = created(logs_app, headers)["id"]
+    response = logs_app.get(f"/flows/{flow_id}/steps/step_1/logs?page[size]=5&level=30",
+                            headers=headers)
+    assert (response.status_code, response.get_json()) == (200, LOG_LINES)
+    [call] = logging_service.calls
+    assert call.method == "GET"
+    # The query string goes on exactly as it came (the test client escapes the brackets).
+    assert call.path == f"/base/logs/flows/{flow_id}/steps/step_1?page%5Bsize%5D=5&level=30"
+    assert call.headers["authorization"] == f"Bearer {SERVICE_TOKEN}"
+
+
+def test_step_logs_of_an_invisible_flow_are_404_and_never_asked_for(
+    logs_app: FlaskClient, iam: Iam, logging_service: FakeService, error_messages
+) -> None:
+    _, owner = iam.account(tenant=None)
+    flow_id = created(logs_app, owner)["id"]
+    _, stranger = iam.account(tenant=None)
+    error_messages(logs_app.get(f"/flows/{flow_id}/steps/step_1/logs", headers=stranger), 404)
+    error_messages(logs_app.get(f"/flows/{ObjectId()}/steps/step_1/logs", headers=owner), 404)
+    error_messages(logs_app.get("/flows/nope/steps/step_1/logs", headers=owner), 400)
+    error_messages(logs_app.get(f"/flows/{flow_id}/steps/step_1/logs"), 401)
+    assert logging_service.calls == []
+
+
+def test_step_ids_are_escaped_into_one_path_segment(
+    logs_app: FlaskClient, iam: Iam, logging_service: FakeService, error_messages
+) -> None:
+    _, headers = iam.account()
+    flow_id = created(logs_app, headers)["id"]
+    assert logs_app.get(f"/flows/{flow_id}/steps/a%3Fb%23c/logs", headers=headers).status_code \
+        == 200
+    assert logging_service.calls[0].path == f"/base/logs/flows/{flow_id}/steps/a%3Fb%23c"
+    error_messages(logs_app.get(f"/flows/{flow_id}/steps/%2E%2E/logs", headers=headers), 400)
+    assert len(logging_service.calls) == 1
+
+
+def test_step_logs_without_a_logging_service_are_501(
+    oih: FlaskClient, iam: Iam, error_messages
+) -> None:
+    _, headers = iam.account()
+    flow_id = created(oih, headers)["id"]
+    assert error_messages(oih.get(f"/flows/{flow_id}/steps/step_1/logs", headers=headers),
+                          501) == [("step logs are not available: this installation has no "
+                                   "logging service (LOGGING_SERVICE_BASE_URL)")]
+
+
+def test_step_logs_with_the_logging_service_down_are_502(
+    oih_app: Callable[..., Flask], iam: Iam, error_messages
+) -> None:
+    client = oih_app(logging_service_base_url=f"http://127.0.0.1:{free_port()}").test_client()
+    _, headers = iam.account()
+    flow_id = created(client, headers)["id"]
+    assert error_messages(client.get(f"/flows/{flow_id}/steps/step_1/logs", headers=headers),
+                          502) == ["the logging service is unavailable; retry later"]
+
+
+def test_step_logs_from_a_slow_logging_service_are_504(
+    logs_app: FlaskClient, iam: Iam, logging_service: FakeService, error_messages
+) -> None:
+    _, headers = iam.account()
+    flow_id = created(logs_app, headers)["id"]
+    logging_service.slow = True  # answers only after the test ends; the timeout is 0.5 s
+    assert error_messages(logs_app.get(f"/flows/{flow_id}/steps/step_1/logs", headers=headers),
+                          504) == ["the logging service did not answer in time; retry later"]
+
+
+@pytest.mark.parametrize(("upstream", "status", "messages"), [
+    (json_answer(500, {"errors": [{"message": "db down", "code": 500}]}), 500, ["db down"]),
+    (json_answer(400, {"message": "bad page"}), 400, ["bad page"]),
+    ((404, "text/html", b"<h1>Not Found</h1>"), 404,
+     ["the logging service answered HTTP 404"]),
+    (json_answer(401, {"message": "token invalid"}), 502,
+     ["the logging service answered HTTP 401 to the flow repository"]),
+    (json_answer(403, {"message": "MISSING_PERMISSION"}), 502,
+     ["the logging service answered HTTP 403 to the flow repository"]),
+    ((302, "text/plain", b""), 502,
+     ["the logging service answered HTTP 302 to the flow repository"]),
+])
+def test_logging_service_errors_are_passed_on_as_json_errors(
+    oih_app: Callable[..., Flask], iam: Iam, serve, error_messages,
+    upstream: tuple[int, str, bytes], status: int, messages: list[str],
+) -> None:
+    """Its status is kept, except that a refusal of the service's own token is 502: a 401
+    would log OIH's web UI out."""
+    service = serve(lambda exchange: upstream)
+    client = oih_app(logging_service_base_url=service.url).test_client()
+    _, headers = iam.account()
+    flow_id = created(client, headers)["id"]
+    response = client.get(f"/flows/{flow_id}/steps/step_1/logs", headers=headers)
+    assert error_messages(response, status) == messages
+
+
+def test_the_iam_token_never_leaks_from_step_logs(
+    oih_app: Callable[..., Flask], iam: Iam, serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    answers = []
+    _, headers = iam.account()
+    with caplog.at_level(logging.DEBUG):
+        for status in (401, 500):  # a logging service that echoes the header it was sent
+            echo = serve(lambda exchange, status=status: json_answer(
+                status, {"message": f"bad: {exchange.headers['authorization']}"}))
+            client = oih_app(logging_service_base_url=echo.url).test_client()
+            flow_id = created(client, headers)["id"]
+            answers.append(client.get(f"/flows/{flow_id}/steps/step_1/logs", headers=headers))
+        down = oih_app(logging_service_base_url=f"http://127.0.0.1:{free_port()}")
+        answers.append(down.test_client().get(f"/flows/{flow_id}/steps/step_1/logs",
+                                              headers=headers))
+    assert answers[1].get_json()["errors"][0]["message"] == "bad: Bearer [redacted]"
+    for answer in answers:
+        assert SERVICE_TOKEN not in answer.get_data(as_text=True)
+        assert SERVICE_TOKEN not in str(answer.headers)
+    assert SERVICE_TOKEN not in caplog.text
+    assert all(SERVICE_TOKEN not in str(vars(record)) for record in caplog.records)

@@ -15,8 +15,9 @@ _settings = Settings.from_env()
 bind = f"0.0.0.0:{_settings.port}"
 # pika connections are per process and used by one relay thread each; request threads never
 # publish, so gthread workers are safe. Embedded mode keeps its data in process memory,
-# so it must run exactly one worker process.
-worker_class = "gthread"
+# so it must run exactly one worker process. The subclass only answers the errors gunicorn
+# raises itself (414, 400, 431, ...) as JSON instead of HTML.
+worker_class = "flow_repository.gunicorn_worker.JsonErrorWorker"
 workers = 1 if _settings.embedded else _settings.web_concurrency
 threads = _settings.gunicorn_threads
 timeout = _settings.gunicorn_timeout

@@ -3,6 +3,7 @@ and a TCP proxy in front of it that tests cut and restore."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -11,6 +12,9 @@ import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pika
@@ -308,3 +312,81 @@ def broker_proxy(settings: Settings) -> Iterator[TcpProxy]:
     forwarder = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672)
     yield forwarder
     forwarder.close()
+
+
+# ----------------------------------------------------------------------------- HTTP services
+
+
+@dataclass
+class Exchange:
+    """One request a FakeService received."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: Any
+
+
+@dataclass
+class FakeService:
+    """A small HTTP service: ``answer(exchange)`` gives (status, content type, body bytes)."""
+
+    answer: Callable[[Exchange], tuple[int, str, bytes]]
+    calls: list[Exchange] = field(default_factory=list)
+    release: threading.Event = field(default_factory=threading.Event)
+    slow: bool = False  # hold every answer until ``release`` is set
+    url: str = ""
+
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _serve(self) -> None:
+                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = json.loads(raw) if raw else None
+                exchange = Exchange(self.command, self.path,
+                                    {k.lower(): v for k, v in self.headers.items()}, body)
+                fake.calls.append(exchange)
+                if fake.slow:
+                    fake.release.wait(30)
+                status, content_type, data = fake.answer(exchange)
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = _serve
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        return Handler
+
+
+@pytest.fixture
+def http_service() -> Iterator[Callable[[Callable[[Exchange], tuple[int, str, bytes]]], FakeService]]:
+    """http_service(answer): start a FakeService on 127.0.0.1; every one is stopped afterwards."""
+    servers: list[tuple[FakeService, ThreadingHTTPServer]] = []
+
+    def start(answer: Callable[[Exchange], tuple[int, str, bytes]]) -> FakeService:
+        fake = FakeService(answer)
+        server = ThreadingHTTPServer(("127.0.0.1", 0), fake.handler())
+        server.daemon_threads = True
+        fake.url = f"http://127.0.0.1:{server.server_address[1]}"
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()
+        servers.append((fake, server))
+        return fake
+
+    yield start
+    for fake, server in servers:
+        fake.release.set()
+        server.shutdown()
+        server.server_close()
+
+
+def json_answer(status: int, body: Any) -> tuple[int, str, bytes]:
+    return status, "application/json", json.dumps(body).encode()

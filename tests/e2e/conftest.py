@@ -82,10 +82,15 @@ class FakeIam:
 
     def grant(self, sub: str = "user-1", tenant: str | None = "tenant-1",
               permissions: tuple[str, ...] | list[str] = ALL_PERMISSIONS, **claims: Any) -> str:
-        """Register a new user token and return it."""
+        """Register a new user token and return it.
+
+        IAM answers with the account document itself (services/iam/src/routes/tokens.js
+        `res.send(accountData)`): the account id is ``_id`` and there is no ``sub``.
+        """
         token = f"user-token-{uuid.uuid4().hex}"
-        self.tokens[token] = {"sub": sub, "username": f"{sub}@example.com", "tenant": tenant,
-                              "permissions": list(permissions), "memberships": [], **claims}
+        self.tokens[token] = {"_id": sub, "username": f"{sub}@example.com", "tenant": tenant,
+                              "roles": [], "permissions": list(permissions),
+                              "isAdmin": "all" in permissions, **claims}
         return token
 
     def calls_for(self, token: str) -> list[IamCall]:

@@ -7,13 +7,9 @@ IAM and the logging service are real HTTP servers on 127.0.0.1, started by the t
 
 from __future__ import annotations
 
-import json
 import logging
-import threading
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -24,84 +20,11 @@ from flask.testing import FlaskClient
 from flow_repository.app import create_app
 from flow_repository.settings import Settings
 from flow_repository.store import FlowStore
-from tests.conftest import ALL_PERMISSIONS, free_port
+from tests.conftest import ALL_PERMISSIONS, Exchange, FakeService, free_port, json_answer
 
 SERVICE_TOKEN = "flow-repository-service-token-5f1d"
 COMPONENT = "5d9f1e2a3b4c5d6e7f800abc"
 TENANT = "5d9f1e2a3b4c5d6e7f800001"
-
-
-@dataclass
-class Exchange:
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: Any
-
-
-@dataclass
-class FakeService:
-    """A small HTTP service: ``answer(exchange)`` gives (status, content type, body bytes)."""
-
-    answer: Callable[[Exchange], tuple[int, str, bytes]]
-    calls: list[Exchange] = field(default_factory=list)
-    release: threading.Event = field(default_factory=threading.Event)
-    slow: bool = False  # hold every answer until ``release`` is set
-    url: str = ""
-
-    def handler(self) -> type[BaseHTTPRequestHandler]:
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def _serve(self) -> None:
-                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                body = json.loads(raw) if raw else None
-                exchange = Exchange(self.command, self.path,
-                                    {k.lower(): v for k, v in self.headers.items()}, body)
-                fake.calls.append(exchange)
-                if fake.slow:
-                    fake.release.wait(30)
-                status, content_type, data = fake.answer(exchange)
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = _serve
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        return Handler
-
-
-@pytest.fixture
-def serve() -> Iterator[Callable[[Callable[[Exchange], tuple[int, str, bytes]]], FakeService]]:
-    """serve(answer): start a FakeService on 127.0.0.1; every one is stopped afterwards."""
-    servers: list[tuple[FakeService, ThreadingHTTPServer]] = []
-
-    def start(answer: Callable[[Exchange], tuple[int, str, bytes]]) -> FakeService:
-        fake = FakeService(answer)
-        server = ThreadingHTTPServer(("127.0.0.1", 0), fake.handler())
-        server.daemon_threads = True
-        fake.url = f"http://127.0.0.1:{server.server_address[1]}"
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                         daemon=True).start()
-        servers.append((fake, server))
-        return fake
-
-    yield start
-    for fake, server in servers:
-        fake.release.set()
-        server.shutdown()
-        server.server_close()
-
-
-def json_answer(status: int, body: Any) -> tuple[int, str, bytes]:
-    return status, "application/json", json.dumps(body).encode()
 
 
 class Iam:
@@ -140,8 +63,8 @@ def iam() -> Iam:
 
 
 @pytest.fixture
-def oih_settings(settings: Settings, iam: Iam, serve) -> Settings:
-    iam_server = serve(iam.answer)
+def oih_settings(settings: Settings, iam: Iam, http_service) -> Settings:
+    iam_server = http_service(iam.answer)
     return settings.replace(introspect_type="basic", iam_token=SERVICE_TOKEN,
                             introspect_endpoint_basic=f"{iam_server.url}/api/v1/tokens/introspect",
                             logging_service_timeout_seconds=0.5)
@@ -411,8 +334,8 @@ LOG_LINES = {"data": [{"msg": "step ran", "level": 30}], "meta": {"page": 1}}
 
 
 @pytest.fixture
-def logging_service(serve) -> FakeService:
-    return serve(lambda exchange: json_answer(200, LOG_LINES))
+def logging_service(http_service) -> FakeService:
+    return http_service(lambda exchange: json_answer(200, LOG_LINES))
 
 
 @pytest.fixture
@@ -505,12 +428,12 @@ def test_step_logs_from_a_slow_logging_service_are_504(
      ["the logging service answered HTTP 302 to the flow repository"]),
 ])
 def test_logging_service_errors_are_passed_on_as_json_errors(
-    oih_app: Callable[..., Flask], iam: Iam, serve, error_messages,
+    oih_app: Callable[..., Flask], iam: Iam, http_service, error_messages,
     upstream: tuple[int, str, bytes], status: int, messages: list[str],
 ) -> None:
     """Its status is kept, except that a refusal of the service's own token is 502: a 401
     would log OIH's web UI out."""
-    service = serve(lambda exchange: upstream)
+    service = http_service(lambda exchange: upstream)
     client = oih_app(logging_service_base_url=service.url).test_client()
     _, headers = iam.account()
     flow_id = created(client, headers)["id"]
@@ -519,13 +442,13 @@ def test_logging_service_errors_are_passed_on_as_json_errors(
 
 
 def test_the_iam_token_never_leaks_from_step_logs(
-    oih_app: Callable[..., Flask], iam: Iam, serve, caplog: pytest.LogCaptureFixture
+    oih_app: Callable[..., Flask], iam: Iam, http_service, caplog: pytest.LogCaptureFixture
 ) -> None:
     answers = []
     _, headers = iam.account()
     with caplog.at_level(logging.DEBUG):
         for status in (401, 500):  # a logging service that echoes the header it was sent
-            echo = serve(lambda exchange, status=status: json_answer(
+            echo = http_service(lambda exchange, status=status: json_answer(
                 status, {"message": f"bad: {exchange.headers['authorization']}"}))
             client = oih_app(logging_service_base_url=echo.url).test_client()
             flow_id = created(client, headers)["id"]

@@ -64,6 +64,7 @@ def test_document_lists_every_route_and_method(document: dict[str, Any]) -> None
         ("/flows/{flow_id}", "delete"), ("/flows/{flow_id}/start", "post"),
         ("/flows/{flow_id}/stop", "post"), ("/flows/multiple/start", "post"),
         ("/flows/multiple/stop", "post"), ("/healthcheck", "get"),
+        ("/flows/{flow_id}/steps/{step_id}/logs", "get"),
     }
 
 

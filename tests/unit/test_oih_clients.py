@@ -18,6 +18,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from flow_repository.app import create_app
+from flow_repository.events import envelope
 from flow_repository.settings import Settings
 from flow_repository.store import FlowStore
 from tests.conftest import ALL_PERMISSIONS, Exchange, FakeService, free_port, json_answer
@@ -462,3 +463,52 @@ def test_the_iam_token_never_leaks_from_step_logs(
         assert SERVICE_TOKEN not in str(answer.headers)
     assert SERVICE_TOKEN not in caplog.text
     assert all(SERVICE_TOKEN not in str(vars(record)) for record in caplog.records)
+
+
+# ----------------------------------------------------------------------------- events
+
+
+# What OIH's event consumers read of each event the flow repository publishes:
+# services/component-orchestrator/src/event-handlers/FlowStarting.js and models/Flow.js
+# (the payload is assigned onto its Flow: id, graph, status, startedBy), the scheduler's
+# FlowStarting handler (id, cron, graph), webhooks (id, graph), and the audit log
+# (headers name/serviceName/createdAt, payload tenant/user/flowId).
+FLOW_EVENT_FIELDS = {"id", "graph", "status", "cron", "owners", "name", "flowSettings"}
+NODE_FIELDS = {"id", "componentId", "function", "fields", "nodeSettings", "credentials_id"}
+EDGE_FIELDS = {"source", "target", "config"}
+
+
+def test_events_keep_every_field_oih_consumers_read(
+    oih: FlaskClient, iam: Iam, store: FlowStore
+) -> None:
+    account_id, headers = iam.account()
+    body = flow(cron="*/5 * * * *", flowSettings={"retries": 2})
+    body["graph"]["nodes"][0].update(nodeSettings={"idempotent": True},
+                                     credentials_id=str(ObjectId()), privileged=True)
+    body["graph"]["edges"][0]["config"] = {"condition": "true", "mapper": {"a": "$.b"}}
+    flow_id = created(oih, headers, body)["id"]
+    assert oih.patch(f"/flows/{flow_id}", json={"name": "x"}, headers=headers).status_code == 200
+    for step in ("start", "stop"):
+        assert oih.post(f"/flows/{flow_id}/{step}", headers=headers).status_code == 200
+    raw = store.raw(ObjectId(flow_id))
+    messages = {event["name"]: envelope(event, raw) for event in raw["outbox"]}
+    assert set(messages) >= {"flowrepo.flow.created", "flowrepo.flow.modified", "flow.starting",
+                             "flow.stopping"}
+
+    for name in ("flow.starting", "flow.stopping"):
+        payload = messages[name]["payload"]
+        assert FLOW_EVENT_FIELDS <= set(payload), (name, sorted(payload))
+        assert payload["id"] == flow_id and payload["cron"] == "*/5 * * * *"
+        node, _ = payload["graph"]["nodes"]
+        assert NODE_FIELDS <= set(node) and "privileged" not in node
+        [edge] = payload["graph"]["edges"]
+        assert EDGE_FIELDS <= set(edge) and edge["config"]["mapper"] == {"a": "$.b"}
+    assert messages["flow.starting"]["payload"]["status"] == "starting"
+    assert messages["flow.starting"]["payload"]["startedBy"] == account_id
+    assert messages["flow.stopping"]["payload"]["status"] == "stopping"
+
+    for name in ("flowrepo.flow.created", "flowrepo.flow.modified"):
+        audit = messages[name]
+        assert audit["payload"] == {"tenant": TENANT, "user": account_id, "flowId": flow_id}
+        assert {"name", "serviceName", "createdAt"} <= set(audit["headers"])
+        assert audit["headers"]["serviceName"] == "flow-repository"

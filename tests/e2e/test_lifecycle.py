@@ -134,24 +134,20 @@ def test_start_many_reports_each_item(api: Served, iam: FakeIam, bus: Bus, flow_
 
     results = api.request("POST", "/flows/multiple/start", headers=headers,
                           json=[flow_id, unknown, "not-an-id"])
-    assert results.status_code == 207, results.text
-    body = results.json()
-    assert body["meta"] == {"total": 3, "succeeded": 1, "failed": 2}
-    by_index = {item["index"]: item for item in body["data"]}
-    assert by_index[0]["status"] == 200
-    assert by_index[0]["data"] == {"id": flow_id, "status": "starting"}
-    assert by_index[1]["status"] == 404
-    assert by_index[1]["id"] == unknown
-    assert by_index[2]["status"] == 400
-    assert by_index[2]["errors"][0]["code"] == 400
+    # OIH's startstop.js shape: a bare array aligned with the ids.
+    assert results.status_code == 200, results.text
+    started, absent, invalid = results.json()
+    assert started == {"data": {"id": flow_id, "status": "starting"}, "meta": {}}
+    assert [(e["flowId"], e["code"]) for e in absent["errors"]] == [(unknown, 404)]
+    assert [(e["flowId"], e["code"]) for e in invalid["errors"]] == [("not-an-id", 400)]
     starting = bus.event("flow.starting", flow_id)
     assert starting["payload"]["startedBy"] == "ui-user"
 
     # The same list again: the started flow now conflicts.
     repeat = api.request("POST", "/flows/multiple/start", headers=headers, json=[flow_id])
-    assert repeat.status_code == 207
-    assert repeat.json()["data"][0]["status"] == 409
+    assert repeat.status_code == 200
+    assert repeat.json()[0]["errors"][0]["code"] == 409
     stops = api.request("POST", "/flows/multiple/stop", headers=headers, json=[flow_id])
     assert stops.status_code == 200, stops.text
-    assert stops.json()["data"][0]["data"] == {"id": flow_id, "status": "stopping"}
+    assert stops.json() == [{"data": {"id": flow_id, "status": "stopping"}, "meta": {}}]
     bus.event("flow.stopping", flow_id)

@@ -32,7 +32,7 @@ def test_full_lifecycle_over_http_and_the_bus(driver, listener, flow_body, store
 
     started = client.post(f"/flows/{flow_id}/start", headers=headers)
     assert started.status_code == 200
-    assert started.get_json() == {"data": {"id": flow_id, "status": "starting"}}
+    assert started.get_json() == {"data": {"id": flow_id, "status": "starting"}, "meta": {}}
     [starting] = bus.wait("flow.starting", flow_id)
     payload = starting.payload
     assert payload["id"] == flow_id
@@ -50,7 +50,7 @@ def test_full_lifecycle_over_http_and_the_bus(driver, listener, flow_body, store
 
     stopped = client.post(f"/flows/{flow_id}/stop", headers=headers)
     assert stopped.status_code == 200
-    assert stopped.get_json() == {"data": {"id": flow_id, "status": "stopping"}}
+    assert stopped.get_json() == {"data": {"id": flow_id, "status": "stopping"}, "meta": {}}
     [stopping] = bus.wait("flow.stopping", flow_id)
     assert stopping.payload["id"] == flow_id
     assert stopping.payload["status"] == "stopping"

@@ -53,7 +53,7 @@ def test_allowed_command_changes_status_and_publishes(driver, listener, source, 
 
     answer = driver.command(flow_id, action)
 
-    assert answer == {"data": {"id": flow_id, "status": target}}
+    assert answer == {"data": {"id": flow_id, "status": target}, "meta": {}}
     flow = driver.get(flow_id)
     assert flow["status"] == target
     assert flow["revision"] == before["revision"] + 1

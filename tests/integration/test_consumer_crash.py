@@ -103,7 +103,7 @@ def test_message_in_hand_of_a_killed_consumer_is_redelivered_and_applied_once(
     runtime = Runtime.build(settings, store=store)
     owner = Principal(sub="user-1", tenant="tenant-1", permissions=frozenset(), is_admin=False)
     flow_id = runtime.service.create(owner, {"name": "Crash", "graph": {"nodes": [
-        {"id": "a", "componentId": "0" * 23 + "1", "function": "run"}], "edges": []}})["id"]
+        {"id": "a", "componentId": "0" * 23 + "1", "function": "run"}], "edges": []}}).flow["id"]
     runtime.service.start(owner, flow_id)
     before = store.raw(ObjectId(flow_id))
     assert before["status"] == "starting"

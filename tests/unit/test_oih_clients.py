@@ -176,6 +176,48 @@ def test_changing_the_status_by_patch_is_still_400(oih: FlaskClient, iam: Iam, s
     assert store.raw(ObjectId(flow_id)) == before
 
 
+def test_dispatcher_creates_a_placeholder_flow_then_patches_the_real_graph(
+    oih: FlaskClient, iam: Iam
+) -> None:
+    """services/dispatcher-service/app/utils/flowCreator.js: POST a one-node placeholder,
+    read `body.data.id`, PATCH the whole generated flow and expect 200."""
+    _, headers = iam.account()
+    generated = {"description": "This flow was automatically generated", "type": "ordinary",
+                 "cron": "* * * * *", "name": "H&S Inbound CREATE Flow for Snazzy"}
+    placeholder = {**generated, "graph": {"nodes": [
+        {"id": "empty", "componentId": "5f895922926f72cf78353272", "function": "empty"}],
+        "edges": []}}
+    create = oih.post("/flows", json=placeholder, headers=headers)
+    assert create.status_code == 201, create.get_json()
+    flow_id = create.get_json()["data"]["id"]
+    sdf = str(ObjectId())
+    nodes = [
+        {"id": "step_1", "componentId": sdf, "name": "SDF Adapter", "function": "receiveEvents",
+         "description": "Receives data from SDF", "fields": {"amqpUrl": "amqp://x",
+                                                             "flowId": flow_id}},
+        {"id": "step_2", "componentId": COMPONENT, "credentials_id": str(ObjectId()),
+         "name": "Snazzy Adapter", "function": "createObject", "description": "Pushes data"},
+        {"id": "step_3", "componentId": sdf, "name": "SDF Adapter", "function": "processRecordUid",
+         "description": "Updates recordUid", "fields": {"amqpUrl": "amqp://x",
+                                                        "flowId": flow_id}},
+    ]
+    edges = [{"source": "step_1", "target": "step_2"}, {"source": "step_2", "target": "step_3"}]
+    patched = oih.patch(f"/flows/{flow_id}", json={**generated, "graph": {
+        "nodes": nodes, "edges": edges}}, headers=headers)
+    assert patched.status_code == 200, patched.get_json()
+    assert patched.get_json()["data"]["graph"] == {"nodes": nodes, "edges": edges}
+
+
+def test_governance_dashboard_lists_with_a_plain_page_argument(oih: FlaskClient, iam: Iam) -> None:
+    """services/governance-service/app/utils/dashboard.js: GET /flows?page=N (not page[number]);
+    Express reads it as no page parameters at all, and so does this service."""
+    _, headers = iam.account()
+    created(oih, headers)
+    response = oih.get("/flows?page=2", headers=headers)
+    assert response.status_code == 200
+    assert response.get_json()["meta"] == {"total": 1, "page": 1, "perPage": 10, "totalPages": 1}
+
+
 # ----------------------------------------------------------------------------- unknown fields
 
 

@@ -39,11 +39,10 @@ class Saved:
 
 @dataclass(frozen=True)
 class ItemResult:
-    """The outcome of one item of a bulk request."""
+    """The outcome of one item of a bulk request: what it wrote, or why it failed."""
 
     status: int
     index: int
-    id: str | None = None
     data: Mapping[str, Any] | None = None
     errors: Sequence[str] = ()
     ignored_fields: Sequence[str] = ()
@@ -107,7 +106,6 @@ class UseCases:
         items: Sequence[Any],
         success: int,
         apply: Callable[[Any], Mapping[str, Any] | Saved],
-        id_of: Callable[[Any], Any] = lambda item: item,
     ) -> list[ItemResult]:
         """Apply a use case to every item of a bulk request; one failure stops no other."""
         self._check_bulk_size(items)
@@ -116,13 +114,10 @@ class UseCases:
             try:
                 outcome = apply(item)
                 saved = outcome if isinstance(outcome, Saved) else Saved(dict(outcome))
-                results.append(ItemResult(success, index, saved.flow["id"], saved.flow,
+                results.append(ItemResult(success, index, saved.flow,
                                           ignored_fields=saved.ignored_fields))
             except FlowError as error:
-                raw_id = id_of(item)
-                results.append(ItemResult(error.status, index,
-                                          raw_id if isinstance(raw_id, str) else None,
-                                          errors=error.messages()))
+                results.append(ItemResult(error.status, index, errors=error.messages()))
         return results
 
     @staticmethod

@@ -77,8 +77,7 @@ class FlowUseCases(UseCases):
         return self._saved(flow, ignored)
 
     def create_many(self, principal: Principal, bodies: Sequence[Any]) -> list[ItemResult]:
-        return self._each(bodies, 201, lambda body: self.create(principal, body),
-                          id_of=lambda body: None)
+        return self._each(bodies, 201, lambda body: self.create(principal, body))
 
     def update(
         self, principal: Principal, raw_id: Any, body: Any,
@@ -130,8 +129,7 @@ class FlowUseCases(UseCases):
             body = {key: value for key, value in item.items() if key != "id"}
             return self.update(principal, item.get("id"), body)
 
-        return self._each(items, 200, update_item,
-                          id_of=lambda item: item.get("id") if isinstance(item, Mapping) else None)
+        return self._each(items, 200, update_item)
 
     def delete(
         self, principal: Principal, raw_id: Any, if_match: tuple[int, ...] | None = None

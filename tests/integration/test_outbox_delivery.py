@@ -65,7 +65,8 @@ def test_events_wait_out_a_broker_outage_and_arrive_in_order(make_app, settings,
 
     eventually(degraded, message="healthcheck reports the queue down")
     for flow_id in plain:
-        assert driver.command(flow_id, "start") == {"data": {"id": flow_id, "status": "starting"}}
+        assert driver.command(flow_id, "start") == {"data": {"id": flow_id, "status": "starting"},
+                                                     "meta": {}}
     assert driver.command(running, "stop")["data"]["status"] == "stopping"
     assert driver.command(cycled, "start")["data"]["status"] == "starting"
     # the orchestrator's report cannot arrive through the cut either: apply it as the

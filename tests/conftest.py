@@ -329,9 +329,10 @@ class Exchange:
 
 @dataclass
 class FakeService:
-    """A small HTTP service: ``answer(exchange)`` gives (status, content type, body bytes)."""
+    """A small HTTP service. ``answer(exchange)`` gives ``(status, body)``, the body sent as
+    JSON, or ``(status, content type, body bytes)`` sent as they are."""
 
-    answer: Callable[[Exchange], tuple[int, str, bytes]]
+    answer: Callable[[Exchange], tuple[Any, ...]]
     calls: list[Exchange] = field(default_factory=list)
     release: threading.Event = field(default_factory=threading.Event)
     slow: bool = False  # hold every answer until ``release`` is set
@@ -351,7 +352,10 @@ class FakeService:
                 fake.calls.append(exchange)
                 if fake.slow:
                     fake.release.wait(30)
-                status, content_type, data = fake.answer(exchange)
+                answer = fake.answer(exchange)
+                if len(answer) == 2:
+                    answer = (answer[0], "application/json", json.dumps(answer[1]).encode())
+                status, content_type, data = answer
                 self.send_response(status)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(data)))
@@ -367,11 +371,11 @@ class FakeService:
 
 
 @pytest.fixture
-def http_service() -> Iterator[Callable[[Callable[[Exchange], tuple[int, str, bytes]]], FakeService]]:
+def http_service() -> Iterator[Callable[[Callable[[Exchange], tuple[Any, ...]]], FakeService]]:
     """http_service(answer): start a FakeService on 127.0.0.1; every one is stopped afterwards."""
     servers: list[tuple[FakeService, ThreadingHTTPServer]] = []
 
-    def start(answer: Callable[[Exchange], tuple[int, str, bytes]]) -> FakeService:
+    def start(answer: Callable[[Exchange], tuple[Any, ...]]) -> FakeService:
         fake = FakeService(answer)
         server = ThreadingHTTPServer(("127.0.0.1", 0), fake.handler())
         server.daemon_threads = True
@@ -388,5 +392,7 @@ def http_service() -> Iterator[Callable[[Callable[[Exchange], tuple[int, str, by
         server.server_close()
 
 
-def json_answer(status: int, body: Any) -> tuple[int, str, bytes]:
-    return status, "application/json", json.dumps(body).encode()
+@pytest.fixture
+def unused_port() -> int:
+    """A port on 127.0.0.1 where nothing listens (a service that is down)."""
+    return free_port()

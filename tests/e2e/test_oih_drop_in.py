@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 import socket
 
-from tests.conftest import json_answer
-
 from .conftest import SERVICE_TOKEN, FakeIam, Served, bearer
 
 
 def test_oih_clients_against_the_served_api(serve, iam: FakeIam, http_service, flow_body) -> None:
     logs = {"data": [{"msg": "fetched 3 persons"}], "meta": {}}
-    logging_service = http_service(lambda exchange: json_answer(200, logs))
+    logging_service = http_service(lambda exchange: (200, logs))
     api: Served = serve(LOGGING_SERVICE_BASE_URL=logging_service.url,
                         LOGGING_SERVICE_TIMEOUT_SECONDS="2")
     account_id = "5d9f1e2a3b4c5d6e7f809102"  # IAM's account document has `_id`, no `sub`

@@ -21,7 +21,6 @@ from flow_repository.app import create_app
 from flow_repository.events import envelope
 from flow_repository.settings import Settings
 from flow_repository.store import FlowStore
-from tests.conftest import ALL_PERMISSIONS, Exchange, FakeService, free_port, json_answer
 
 SERVICE_TOKEN = "flow-repository-service-token-5f1d"
 COMPONENT = "5d9f1e2a3b4c5d6e7f800abc"
@@ -32,12 +31,14 @@ class Iam:
     """OIH's IAM: POST /api/v1/tokens/introspect answers the account document itself
     (services/iam/src/routes/tokens.js `res.send(accountData)`): no `sub`, `_id` instead."""
 
-    def __init__(self) -> None:
+    def __init__(self, flow_permissions: tuple[str, ...]) -> None:
+        self.flow_permissions = flow_permissions  # granted when a test names none
         self.accounts: dict[str, dict[str, Any]] = {}
 
-    def account(self, permissions: tuple[str, ...] | list[str] = ALL_PERMISSIONS,
+    def account(self, permissions: tuple[str, ...] | list[str] | None = None,
                 tenant: str | None = TENANT, **fields: Any) -> tuple[str, dict[str, str]]:
         """A new account and its token; returns (account id, Authorization headers)."""
+        permissions = self.flow_permissions if permissions is None else permissions
         account_id = str(ObjectId())
         token = uuid.uuid4().hex
         self.accounts[token] = {
@@ -47,20 +48,21 @@ class Iam:
         }
         return account_id, {"Authorization": f"Bearer {token}"}
 
-    def answer(self, exchange: Exchange) -> tuple[int, str, bytes]:
+    def answer(self, exchange: Any) -> tuple[Any, ...]:
         authorized = (exchange.headers.get("authorization") == f"Bearer {SERVICE_TOKEN}"
                       and exchange.headers.get("x-auth-type") == "basic")
         account = self.accounts.get((exchange.body or {}).get("token"))
         if not authorized:
-            return json_answer(403, {"errors": [{"message": "MISSING_PERMISSION"}]})
+            return 403, {"errors": [{"message": "MISSING_PERMISSION"}]}
         if account is None:
             return 404, "text/plain", b"Not Found"
-        return json_answer(200, account)
+        return 200, account
 
 
 @pytest.fixture
-def iam() -> Iam:
-    return Iam()
+def iam(settings: Settings) -> Iam:
+    return Iam((settings.flow_read_permission, settings.flow_write_permission,
+                settings.flow_control_permission, settings.flow_bulk_permission))
 
 
 @pytest.fixture
@@ -377,17 +379,17 @@ LOG_LINES = {"data": [{"msg": "step ran", "level": 30}], "meta": {"page": 1}}
 
 
 @pytest.fixture
-def logging_service(http_service) -> FakeService:
-    return http_service(lambda exchange: json_answer(200, LOG_LINES))
+def logging_service(http_service) -> Any:
+    return http_service(lambda exchange: (200, LOG_LINES))
 
 
 @pytest.fixture
-def logs_app(oih_app: Callable[..., Flask], logging_service: FakeService) -> FlaskClient:
+def logs_app(oih_app: Callable[..., Flask], logging_service: Any) -> FlaskClient:
     return oih_app(logging_service_base_url=f"{logging_service.url}/base").test_client()
 
 
 def test_step_logs_are_proxied_with_the_service_token(
-    logs_app: FlaskClient, iam: Iam, logging_service: FakeService
+    logs_app: FlaskClient, iam: Iam, logging_service: Any
 ) -> None:
     """flow.js GET /:id/steps/:stepId/logs: visibility first, then the logging service with
     `Bearer $IAM_TOKEN` and the caller's query string."""
@@ -404,7 +406,7 @@ def test_step_logs_are_proxied_with_the_service_token(
 
 
 def test_step_logs_of_an_invisible_flow_are_404_and_never_asked_for(
-    logs_app: FlaskClient, iam: Iam, logging_service: FakeService, error_messages
+    logs_app: FlaskClient, iam: Iam, logging_service: Any, error_messages
 ) -> None:
     _, owner = iam.account(tenant=None)
     flow_id = created(logs_app, owner)["id"]
@@ -417,7 +419,7 @@ def test_step_logs_of_an_invisible_flow_are_404_and_never_asked_for(
 
 
 def test_step_ids_are_escaped_into_one_path_segment(
-    logs_app: FlaskClient, iam: Iam, logging_service: FakeService, error_messages
+    logs_app: FlaskClient, iam: Iam, logging_service: Any, error_messages
 ) -> None:
     _, headers = iam.account()
     flow_id = created(logs_app, headers)["id"]
@@ -439,9 +441,9 @@ def test_step_logs_without_a_logging_service_are_501(
 
 
 def test_step_logs_with_the_logging_service_down_are_502(
-    oih_app: Callable[..., Flask], iam: Iam, error_messages
+    oih_app: Callable[..., Flask], iam: Iam, error_messages, unused_port: int
 ) -> None:
-    client = oih_app(logging_service_base_url=f"http://127.0.0.1:{free_port()}").test_client()
+    client = oih_app(logging_service_base_url=f"http://127.0.0.1:{unused_port}").test_client()
     _, headers = iam.account()
     flow_id = created(client, headers)["id"]
     assert error_messages(client.get(f"/flows/{flow_id}/steps/step_1/logs", headers=headers),
@@ -449,7 +451,7 @@ def test_step_logs_with_the_logging_service_down_are_502(
 
 
 def test_step_logs_from_a_slow_logging_service_are_504(
-    logs_app: FlaskClient, iam: Iam, logging_service: FakeService, error_messages
+    logs_app: FlaskClient, iam: Iam, logging_service: Any, error_messages
 ) -> None:
     _, headers = iam.account()
     flow_id = created(logs_app, headers)["id"]
@@ -459,20 +461,20 @@ def test_step_logs_from_a_slow_logging_service_are_504(
 
 
 @pytest.mark.parametrize(("upstream", "status", "messages"), [
-    (json_answer(500, {"errors": [{"message": "db down", "code": 500}]}), 500, ["db down"]),
-    (json_answer(400, {"message": "bad page"}), 400, ["bad page"]),
+    ((500, {"errors": [{"message": "db down", "code": 500}]}), 500, ["db down"]),
+    ((400, {"message": "bad page"}), 400, ["bad page"]),
     ((404, "text/html", b"<h1>Not Found</h1>"), 404,
      ["the logging service answered HTTP 404"]),
-    (json_answer(401, {"message": "token invalid"}), 502,
+    ((401, {"message": "token invalid"}), 502,
      ["the logging service answered HTTP 401 to the flow repository"]),
-    (json_answer(403, {"message": "MISSING_PERMISSION"}), 502,
+    ((403, {"message": "MISSING_PERMISSION"}), 502,
      ["the logging service answered HTTP 403 to the flow repository"]),
     ((302, "text/plain", b""), 502,
      ["the logging service answered HTTP 302 to the flow repository"]),
 ])
 def test_logging_service_errors_are_passed_on_as_json_errors(
     oih_app: Callable[..., Flask], iam: Iam, http_service, error_messages,
-    upstream: tuple[int, str, bytes], status: int, messages: list[str],
+    upstream: tuple[Any, ...], status: int, messages: list[str],
 ) -> None:
     """Its status is kept, except that a refusal of the service's own token is 502: a 401
     would log OIH's web UI out."""
@@ -485,18 +487,19 @@ def test_logging_service_errors_are_passed_on_as_json_errors(
 
 
 def test_the_iam_token_never_leaks_from_step_logs(
-    oih_app: Callable[..., Flask], iam: Iam, http_service, caplog: pytest.LogCaptureFixture
+    oih_app: Callable[..., Flask], iam: Iam, http_service,
+    caplog: pytest.LogCaptureFixture, unused_port: int,
 ) -> None:
     answers = []
     _, headers = iam.account()
     with caplog.at_level(logging.DEBUG):
         for status in (401, 500):  # a logging service that echoes the header it was sent
-            echo = http_service(lambda exchange, status=status: json_answer(
+            echo = http_service(lambda exchange, status=status: (
                 status, {"message": f"bad: {exchange.headers['authorization']}"}))
             client = oih_app(logging_service_base_url=echo.url).test_client()
             flow_id = created(client, headers)["id"]
             answers.append(client.get(f"/flows/{flow_id}/steps/step_1/logs", headers=headers))
-        down = oih_app(logging_service_base_url=f"http://127.0.0.1:{free_port()}")
+        down = oih_app(logging_service_base_url=f"http://127.0.0.1:{unused_port}")
         answers.append(down.test_client().get(f"/flows/{flow_id}/steps/step_1/logs",
                                               headers=headers))
     assert answers[1].get_json()["errors"][0]["message"] == "bad: Bearer [redacted]"

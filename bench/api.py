@@ -49,6 +49,19 @@ wrk.headers["Authorization"] = "Bearer %(token)s"
 """
 
 
+PATCH_LUA = """
+local paths = {%(paths)s}
+local headers = {["Authorization"] = "Bearer %(token)s",
+                 ["Content-Type"] = "application/json"}
+local counter = 0
+request = function()
+  counter = counter + 1
+  local body = '{"description": "bench edit ' .. counter .. '"}'
+  return wrk.format("PATCH", paths[(counter %% #paths) + 1], headers, body)
+end
+"""
+
+
 def lua_string(text: str) -> str:
     return json.dumps(text)  # a JSON string literal is a valid Lua string literal here
 
@@ -168,6 +181,9 @@ def bench_size(size: int, arguments: argparse.Namespace, wrk: str, workdir: Path
         body = json.dumps(harness.sample_flow("bench posted flow"))
         posting = write_script(workdir, f"post-flow-{size}",
                                POST_LUA % {"body": lua_string(body), "token": caller})
+        listed = ", ".join(lua_string(f"/flows/{flow_id}") for flow_id in owned[:200])
+        patching = write_script(workdir, f"patch-flow-{size}",
+                                PATCH_LUA % {"paths": listed, "token": caller})
 
         results: dict[str, Any] = {}
         outbox_before = pending(server.url)
@@ -182,10 +198,12 @@ def bench_size(size: int, arguments: argparse.Namespace, wrk: str, workdir: Path
                                        "GET /flows (page of 10)")
         memory_reads = server.memory()
         results["createFlow"] = measure(wrk, server.url, posting, arguments, "POST /flows")
+        results["updateFlow"] = measure(wrk, server.url, patching, arguments,
+                                        "PATCH /flows/{id}")
         memory_end = server.memory()
         outbox_after = pending(server.url)
         posted = results["createFlow"]["requests"] + results["createFlow"]["warmupRequests"]
-        for name in ("getFlow", "listFlows", "createFlow"):
+        for name in ("getFlow", "listFlows", "createFlow", "updateFlow"):
             ceiling_rate = results["ceiling"]["reqPerSec"]
             results[name]["ofCeiling"] = round(results[name]["reqPerSec"] / ceiling_rate, 3)
         return {
@@ -222,7 +240,8 @@ def table(report: dict[str, Any]) -> str:
     ]
     names = {"ceiling": "bare Flask (ceiling) GET /flows/{id}, mean of 2 runs",
              "getFlow": "GET /flows/{id}",
-             "listFlows": "GET /flows (page of 10, owner-scoped)", "createFlow": "POST /flows"}
+             "listFlows": "GET /flows (page of 10, owner-scoped)", "createFlow": "POST /flows",
+             "updateFlow": "PATCH /flows/{id} (description, rotating over owned flows)"}
     for run in report["runs"]:
         for key, label in names.items():
             row = run["endpoints"][key]

@@ -134,9 +134,9 @@ def create_app(
 
     api = FlowApi(app, spec_kwargs={"components": {"securitySchemes": {
         "bearer": {"type": "http", "scheme": "bearer"}}}, "security": [{"bearer": []}]})
-    from .api import flows, health, lifecycle
+    from .api import flows, health, history, lifecycle
 
-    for blueprint in (health.blp, flows.blp, lifecycle.blp):
+    for blueprint in (health.blp, flows.blp, lifecycle.blp, history.blp):
         api.register_blueprint(blueprint)
     app.add_url_rule(f"{SWAGGER_ASSETS}/<path:filename>", "swagger_ui_assets",
                      lambda filename: send_from_directory(swagger_ui_path, filename))

@@ -217,7 +217,8 @@ class OutboxRelay:
                 self._on_published(event["name"])
                 sent += 1
         finally:
-            self._store.release(flow["_id"], self._relay_id)
+            self._store.release(flow["_id"], self._relay_id,
+                                deleted=flow.get("deletedAt") is not None)
         return sent
 
     def run(self) -> None:

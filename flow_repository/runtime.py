@@ -12,6 +12,7 @@ from . import domain
 from .consumer import StatusConsumer
 from .events import OutboxRelay, Publisher
 from .metrics import Metrics
+from .references import ReferenceChecker
 from .services import FlowService
 from .settings import Settings
 from .step_logs import StepLogClient
@@ -89,6 +90,8 @@ class Runtime:
             store,
             timeouts=domain.Timeouts(settings.start_timeout_seconds, settings.stop_timeout_seconds),
             bulk_max_items=settings.bulk_max_items,
+            history_max_revisions=settings.history_max_revisions,
+            references=ReferenceChecker(settings),
             notify=outbox.wake if outbox else lambda: None,
             step_logs=StepLogClient(settings.logging_service_base_url, settings.iam_token,
                                     settings.logging_service_timeout_seconds)

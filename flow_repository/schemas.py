@@ -242,8 +242,8 @@ class ErrorResponseSchema(Schema):
     errors = fields.List(fields.Nested(ErrorItemSchema))
 
 
-class ListArgumentsSchema(Schema):
-    """GET /flows query arguments, in OIH's bracketed JSON:API-style names."""
+class PageArgumentsSchema(Schema):
+    """Paging in OIH's bracketed JSON:API-style names (flows, and a flow's revisions)."""
 
     class Meta:
         unknown = EXCLUDE
@@ -253,6 +253,11 @@ class ListArgumentsSchema(Schema):
                                validate=validate.Range(min=1))
     page_number = fields.Integer(data_key="page[number]", load_default=1,
                                  validate=validate.Range(1, 1_000_000))
+
+
+class ListArgumentsSchema(PageArgumentsSchema):
+    """GET /flows query arguments, in OIH's bracketed JSON:API-style names."""
+
     status = fields.String(data_key="filter[status]",
                            validate=validate.OneOf([*STATUSES, *STATUS_CODES]))
     type = _text(50, data_key="filter[type]")
@@ -261,6 +266,77 @@ class ListArgumentsSchema(Schema):
     sort = fields.String(validate=validate.OneOf(
         [*SORT_FIELDS, *(f"-{name}" for name in SORT_FIELDS)]))
     search = _text(SEARCH_MAX_LENGTH)
+
+
+class DiffArgumentsSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    source = fields.Integer(data_key="from", required=True, validate=validate.Range(min=1))
+    target = fields.Integer(data_key="to", validate=validate.Range(min=1))
+
+
+class RestoreInputSchema(Schema):
+    revision = fields.Integer(required=True, validate=validate.Range(min=1))
+
+
+class StatusChangeSchema(Schema):
+    source = fields.String(data_key="from")
+    to = fields.String()
+    reason = fields.String()
+
+
+class HistoryEntrySchema(Schema):
+    """One revision of a flow: who changed what, when; definition changes hold the flow."""
+
+    revision = fields.Integer()
+    kind = fields.String(validate=validate.OneOf(("definition", "status", "owners")))
+    change = fields.String()
+    sub = fields.String(allow_none=True)
+    at = fields.String()
+    restoredFrom = fields.Integer()
+    status = fields.Nested(StatusChangeSchema)
+    flow = fields.Nested(FlowOutputSchema)
+
+
+class HistoryEntryResponseSchema(Schema):
+    data = fields.Nested(HistoryEntrySchema)
+
+
+class HistoryListResponseSchema(Schema):
+    data = fields.List(fields.Nested(HistoryEntrySchema))
+    meta = fields.Nested(ListMetaSchema)
+
+
+class JsonPatchOperationSchema(Schema):
+    op = fields.String(validate=validate.OneOf(
+        ("add", "remove", "replace", "move", "copy", "test")))
+    path = fields.String()
+    value = fields.Raw()
+    from_ = fields.String(data_key="from")
+
+
+class DiffSchema(Schema):
+    source = fields.Integer(data_key="from")
+    to = fields.Integer()
+    patch = fields.List(fields.Nested(JsonPatchOperationSchema))
+
+
+class DiffResponseSchema(Schema):
+    data = fields.Nested(DiffSchema)
+
+
+class DryRunMetaSchema(Schema):
+    dryRun = fields.Boolean()
+    valid = fields.Boolean()
+    problems = fields.List(fields.Nested(ErrorItemSchema))
+    warnings = fields.List(fields.String())
+    ignoredFields = fields.List(fields.String())
+
+
+class DryRunResponseSchema(Schema):
+    data = fields.Nested(FlowOutputSchema, allow_none=True)
+    meta = fields.Nested(DryRunMetaSchema)
 
 
 def list_query(arguments: Mapping[str, Any], max_page_size: int) -> ListQuery:

@@ -82,6 +82,13 @@ class Settings:
                                                       10.0, _number)
     bulk_max_items: int = _setting("BULK_MAX_ITEMS", 100, _integer)
 
+    history_max_revisions: int = _setting("HISTORY_MAX_REVISIONS", 100, _integer)
+    component_repository_url: str | None = _setting("COMPONENT_REPOSITORY_URL", None)
+    secret_service_url: str | None = _setting("SECRET_SERVICE_URL", None)
+    template_repository_url: str | None = _setting("TEMPLATE_REPOSITORY_URL", None)
+    reference_cache_seconds: float = _setting("REFERENCE_CACHE_SECONDS", 30.0, _number)
+    reference_timeout_seconds: float = _setting("REFERENCE_TIMEOUT_SECONDS", 5.0, _number)
+
     start_timeout_seconds: float = _setting("START_TIMEOUT_SECONDS", 120.0, _number)
     stop_timeout_seconds: float = _setting("STOP_TIMEOUT_SECONDS", 120.0, _number)
     reconcile_interval_seconds: float = _setting("RECONCILE_INTERVAL_SECONDS", 10.0, _number)
@@ -139,6 +146,9 @@ class Settings:
         for name, value in positive.items():
             if value <= 0:
                 raise SettingsError(f"{name} must be positive, got {value}")
+        if self.history_max_revisions < 0:
+            raise SettingsError("HISTORY_MAX_REVISIONS must be 0 (keep all) or more, "
+                                f"got {self.history_max_revisions}")
 
     @property
     def embedded(self) -> bool:

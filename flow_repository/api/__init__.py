@@ -12,7 +12,7 @@ from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
 from ..auth import Principal, bearer_token
 from ..domain import Forbidden, InvalidFlow
 from ..runtime import Runtime
-from ..services import FlowService, ItemResult, Saved
+from ..services import DryRun, FlowService, ItemResult, Saved
 from ..settings import Settings
 
 MISSING_PERMISSION = "MISSING_PERMISSION"
@@ -37,6 +37,26 @@ def caller(*permissions: str) -> Principal:
     principal = current_app.extensions["authenticator"].authenticate(token)
     require(principal, *permissions)
     return principal
+
+
+def caller_token() -> str:
+    """The caller's bearer token, passed on to services that check references with it."""
+    return bearer_token(request.headers.get("Authorization"))
+
+
+def dry_run_requested() -> bool:
+    """True for ``?dryRun=true`` (or 1); 400 for a value that is not a boolean."""
+    raw = request.args.get("dryRun")
+    if raw is None or raw.lower() in ("false", "0"):
+        return False
+    if raw.lower() in ("true", "1", ""):
+        return True
+    raise InvalidFlow(f"dryRun: must be true or false (got {raw[:40]!r})")
+
+
+def dry_run_answer(result: DryRun) -> Response:
+    """200 with the flow as it would be stored, the problems and the warnings found."""
+    return envelope(result.flow, meta=result.meta())
 
 
 def authenticate_first(permission_setting: str) -> Callable[[Callable], Callable]:

@@ -8,9 +8,11 @@ from flask import Response, jsonify, request
 from flask_smorest import Blueprint
 
 from ..auth import Principal
+from ..domain import InvalidFlow
 from ..schemas import (
     BulkResponseSchema,
     DeletedResponseSchema,
+    DryRunResponseSchema,
     ErrorResponseSchema,
     FlowInputSchema,
     FlowListResponseSchema,
@@ -23,6 +25,9 @@ from . import (
     aligned_results,
     authenticate_first,
     caller,
+    caller_token,
+    dry_run_answer,
+    dry_run_requested,
     envelope,
     etag,
     flow_answer,
@@ -37,6 +42,12 @@ blp = Blueprint("flows", __name__, description="Integration flows")
 
 ERRORS = (400, 401, 403, 404, 409, 412, 413, 503)
 FLOW_BODY = {"content": {"application/json": {"schema": FlowInputSchema}}}
+IF_MATCH = {"in": "header", "name": "If-Match", "schema": {"type": "string"}}
+DRY_RUN = {"in": "query", "name": "dryRun", "schema": {"type": "boolean"},
+           "description": "check everything, write nothing: 200 with the flow as it would be "
+                          "stored and the problems found"}
+DRY_RUN_ANSWER = {"description": "Dry run: the flow as it would be stored, and the problems",
+                  "content": {"application/json": {"schema": DryRunResponseSchema}}}
 FLOW_OR_LIST_BODY = {"content": {"application/json": {"schema": {"oneOf": [
     {"$ref": "#/components/schemas/FlowInput"},
     {"type": "array", "items": {"$ref": "#/components/schemas/FlowInput"}},
@@ -60,7 +71,8 @@ def list_flows(principal: Principal, arguments: dict[str, Any]) -> Response:
 
 
 @blp.route("/flows", methods=["POST"])
-@blp.doc(requestBody=FLOW_OR_LIST_BODY, responses={
+@blp.doc(requestBody=FLOW_OR_LIST_BODY, parameters=[DRY_RUN], responses={
+    200: DRY_RUN_ANSWER,
     201: {"description": "Created. An array body gets `data` aligned with it: each item the "
                           "created flow or `{errors}`", "content": {"application/json": {
                               "schema": {"oneOf": [{"$ref": "#/components/schemas/FlowResponse"},
@@ -71,10 +83,25 @@ def create_flow() -> Response:
     names = settings()
     principal = caller(names.flow_write_permission)  # before the body: 401/403 come first
     body = json_body()
+    if dry_run_requested():
+        if isinstance(body, list):
+            raise InvalidFlow("a dry run checks one flow at a time, not a JSON array")
+        return dry_run_answer(service().create_dry_run(principal, body, token=caller_token()))
     if isinstance(body, list):
         require(principal, names.flow_bulk_permission)
-        return aligned_results(service().create_many(principal, body), 201)
-    return flow_answer(service().create(principal, body), 201)
+        return aligned_results(service().create_many(principal, body, token=caller_token()),
+                               201)
+    return flow_answer(service().create(principal, body, token=caller_token()), 201)
+
+
+@blp.route("/flows/validate", methods=["POST"])
+@blp.doc(requestBody=FLOW_BODY, responses={200: DRY_RUN_ANSWER,
+                                           **_errors(400, 401, 403, 413, 503)})
+def validate_flow() -> Response:
+    """Check a new flow as POST /flows would, and store nothing (POST /flows?dryRun=true)."""
+    principal = caller(settings().flow_write_permission)
+    return dry_run_answer(service().create_dry_run(principal, json_body(),
+                                                   token=caller_token()))
 
 
 @blp.route("/flows/bulk", methods=["PATCH"])
@@ -89,7 +116,7 @@ def update_flows() -> Response:
     names = settings()
     principal = caller(names.flow_write_permission, names.flow_bulk_permission)
     items = json_list(json_body(), "flows with ids")
-    return aligned_results(service().update_many(principal, items), 200)
+    return aligned_results(service().update_many(principal, items, token=caller_token()), 200)
 
 
 @blp.route("/flows/<flow_id>", methods=["GET"])
@@ -103,20 +130,26 @@ def get_flow(flow_id: str) -> Response:
 
 
 @blp.route("/flows/<flow_id>", methods=["PATCH"])
-@blp.doc(requestBody=FLOW_BODY, responses={200: {"description": "Updated", "content": {
-    "application/json": {"schema": FlowResponseSchema}}}, **_errors(*ERRORS)},
-    parameters=[{"in": "header", "name": "If-Match", "schema": {"type": "string"}}])
+@blp.doc(requestBody=FLOW_BODY, responses={200: {"description": "Updated (or a dry run)",
+    "content": {"application/json": {"schema": {"oneOf": [
+        {"$ref": "#/components/schemas/FlowResponse"},
+        {"$ref": "#/components/schemas/DryRunResponse"}]}}}}, **_errors(*ERRORS)},
+    parameters=[IF_MATCH, DRY_RUN])
 def update_flow(flow_id: str) -> Response:
-    """Change an inactive flow; honours If-Match."""
+    """Change an inactive flow; honours If-Match. ``?dryRun=true`` checks and writes nothing."""
     principal = caller(settings().flow_write_permission)
     if_match = parse_if_match(request.headers.get("If-Match"))
-    return flow_answer(service().update(principal, flow_id, json_body(), if_match))
+    if dry_run_requested():
+        return dry_run_answer(service().update_dry_run(principal, flow_id, json_body(),
+                                                       if_match, token=caller_token()))
+    return flow_answer(service().update(principal, flow_id, json_body(), if_match,
+                                        token=caller_token()))
 
 
 @blp.route("/flows/<flow_id>", methods=["DELETE"])
 @blp.doc(responses={200: {"description": "Deleted", "content": {"application/json": {
     "schema": DeletedResponseSchema}}}, **_errors(*ERRORS)},
-         parameters=[{"in": "header", "name": "If-Match", "schema": {"type": "string"}}])
+         parameters=[IF_MATCH])
 def delete_flow(flow_id: str) -> Response:
     """Delete an inactive flow; honours If-Match."""
     principal = caller(settings().flow_write_permission)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from .common import InvalidEvent, ItemResult, Saved, parse_flow_id, parse_if_match
+from .common import DryRun, InvalidEvent, ItemResult, Saved, parse_flow_id, parse_if_match
 from .flows import FlowUseCases
+from .history import HistoryUseCases
 from .lifecycle import LifecycleUseCases
 
-__all__ = ["FlowService", "InvalidEvent", "ItemResult", "Saved", "parse_flow_id", "parse_if_match"]
+__all__ = ["DryRun", "FlowService", "InvalidEvent", "ItemResult", "Saved", "parse_flow_id",
+           "parse_if_match"]
 
 
-class FlowService(FlowUseCases, LifecycleUseCases):
+class FlowService(FlowUseCases, LifecycleUseCases, HistoryUseCases):
     """Every use case, reached by the API routes and by the worker alike."""

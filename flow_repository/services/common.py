@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from bson import ObjectId
 
@@ -18,10 +18,13 @@ from ..domain import (
     describe,
 )
 from ..events import pending_event
+from ..references import ReferenceChecker, ReferencesUnavailable
 from ..step_logs import StepLogClient
 from ..store import FlowStore
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class InvalidEvent(ValueError):
@@ -51,6 +54,44 @@ class ItemResult:
     def ok(self) -> bool:
         return self.status < 300
 
+
+
+@dataclass
+class Checks:
+    """Runs the checks of a change. A real change stops at the first refusal (it raises);
+    a dry run (``dry_run=True``) runs them all and collects every refusal as a problem,
+    with the status the real call would answer, and unreachable services as warnings."""
+
+    dry_run: bool = False
+    problems: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def run(self, check: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+        """``check(*args, **kwargs)``; in a dry run, None when it refused."""
+        if not self.dry_run:
+            return check(*args, **kwargs)
+        try:
+            return check(*args, **kwargs)
+        except ReferencesUnavailable as error:
+            self.warnings.extend(error.messages())
+        except FlowError as error:
+            self.problems.extend({"message": message, "code": error.status}
+                                 for message in error.messages())
+        return None
+
+
+@dataclass(frozen=True)
+class DryRun:
+    """What a dry run found: the flow as it would be stored (None when it is not valid)."""
+
+    flow: Mapping[str, Any] | None
+    problems: Sequence[Mapping[str, Any]]
+    warnings: Sequence[str]
+    ignored_fields: Sequence[str] = ()
+
+    def meta(self) -> dict[str, Any]:
+        return {"dryRun": True, "valid": not self.problems, "problems": list(self.problems),
+                "warnings": list(self.warnings), "ignoredFields": list(self.ignored_fields)}
 
 
 def parse_flow_id(raw: Any) -> ObjectId:
@@ -92,6 +133,8 @@ class UseCases:
         *,
         timeouts: domain.Timeouts,
         bulk_max_items: int = 100,
+        history_max_revisions: int = 100,
+        references: ReferenceChecker | None = None,
         notify: Callable[[], None] = lambda: None,
         step_logs: StepLogClient | None = None,
     ) -> None:
@@ -99,6 +142,8 @@ class UseCases:
         self._timeouts = timeouts
         self._bulk_max_items = bulk_max_items
         self._step_logs = step_logs  # None when no logging service is configured
+        self._history_max_revisions = history_max_revisions  # 0 keeps every revision
+        self._references = references
         self._notify = notify  # wakes the outbox relay after a write that queued events
 
     def _each(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from bson import ObjectId
 
@@ -21,15 +21,15 @@ from ..domain import (
 from ..schemas import EDITABLE_FIELDS, validate_flow
 from ..step_logs import StepLogs, StepLogsNotConfigured
 from ..store import utcnow
-from .common import ItemResult, Saved, UseCases, parse_flow_id
+from .common import Checks, DryRun, ItemResult, Saved, parse_flow_id
+from .history import HistoryRecorder, definition_entry, deleted_entry
 
 log = logging.getLogger(__name__)
 
 CAS_ATTEMPTS = 5
 
 
-
-class FlowUseCases(UseCases):
+class FlowUseCases(HistoryRecorder):
     """Definition changes: what a client reads and writes about a flow."""
 
     def get(self, principal: Principal, raw_id: Any) -> dict[str, Any]:
@@ -48,9 +48,32 @@ class FlowUseCases(UseCases):
         }
         return [public_flow(flow) for flow in flows], meta
 
-    def create(self, principal: Principal, body: Any) -> Saved:
+    def create(self, principal: Principal, body: Any, *, token: str | None = None) -> Saved:
         """Store a new, inactive flow; unknown fields of the body are dropped and named."""
-        clean, ignored = validate_flow(body)
+        document, ignored = self._new_flow(principal, body, token, Checks())
+        flow = self._store.insert(document)
+        self._record_history_after_write(flow)
+        self._notify()
+        log.info("flow created", extra={"flowId": str(flow["_id"])})
+        return self._saved(public_flow(flow), ignored)
+
+    def create_dry_run(self, principal: Principal, body: Any, *, token: str | None = None
+                       ) -> DryRun:
+        """Every check of :meth:`create`; nothing is written and no event is queued."""
+        checks = Checks(dry_run=True)
+        document, ignored = self._new_flow(principal, body, token, checks)
+        return DryRun(None if document is None else public_flow(document),
+                      checks.problems, checks.warnings, tuple(ignored))
+
+    def _new_flow(self, principal: Principal, body: Any, token: str | None, checks: Checks
+                  ) -> tuple[dict[str, Any] | None, list[str]]:
+        """The document a create would store (None when a dry run found it invalid), and
+        the unknown fields dropped from the body."""
+        validated = checks.run(validate_flow, body)
+        if validated is None:
+            return None, []
+        clean, ignored = validated
+        checks.run(self._check_references, token, clean)
         flow_id = ObjectId()
         now = utcnow()
         owners = domain.with_owner(clean.get("owners") or [], principal.sub, "user")
@@ -71,63 +94,104 @@ class FlowUseCases(UseCases):
             "statusRetries": 0,
             "outbox": [self._change_event("flowrepo.flow.created", principal, flow_id)],
         }
-        flow = self._store.insert(document)
-        self._notify()
-        log.info("flow created", extra={"flowId": str(flow_id)})
-        return self._saved(flow, ignored)
+        document["historyOutbox"] = [definition_entry(principal.sub, "created", document)]
+        return document, ignored
 
-    def create_many(self, principal: Principal, bodies: Sequence[Any]) -> list[ItemResult]:
-        return self._each(bodies, 201, lambda body: self.create(principal, body))
+    def create_many(self, principal: Principal, bodies: Sequence[Any], *,
+                    token: str | None = None) -> list[ItemResult]:
+        return self._each(bodies, 201, lambda body: self.create(principal, body, token=token))
 
     def update(
         self, principal: Principal, raw_id: Any, body: Any,
-        if_match: tuple[int, ...] | None = None,
+        if_match: tuple[int, ...] | None = None, *, token: str | None = None,
+        change: str = "updated", restored_from: int | None = None,
     ) -> Saved:
         """Apply a partial update to an inactive flow; the merged flow must be valid.
 
         A ``status`` in the body must be the flow's own (clients PATCH back what they
         read); unknown fields are dropped and named.
         """
+        flow, ignored = self._change(principal, raw_id, body, if_match, token, Checks(),
+                                     change=change, restored_from=restored_from)
+        # Only a dry run gets no flow back: a real change raises at its first refusal.
+        return self._saved(cast(dict[str, Any], flow), ignored)
+
+    def update_dry_run(
+        self, principal: Principal, raw_id: Any, body: Any,
+        if_match: tuple[int, ...] | None = None, *, token: str | None = None,
+    ) -> DryRun:
+        """Every check of :meth:`update`; nothing is written and no event is queued."""
+        checks = Checks(dry_run=True)
+        flow, ignored = self._change(principal, raw_id, body, if_match, token, checks)
+        return DryRun(flow, checks.problems, checks.warnings, tuple(ignored))
+
+    def _change(
+        self, principal: Principal, raw_id: Any, body: Any,
+        if_match: tuple[int, ...] | None, token: str | None, checks: Checks,
+        *, change: str = "updated", restored_from: int | None = None,
+    ) -> tuple[dict[str, Any] | None, list[str]]:
+        """Check and (unless a dry run) apply a change: the flow as it is or would be
+        stored (None when a dry run found the body invalid), and the dropped fields."""
         flow_id = parse_flow_id(raw_id)
-        patch, ignored = validate_flow(body, partial=True, status=None)
+        validated = checks.run(validate_flow, body, partial=True, status=None)
         for _ in range(CAS_ATTEMPTS):
             current = self._visible(principal, flow_id, raw_id)
-            self._require_inactive(current, "updated")
-            self._require_revision(current, if_match)
+            checks.run(self._require_inactive, current, "updated")
+            checks.run(self._require_revision, current, if_match)
+            if validated is None:
+                return None, []  # a dry run of an invalid body: there is no flow to show
+            patch, ignored = validated
             merged = {key: current[key] for key in EDITABLE_FIELDS if key in current}
             merged.update(body)
-            validate_flow(merged, status=current["status"])
-            changes = dict(patch)
+            merged_validated = checks.run(validate_flow, merged, status=current["status"])
+            if merged_validated is None:
+                return None, ignored
+            checks.run(self._check_references, token, merged_validated[0])
+            events = [self._change_event("flowrepo.flow.modified", principal, flow_id)]
+            changes = {**patch, "updatedAt": utcnow()}
             changes["owners"] = domain.with_owner(
                 patch.get("owners", current.get("owners", [])), principal.sub, "user"
             )
+            extra = {} if restored_from is None else {"restoredFrom": restored_from}
+            entry = definition_entry(principal.sub, change, {**current, **changes}, **extra)
+            if checks.dry_run:
+                return public_flow({**current, **changes,
+                                    "revision": current["revision"] + 1}), ignored
             updated = self._store.update(
                 flow_id,
                 owner_ids=self._scope(principal),
                 statuses=(domain.INACTIVE,),
                 revision=current["revision"],
                 changes=changes,
-                events=[self._change_event("flowrepo.flow.modified", principal, flow_id)],
+                events=events,
+                history=entry,
             )
             if updated is not None:
+                self._record_history_after_write(updated)
                 self._notify()
-                return self._saved(updated, ignored)
+                return public_flow(updated), ignored
         raise domain.Conflict(f"flow {raw_id} keeps changing; retry the update")
 
     @staticmethod
     def _saved(flow: dict[str, Any], ignored: list[str]) -> Saved:
+        """A flow as written (public form), and the fields dropped from the request."""
         if ignored:
             # The caller learns it from meta.ignoredFields; the log keeps it for operators.
-            log.info("unknown fields dropped", extra={"flowId": str(flow["_id"]),
+            log.info("unknown fields dropped", extra={"flowId": flow["id"],
                                                       "ignoredFields": ignored})
-        return Saved(public_flow(flow), tuple(ignored))
+        return Saved(flow, tuple(ignored))
 
-    def update_many(self, principal: Principal, items: Sequence[Any]) -> list[ItemResult]:
-        def update_item(item: Any) -> dict[str, Any]:
+    def _check_references(self, token: str | None, flow: Mapping[str, Any]) -> None:
+        if self._references is not None:
+            self._references.check(token, flow)
+
+    def update_many(self, principal: Principal, items: Sequence[Any], *,
+                    token: str | None = None) -> list[ItemResult]:
+        def update_item(item: Any) -> Saved:
             if not isinstance(item, Mapping):
                 raise InvalidFlow(f"each item must be a JSON object (got {describe(item)})")
             body = {key: value for key, value in item.items() if key != "id"}
-            return self.update(principal, item.get("id"), body)
+            return self.update(principal, item.get("id"), body, token=token)
 
         return self._each(items, 200, update_item)
 
@@ -143,6 +207,7 @@ class FlowUseCases(UseCases):
             revision=if_match,
             changes={"deletedAt": utcnow()},
             events=[self._change_event("flowrepo.flow.deleted", principal, flow_id)],
+            history=deleted_entry(principal.sub),
         )
         if deleted is None:
             current = self._visible(principal, flow_id, raw_id)
@@ -150,7 +215,6 @@ class FlowUseCases(UseCases):
             self._require_revision(current, if_match)
             raise domain.Conflict(f"flow {raw_id} changed while it was being deleted; retry")
         self._notify()
-
 
     def step_logs(self, principal: Principal, raw_id: Any, step_id: str, query: str) -> StepLogs:
         """The logs of one step of a flow the caller may see, from OIH's logging service."""

@@ -17,12 +17,13 @@ from ..domain import (
 )
 from ..events import pending_event
 from ..store import utcnow
-from .common import InvalidEvent, ItemResult, UseCases, parse_flow_id
+from .common import InvalidEvent, ItemResult, parse_flow_id
+from .history import HistoryRecorder, owner_removed_entry, status_entry
 
 log = logging.getLogger(__name__)
 
 
-class LifecycleUseCases(UseCases):
+class LifecycleUseCases(HistoryRecorder):
     """Status changes: commands from clients, reports from the orchestrator, timeouts."""
 
     def start(self, principal: Principal, raw_id: Any) -> dict[str, str]:
@@ -51,9 +52,7 @@ class LifecycleUseCases(UseCases):
             raise InvalidEvent(f"no handler for event {describe(name)}")
         flow_id = _event_flow_id(payload)
         changes, events = self._status_change(transition)
-        updated = self._store.update(
-            flow_id, statuses=transition.sources, changes=changes, events=events
-        )
+        updated = self._transit(flow_id, transition, changes, events)
         if updated is not None:
             self._notify_if(events)
             return f"{transition.name}: flow is now {updated['status']}"
@@ -69,20 +68,20 @@ class LifecycleUseCases(UseCases):
         orphaned = domain.ORPHANED
         changed = 0
         for flow_id in self._store.owned_by(owner_id):
+            # History first: were the owner removed first, a crash in between would leave
+            # the id in history with no flow left listing it for a redelivery to find.
+            self._forget_in_history(flow_id, owner_id)
             changes, events = self._status_change(orphaned)
-            stopped = self._store.update(
-                flow_id,
-                owner_ids=(owner_id,),
-                owner_count=1,
-                statuses=orphaned.sources,
-                remove_owner=owner_id,
-                changes=changes,
-                events=events,
-            )
+            stopped = self._transit(flow_id, orphaned, changes, events, owner_ids=(owner_id,),
+                                    owner_count=1, remove_owner=owner_id)
             if stopped is not None:
                 self._notify()
             else:
-                self._store.update(flow_id, owner_ids=(owner_id,), remove_owner=owner_id)
+                removed = self._store.update(flow_id, owner_ids=(owner_id,),
+                                             remove_owner=owner_id,
+                                             history=owner_removed_entry())
+                if removed is not None:
+                    self._record_history_after_write(removed)
             changed += 1
         return changed
 
@@ -102,10 +101,8 @@ class LifecycleUseCases(UseCases):
         changes, events = self._status_change(transition, **extra)
         if transition.target == flow["status"]:
             changes["statusRetries"] = retries + 1
-        updated = self._store.update(
-            flow["_id"], statuses=(flow["status"],), revision=flow["revision"],
-            changes=changes, events=events,
-        )
+        updated = self._transit(flow["_id"], transition, changes, events,
+                                sources=(flow["status"],), revision=flow["revision"])
         if updated is None:
             return 0
         log.warning("flow reconciled", extra={"flowId": str(flow["_id"]),
@@ -122,13 +119,8 @@ class LifecycleUseCases(UseCases):
         events: Sequence[Mapping[str, Any]],
     ) -> dict[str, str]:
         flow_id = parse_flow_id(raw_id)
-        updated = self._store.update(
-            flow_id,
-            owner_ids=self._scope(principal),
-            statuses=transition.sources,
-            changes=changes,
-            events=events,
-        )
+        updated = self._transit(flow_id, transition, changes, events, sub=principal.sub,
+                                owner_ids=self._scope(principal))
         if updated is None:
             current = self._visible(principal, flow_id, raw_id)
             raise domain.Conflict(
@@ -136,6 +128,31 @@ class LifecycleUseCases(UseCases):
             )
         self._notify()
         return {"id": str(flow_id), "status": updated["status"]}
+
+    def _transit(
+        self,
+        flow_id: ObjectId,
+        transition: Transition,
+        changes: Mapping[str, Any],
+        events: Sequence[Mapping[str, Any]],
+        *,
+        sub: str | None = None,
+        sources: Sequence[str] | None = None,
+        **preconditions: Any,
+    ) -> dict[str, Any] | None:
+        """Apply a status change atomically; the flow after it, or None when refused.
+
+        One attempt per allowed source status (the usual one first), so that the history
+        entry written with the change knows the status it left.
+        """
+        for source in sources or transition.sources:
+            entry = status_entry(transition, source, changes["statusChangedAt"], sub)
+            updated = self._store.update(flow_id, statuses=(source,), changes=changes,
+                                         events=events, history=entry, **preconditions)
+            if updated is not None:
+                self._record_history_after_write(updated)
+                return updated
+        return None
 
     @staticmethod
     def _status_change(

@@ -19,6 +19,7 @@ from pymongo.errors import ConnectionFailure, PyMongoError
 from ..domain import ListQuery
 from ..settings import Settings
 from .base import StoreUnavailable, decode_keys, encode_keys, utcnow
+from .history import HistoryStore, MemoryHistoryStore, MongoHistoryStore
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +55,19 @@ def _look_up_ids_directly(collection: Any) -> None:
 
 
 class FlowStore:
-    """Owner-scoped access to the ``flows`` collection; pending events live in each document."""
+    """Owner-scoped access to the ``flows`` collection; pending events live in each document.
 
-    def __init__(self, database: Any, *, serialize: bool = False) -> None:
+    So do pending history entries (``historyOutbox``): every write that bumps the revision
+    pushes exactly one, so the pending entries are consecutive and the last one is at the
+    document's revision. ``history`` is where they go once written.
+    """
+
+    def __init__(self, database: Any, *, serialize: bool = False,
+                 history: HistoryStore | None = None) -> None:
         self._flows = database[COLLECTION]
         # mongomock is not thread-safe; a real MongoDB serializes per document itself.
         self._lock = threading.RLock() if serialize else None
+        self.history = history or MongoHistoryStore(database, self._lock)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> FlowStore:
@@ -68,7 +76,8 @@ class FlowStore:
             import mongomock
 
             client = mongomock.MongoClient(tz_aware=True)
-            store = cls(client[DEFAULT_DATABASE], serialize=True)
+            # mongomock has no indexes: every history write would scan every entry kept
+            store = cls(client[DEFAULT_DATABASE], serialize=True, history=MemoryHistoryStore())
             _look_up_ids_directly(store._flows)
             return store
         client = pymongo.MongoClient(
@@ -102,6 +111,7 @@ class FlowStore:
                         # the relay's sort key: the oldest pending event of each flow
                         "outbox.0.storedAt"):
                 self._flows.create_index([(key, pymongo.ASCENDING)])
+        self.history.ensure_indexes()
 
     def ping(self) -> None:
         """Raise StoreUnavailable unless the database answers."""
@@ -217,13 +227,14 @@ class FlowStore:
         changes: Mapping[str, Any] | None = None,
         remove_owner: str | None = None,
         events: Sequence[Mapping[str, Any]] = (),
+        history: Mapping[str, Any],
     ) -> dict | None:
         """Apply one change atomically if every precondition holds; None when one does not.
 
         The preconditions (owner scope and count, statuses, revision) are part of the
         filter, so a concurrent change can never slip between a check and the write. The
-        revision is incremented and the change's events are appended to the outbox in the
-        same write.
+        revision is incremented, and the change's events and its ``history`` entry are
+        appended to the outbox and the history outbox, in the same write.
         """
         query = self._live(flow_id, owner_ids)
         if owner_count is not None:
@@ -234,12 +245,17 @@ class FlowStore:
             query["revision"] = revision
         elif revision is not None:
             query["revision"] = {"$in": list(revision)}
+        fields = dict(changes or {})
+        # a change may name its own time (so that its history entry carries the same one)
+        if "updatedAt" not in fields:
+            fields["updatedAt"] = utcnow()
         update: dict[str, Any] = {
-            "$set": {**encode_keys(dict(changes or {})), "updatedAt": utcnow()},
+            "$set": encode_keys(fields),
             "$inc": {"revision": 1},
         }
+        update["$push"] = {"historyOutbox": encode_keys(dict(history))}
         if events:
-            update["$push"] = {"outbox": {"$each": [encode_keys(dict(e)) for e in events]}}
+            update["$push"]["outbox"] = {"$each": [encode_keys(dict(e)) for e in events]}
         if remove_owner is not None:
             update["$pull"] = {"owners": {"id": remove_owner}}
         with self._call():
@@ -248,6 +264,13 @@ class FlowStore:
                     query, update, return_document=ReturnDocument.AFTER
                 )
             )
+
+    def drop_pending_history(self, flow_id: ObjectId, entry_ids: Sequence[str]) -> None:
+        """Remove pending history entries once they are written to the history."""
+        with self._call():
+            self._flows.update_one(
+                {"_id": flow_id},
+                {"$pull": {"historyOutbox": {"entryId": {"$in": list(entry_ids)}}}})
 
     # ------------------------------------------------------------------------- outbox relay
 
@@ -285,16 +308,21 @@ class FlowStore:
         with self._call():
             self._flows.update_one({"_id": flow_id}, {"$pull": {"outbox": {"eventId": event_id}}})
 
-    def release(self, flow_id: ObjectId, relay_id: str) -> None:
-        """Give the lease back; a deleted flow whose events are all out is removed for good."""
+    def release(self, flow_id: ObjectId, relay_id: str, *, deleted: bool = False) -> None:
+        """Give the lease back; a ``deleted`` flow whose events are all out is removed for
+        good, its history first (a crash in between leaves a hidden tombstone, never
+        history that no flow answers for)."""
         with self._call():
             self._flows.update_one(
                 {"_id": flow_id, "relayLeaseOwner": relay_id},
                 {"$unset": {"relayLeaseUntil": "", "relayLeaseOwner": ""}},
             )
-            self._flows.delete_one(
-                {"_id": flow_id, "deletedAt": {"$ne": None}, "outbox": {"$size": 0}}
-            )
+            if not deleted:
+                return
+            done = {"_id": flow_id, "deletedAt": {"$ne": None}, "outbox": {"$size": 0}}
+            if self._flows.find_one(done, {"_id": 1}) is not None:
+                self.history.drop(flow_id)
+                self._flows.delete_one(done)
 
     # ------------------------------------------------------------------------- test support
 
@@ -308,6 +336,7 @@ class FlowStore:
         """Remove every flow (tests clean up their own database with it)."""
         with self._call():
             self._flows.drop()
+        self.history.drop_all()
 
     @staticmethod
     def _out(document: Mapping[str, Any] | None) -> dict | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from bson import ObjectId
 
+from flow_repository.services.history import definition_entry
+
 from .conftest import eventually
 
 pytestmark = pytest.mark.integration
@@ -86,7 +88,8 @@ def test_tenant_deleted_leaves_every_flow_and_running_orphans_stop(driver, drive
     other_tenant = drive(driver.app, auth("member", "tenant-keep")).bring_to("active")
     for flow_id in flows.values():  # leave the tenant as the only owner
         store.update(ObjectId(flow_id),
-                     changes={"owners": [{"id": "doomed-tenant", "type": "tenant"}]})
+                     changes={"owners": [{"id": "doomed-tenant", "type": "tenant"}]},
+                     history=definition_entry("member", "updated", {}))
     eventually(lambda: all(not store.raw(ObjectId(f))["outbox"]
                            for f in (*flows.values(), co_owned, other_tenant)))
     untouched = store.raw(ObjectId(other_tenant))

@@ -34,7 +34,7 @@ class FakeClock:
 def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     """Deterministic, strictly increasing timestamps for flow writes (services and store)."""
     fake = FakeClock(datetime(2024, 1, 1, tzinfo=UTC))
-    for module in ("services.flows", "services.lifecycle", "events"):
+    for module in ("services.flows", "services.lifecycle", "services.history", "events"):
         monkeypatch.setattr(f"flow_repository.{module}.utcnow", fake)
     monkeypatch.setattr("flow_repository.store.mongo.utcnow", fake)
     return fake

@@ -10,9 +10,14 @@ from bson import ObjectId
 from flask import Flask
 from flask.testing import FlaskClient
 
-from flow_repository.store import FlowStore
+from flow_repository import domain
+from flow_repository.services.history import definition_entry, status_entry
+from flow_repository.store import FlowStore, utcnow
 
 Headers = Callable[..., dict[str, str]]
+# What another request's write records in history (every write records one entry).
+ELSEWHERE = definition_entry("someone-else", "updated", {})
+STARTED_ELSEWHERE = status_entry(domain.START, "inactive", utcnow(), "someone-else")
 Create = Callable[..., dict[str, Any]]
 
 
@@ -206,7 +211,7 @@ def test_patch_with_if_match_loses_to_a_concurrent_write_with_412(
 ) -> None:
     flow = create()
     oid = ObjectId(flow["id"])
-    race(lambda update: update(oid, changes={"description": "written elsewhere"}))
+    race(lambda update: update(oid, changes={"description": "written elsewhere"}, history=ELSEWHERE))
     response = client.patch(f"/flows/{flow['id']}", json={"name": "mine"},
                             headers={**auth(), "If-Match": '"1"'})
     assert error_messages(response, 412) == [f"flow {flow['id']} is at revision 2, not 1"]
@@ -220,7 +225,7 @@ def test_patch_without_if_match_retries_and_keeps_the_concurrent_write(
 ) -> None:
     flow = create()
     oid = ObjectId(flow["id"])
-    calls = race(lambda update: update(oid, changes={"description": "written elsewhere"}))
+    calls = race(lambda update: update(oid, changes={"description": "written elsewhere"}, history=ELSEWHERE))
     response = client.patch(f"/flows/{flow['id']}", json={"name": "mine"}, headers=auth())
     assert response.status_code == 200
     assert len(calls) == 2  # the first write found revision 2 and was retried
@@ -235,7 +240,8 @@ def test_patch_racing_a_start_is_409_and_the_flow_keeps_running(
 ) -> None:
     flow = create()
     oid = ObjectId(flow["id"])
-    race(lambda update: update(oid, statuses=("inactive",), changes={"status": "starting"}))
+    race(lambda update: update(oid, statuses=("inactive",), changes={"status": "starting"},
+                                       history=STARTED_ELSEWHERE))
     response = client.patch(f"/flows/{flow['id']}", json={"name": "mine"}, headers=auth())
     error_messages(response, 409)
     stored = fetch(client, auth, flow["id"])
@@ -248,7 +254,8 @@ def test_delete_racing_a_start_is_409_and_the_flow_survives(
 ) -> None:
     flow = create()
     oid = ObjectId(flow["id"])
-    race(lambda update: update(oid, statuses=("inactive",), changes={"status": "starting"}))
+    race(lambda update: update(oid, statuses=("inactive",), changes={"status": "starting"},
+                                       history=STARTED_ELSEWHERE))
     response = client.delete(f"/flows/{flow['id']}", headers=auth())
     assert error_messages(response, 409) == [
         f"flow {flow['id']} cannot be deleted while its status is starting; only an inactive flow can be deleted"
@@ -262,7 +269,7 @@ def test_delete_with_if_match_racing_a_patch_is_412(
 ) -> None:
     flow = create()
     oid = ObjectId(flow["id"])
-    race(lambda update: update(oid, changes={"name": "renamed elsewhere"}))
+    race(lambda update: update(oid, changes={"name": "renamed elsewhere"}, history=ELSEWHERE))
     response = client.delete(f"/flows/{flow['id']}", headers={**auth(), "If-Match": '"1"'})
     error_messages(response, 412)
     assert fetch(client, auth, flow["id"])["name"] == "renamed elsewhere"
@@ -279,7 +286,8 @@ def test_patch_that_never_wins_the_race_gives_up_with_409(
 
     def always_beaten(self: FlowStore, flow_id: ObjectId, **kwargs: Any) -> Any:
         calls.append(1)
-        original(self, oid, changes={"description": f"elsewhere {len(calls)}"})
+        original(self, oid, changes={"description": f"elsewhere {len(calls)}"},
+                 history=ELSEWHERE)
         return original(self, flow_id, **kwargs)
 
     monkeypatch.setattr(FlowStore, "update", always_beaten)

@@ -20,6 +20,7 @@ from flow_repository.store import (
 UNSAFE_KEYS = {"$where": 1, "a.b": 2, "~": 3, "~d": 4, "nul\x00key": 5, "$": 6, ".": 7,
                "plain": {"$in": [{"x.y": {"~t": "$value.stays"}}]}}
 MOMENT = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
+ENTRY = {"entryId": "h1", "kind": "definition", "change": "updated", "at": MOMENT}
 
 
 def document(owners: tuple[str, ...] = ("user-1",), **fields: Any) -> dict[str, Any]:
@@ -118,12 +119,13 @@ def test_update_applies_changes_bumps_revision_and_queues_events(store: FlowStor
     before = utcnow()
     updated = store.update(flow["_id"], owner_ids=("user-1",), statuses=("inactive",),
                            revision=1, changes={"name": "renamed"},
-                           events=[{"eventId": "e1", "name": "x"}])
+                           events=[{"eventId": "e1", "name": "x"}], history=ENTRY)
     assert updated["name"] == "renamed"
     assert updated["revision"] == 2
     assert before <= updated["updatedAt"] <= utcnow()
     assert updated["updatedAt"] != flow["updatedAt"]
     assert [event["eventId"] for event in store.raw(flow["_id"])["outbox"]] == ["e1"]
+    assert store.raw(flow["_id"])["historyOutbox"] == [ENTRY]
 
 
 @pytest.mark.parametrize("precondition", [
@@ -137,23 +139,25 @@ def test_update_changes_nothing_when_a_precondition_fails(
 ) -> None:
     flow = store.insert(document())
     before = store.raw(flow["_id"])
-    assert store.update(flow["_id"], changes={"name": "renamed"}, **precondition) is None
+    assert store.update(flow["_id"], changes={"name": "renamed"}, history=ENTRY,
+                        **precondition) is None
     assert store.raw(flow["_id"]) == before
 
 
 def test_update_can_remove_one_owner(store: FlowStore) -> None:
     flow = store.insert(document(owners=("user-1", "user-2")))
-    updated = store.update(flow["_id"], owner_ids=("user-2",), remove_owner="user-2")
+    updated = store.update(flow["_id"], owner_ids=("user-2",), remove_owner="user-2",
+                           history=ENTRY)
     assert updated["owners"] == [{"id": "user-1", "type": "user"}]
 
 
 def test_deleted_flows_are_invisible(store: FlowStore) -> None:
     flow = store.insert(document())
-    store.update(flow["_id"], changes={"deletedAt": MOMENT})
+    store.update(flow["_id"], changes={"deletedAt": MOMENT}, history=ENTRY)
     assert store.get(flow["_id"]) is None
     assert store.list(ListQuery(), None) == ([], 0)
     assert store.owned_by("user-1") == []
-    assert store.update(flow["_id"], changes={"name": "x"}) is None
+    assert store.update(flow["_id"], changes={"name": "x"}, history=ENTRY) is None
     assert store.raw(flow["_id"])["deletedAt"] == MOMENT
 
 
@@ -162,7 +166,7 @@ def test_count_by_status_counts_live_flows(store: FlowStore) -> None:
     store.insert(document(status="active"))
     store.insert(document(status="active"))
     gone = store.insert(document())
-    store.update(gone["_id"], changes={"deletedAt": MOMENT})
+    store.update(gone["_id"], changes={"deletedAt": MOMENT}, history=ENTRY)
     assert store.count_by_status() == {"inactive": 1, "active": 2}
 
 

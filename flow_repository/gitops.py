@@ -34,6 +34,9 @@ SERVICE_FIELDS = ("createdAt", "updatedAt", "revision", "tenant", "status",
                   "statusChangedAt", "statusReason")
 SOURCE_KEY = "sourceKey"
 FILE_SUFFIXES = {".json": "json", ".yaml": "yaml", ".yml": "yaml"}
+# safe_load's loader, in libyaml's C implementation when PyYAML has it (5x faster on large
+# folders); both build plain Python values only and refuse every python/* tag.
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 INACTIVE = "inactive"
 RUNNING = ("active", "starting")
 
@@ -65,7 +68,7 @@ class Manifest:
 
 
 def read_manifest(path: Path) -> Manifest:
-    """Parse one ``.json``/``.yaml`` flow file (YAML with safe_load only)."""
+    """Parse one ``.json``/``.yaml`` flow file (YAML with the safe loader only)."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
@@ -74,7 +77,7 @@ def read_manifest(path: Path) -> Manifest:
         if FILE_SUFFIXES.get(path.suffix.lower()) == "json":
             document = json.loads(text)
         else:
-            document = yaml.safe_load(text)
+            document = yaml.load(text, Loader=SAFE_LOADER)
     except (ValueError, yaml.YAMLError) as error:
         reason = str(error).splitlines()[0] if str(error) else error.__class__.__name__
         raise ManifestError([f"{path}: not valid {path.suffix[1:].upper()}: {reason}"]) from None

@@ -357,11 +357,11 @@ def apply_files(client: FlowRepositoryClient, arguments: argparse.Namespace) -> 
             if change.outcome and change.outcome not in ("created", "updated", "deleted"):
                 print(f"{change.outcome}: {change.path or change.flow_id}: "
                       f"{change.message or '; '.join(change.problems)}")
-        if not arguments.dry_run:
-            done = sum(1 for c in plan.changes if c.outcome in ("created", "updated",
-                                                                 "deleted"))
-            print(f"Applied: {done} of {sum(1 for c in plan.changes if c.changes_something)} "
-                  "changes.")
+        wanted = sum(1 for change in plan.changes if change.changes_something)
+        if not arguments.dry_run and wanted:
+            done = sum(1 for change in plan.changes
+                       if change.outcome in ("created", "updated", "deleted"))
+            print(f"Applied: {done} of {wanted} changes.")
     return _exit_code(plan.changes)
 
 

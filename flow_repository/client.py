@@ -6,20 +6,17 @@ import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any, NamedTuple, Self
 
 import requests
 
-from . import __name__ as _package
-
 try:
-    from importlib.metadata import PackageNotFoundError, version
-
     _VERSION = version("flow-repository")
 except PackageNotFoundError:  # running from a source tree that was never installed
     _VERSION = "0"
 
-USER_AGENT = f"{_package}-client/{_VERSION} python-requests/{requests.__version__}"
+USER_AGENT = f"flow-repository-client/{_VERSION} python-requests/{requests.__version__}"
 MAX_PAGE_SIZE = 100  # today's maximum; a larger server maximum is used only if asked for
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 

@@ -103,7 +103,7 @@ def test_sends_its_user_agent_and_a_token_from_the_provider(api: Served, iam: Fa
     assert [flow["name"] for flow in client.list()] == ["one"]
     assert len(issued) == 2 and issued[0] != issued[1]
     assert len(iam.calls_for(issued[1])) == 1
-    assert USER_AGENT.startswith("flow_repository-client/")
+    assert USER_AGENT.startswith("flow-repository-client/1.")
     # gunicorn's access log (JSON lines on stdout) names the agent of every request
     wait_for(lambda: USER_AGENT in api.stdout_path.read_text(), 10,
              "the access log to name the client")

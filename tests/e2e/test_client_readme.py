@@ -52,7 +52,7 @@ def test_readme_client_examples(spawn, settings, broker, tmp_path: Path) -> None
     token = run([str(ROOT / ".venv" / "bin" / "flow-repository"), "token", "--sub", "bob",
                  "--tenant", "acme", "--permissions",
                  "flows.read,flows.write,flows.control"], workdir, env).stdout.strip()
-    (workdir / "example.py").write_text(literal_block("``flow_repository-client/<version>``"))
+    (workdir / "example.py").write_text(literal_block("``flow-repository-client/<version>``"))
     done = run([sys.executable, "example.py"], workdir,
                {**client_env, "FLOW_REPOSITORY_TOKEN": token})
     assert done.returncode == 0, done.stderr

@@ -182,6 +182,9 @@ def run(arguments: argparse.Namespace) -> int:
     except FlowRepositoryError as error:
         _error(str(error))
         return error_code(error)
+    except OSError as error:  # e.g. export into a folder that cannot be written
+        _error(str(error))
+        return FAILED
     finally:
         client.close()
 

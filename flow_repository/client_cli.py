@@ -94,6 +94,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                        help="bearer token (default: $FLOW_REPOSITORY_TOKEN)")
     group.add_argument("--timeout", type=float, default=10.0,
                        help="seconds per HTTP request (default: 10)")
+    group.add_argument("--retries", type=int, default=3,
+                       help="extra attempts of a safe request after a 503 (default: 3)")
     output = argparse.ArgumentParser(add_help=False)
     output.add_argument("-o", "--output", choices=("table", "json"), default="table",
                         help="output format (default: table)")
@@ -173,7 +175,8 @@ def run(arguments: argparse.Namespace) -> int:
     """Run a client subcommand; every failure becomes a message and a documented exit code."""
     url = arguments.url or os.environ.get("FLOW_REPOSITORY_URL") or DEFAULT_URL
     token = arguments.token or os.environ.get("FLOW_REPOSITORY_TOKEN")
-    client = FlowRepositoryClient(url, token, timeout=arguments.timeout)
+    client = FlowRepositoryClient(url, token, timeout=arguments.timeout,
+                                  retries=max(0, arguments.retries))
     try:
         return arguments.handler(client, arguments)
     except ManifestError as error:

@@ -254,7 +254,8 @@ class DryRunner:
 
     The first call finds out: a service without dry runs answers POST /flows/validate
     with 404/405 (and must never be sent ``?dryRun=true``: it would ignore the parameter
-    and write). The local stand-in merges the file's fields into the stored flow the way a
+    and write); a caller without the permission to dry-run (403) gets the local stand-in
+    too, so that a read-only ``apply --dry-run`` still shows a plan. The local stand-in merges the file's fields into the stored flow the way a
     PATCH does; it cannot know the fields a newer service drops or the owner it adds.
     """
 
@@ -269,6 +270,8 @@ class DryRunner:
                 self.supported = True
             except ValidationError:
                 self.supported = True
+            except Forbidden:
+                self.supported = False
             except FlowRepositoryError as error:
                 if error.status not in (404, 405):
                     raise

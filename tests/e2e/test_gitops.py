@@ -344,7 +344,7 @@ def test_apply_stops_when_iam_is_down(cli: Cli, iam: FakeIam, tmp_path: Path,
     write(tmp_path / "flows" / "a.yaml", keyed(flow_body, "a"))
     fresh = Cli(cli.api, iam.grant("gitops", "acme"), cli._capsys)
     iam.mode = "down"
-    code, _, err = fresh("apply", "-f", str(tmp_path / "flows"), "--timeout", "5")
+    code, _, err = fresh("apply", "-f", str(tmp_path / "flows"), "--retries", "1")
     assert code == UNAVAILABLE
     assert "Identity service is unavailable" in err
     iam.mode = "up"
@@ -411,3 +411,19 @@ def test_help_lists_the_exit_codes_for_every_client_command(capsys) -> None:
         help_text = capsys.readouterr().out
         assert "exit codes:" in help_text and "4  conflict" in help_text, command
 
+
+
+def test_a_reader_can_plan_but_not_apply(cli: Cli, iam: FakeIam, tmp_path: Path,
+                                         flow_body) -> None:
+    folder = tmp_path / "flows"
+    write(folder / "a.yaml", keyed(flow_body, "a"))
+    write(folder / "b.yaml", keyed(flow_body, "b"))
+    reader = Cli(cli.api, iam.grant("gitops", "acme", permissions=["flows.read"]), cli._capsys)
+    code, report, _ = reader.apply(folder, "--dry-run")
+    assert code == OK
+    assert actions(report) == {"a": "create", "b": "create"}
+    code, report, _ = reader.apply(folder)
+    assert code == REFUSED
+    assert report["plan"][0]["message"] == "MISSING_PERMISSION"
+    assert [change["outcome"] for change in report["plan"]] == ["failed", "skipped"]
+    assert cli.flows() == []

@@ -25,13 +25,14 @@ from .client import (
     Unavailable,
     ValidationError,
 )
+from .schemas import EDITABLE_FIELDS as SCHEMA_EDITABLE_FIELDS
+from .schemas import READ_ONLY_FIELDS
 
-# What a file says about a flow: the fields a client may write. The service writes the
-# others itself (and ignores them when sent back), so files and exports leave them out.
-EDITABLE_FIELDS = ("name", "description", "type", "cron", "fromTemplate", "flowSettings",
-                   "owners", "graph")
-SERVICE_FIELDS = ("createdAt", "updatedAt", "revision", "tenant", "status",
-                  "statusChangedAt", "statusReason")
+# What a file says about a flow: the fields a client may write, in the order exports
+# write them (the long graph last). The service writes the others itself (and ignores
+# them when sent back), so files and exports leave them out.
+EDITABLE_FIELDS = tuple(sorted(SCHEMA_EDITABLE_FIELDS, key=lambda name: name == "graph"))
+SERVICE_FIELDS = (*READ_ONLY_FIELDS, "status")
 SOURCE_KEY = "sourceKey"
 FILE_SUFFIXES = {".json": "json", ".yaml": "yaml", ".yml": "yaml"}
 # safe_load's loader, in libyaml's C implementation when PyYAML has it (5x faster on large
@@ -104,7 +105,7 @@ def manifest_of(path: Path, document: Any) -> Manifest:
     if problems:
         raise ManifestError(problems)
     body = {key: value for key, value in document.items()
-            if key not in SERVICE_FIELDS and key not in ("id", "_id")}
+            if key not in SERVICE_FIELDS}
     return Manifest(path, body, flow_id or None, source_key or None)
 
 

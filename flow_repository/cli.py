@@ -1,4 +1,4 @@
-"""The ``flow-repository`` command: serve, worker, token and openapi."""
+"""The ``flow-repository`` command: serve, worker, token, openapi, and the client commands."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Any
 
+from . import client_cli
 from .settings import Settings
 
 GUNICORN_CONFIG = "python:flow_repository.gunicorn_conf"
@@ -69,7 +70,9 @@ def openapi_document(settings: Settings | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="flow-repository", description=__doc__)
+    parser = argparse.ArgumentParser(prog="flow-repository", description=__doc__,
+                                     epilog=client_cli.EXIT_CODES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="serve the REST API (gunicorn)")
     commands.add_parser("worker", help="consume orchestrator and IAM events")
@@ -80,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
                          help="comma-separated permissions (default: all)")
     minting.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
     commands.add_parser("openapi", help="print the OpenAPI document")
+    client_cli.register(commands)
     arguments = parser.parse_args(argv)
+    if getattr(arguments, "handler", None) is not None:
+        return client_cli.run(arguments)
     settings = Settings.from_env()
     if arguments.command == "serve":
         return serve(settings)

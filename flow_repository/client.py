@@ -356,8 +356,9 @@ class FlowRepositoryClient:
             number += 1
 
     def revision(self, flow_id: str, revision: int) -> dict[str, Any]:
-        """The flow as it was at ``revision``."""
-        return _data(self._json("GET", f"/flows/{flow_id}/revisions/{revision}"))
+        """The flow as it was at ``revision`` (the history entry carries it under ``flow``)."""
+        entry = _data(self._json("GET", f"/flows/{flow_id}/revisions/{revision}"))
+        return entry.get("flow", entry) if isinstance(entry, dict) else entry
 
     def diff(self, flow_id: str, from_revision: int,
              to_revision: int | None = None) -> list[dict[str, Any]]:
@@ -365,7 +366,9 @@ class FlowRepositoryClient:
         params: dict[str, Any] = {"from": from_revision}
         if to_revision is not None:
             params["to"] = to_revision
-        patch = _data(self._json("GET", f"/flows/{flow_id}/diff", params=params))
+        answer = _data(self._json("GET", f"/flows/{flow_id}/diff", params=params))
+        # The service answers {from, to, patch}; a bare patch list is read as well.
+        patch = answer.get("patch") if isinstance(answer, dict) else answer
         return list(patch or [])
 
     def restore(self, flow_id: str, revision: int,

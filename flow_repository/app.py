@@ -239,7 +239,7 @@ def _install_request_hooks(app: Flask, state: Runtime) -> None:
         started = getattr(g, "started", None)
         if started is not None:
             seconds = time.perf_counter() - started
-            route = request.url_rule.rule if request.url_rule else "unmatched"
+            route = request.url_rule.rule if request.url_rule else None
             state.metrics.request(request.method, route, response.status_code, seconds)
         return response
 

@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from . import client_cli
-from .settings import Settings
+from .settings import Settings, SettingsError
 
 GUNICORN_CONFIG = "python:flow_repository.gunicorn_conf"
 
@@ -16,6 +16,18 @@ GUNICORN_CONFIG = "python:flow_repository.gunicorn_conf"
 def serve(settings: Settings) -> int:
     """Run the API under gunicorn with flow_repository/gunicorn_conf.py (one worker embedded)."""
     from gunicorn.app.base import Application as GunicornApplication
+
+    from .auth import build_authenticator
+    from .logs import configure_logging
+
+    configure_logging(settings.log_level)
+    try:
+        # Checked (and the identity mode logged) once before any worker starts, so that a
+        # refused setting stops the service with its reason instead of a failing worker.
+        build_authenticator(settings)
+    except SettingsError as error:
+        print(f"flow-repository serve: {error}", file=sys.stderr)
+        return 2
 
     class Application(GunicornApplication):
         def init(self, parser: Any, opts: Any, args: Any) -> None:

@@ -13,13 +13,15 @@ from flow_repository.settings import Settings
 _settings = Settings.from_env()
 
 bind = f"0.0.0.0:{_settings.port}"
-# pika connections are per process and used by one relay thread each; request threads never
-# publish, so gthread workers are safe. Embedded mode keeps its data in process memory,
-# so it must run exactly one worker process. The subclass only answers the errors gunicorn
-# raises itself (414, 400, 431, ...) as JSON instead of HTML.
-worker_class = "flow_repository.gunicorn_worker.JsonErrorWorker"
+# The worker is gthread (threads, so pika's connections stay with the one relay thread that
+# uses each and nothing is monkey-patched) whose event loop reads every request in full before
+# a thread serves it, so slow or idle clients hold no thread; it also answers the errors
+# gunicorn raises itself (414, 400, 431, ...) as JSON (flow_repository/gunicorn_worker.py).
+# Embedded mode keeps its data in process memory, so it must run exactly one worker process.
+worker_class = "flow_repository.gunicorn_worker.BufferedThreadWorker"
 workers = 1 if _settings.embedded else _settings.web_concurrency
 threads = _settings.gunicorn_threads
+worker_connections = _settings.gunicorn_max_connections
 timeout = _settings.gunicorn_timeout
 graceful_timeout = _settings.gunicorn_graceful_timeout
 keepalive = 5
@@ -27,15 +29,12 @@ keepalive = 5
 control_socket_disable = True
 accesslog = "-"
 errorlog = "-"
-access_log_format = (
-    '{"remote": "%(h)s", "method": "%(m)s", "path": "%(U)s", "status": "%(s)s", '
-    '"bytes": "%(B)s", "durationMs": "%(M)s", "requestId": "%({x-request-id}o)s", '
-    '"userAgent": "%(a)s"}'
-)
+# Access lines are built by json.dumps (flow_repository/access_log.py), not a format string.
+logger_class = "flow_repository.access_log.JsonAccessLogger"
 logconfig_dict = {
     "version": 1,
     "disable_existing_loggers": False,
-    # The access format above already is a JSON object, so its lines are written as they are.
+    # Access lines already are JSON objects, so they are written as they are.
     "formatters": {"json": {"()": JsonFormatter}, "raw": {"format": "%(message)s"}},
     "handlers": {
         "stderr": {"class": "logging.StreamHandler", "formatter": "json",

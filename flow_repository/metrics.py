@@ -22,6 +22,10 @@ PREFIX = "flow_repository"
 # Set by flow_repository/gunicorn_conf.py when it runs several worker processes, so that a scrape
 # answered by any one of them reports the sum over all of them.
 MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
+# Label values come from a fixed set, so no request can add series: any other method is
+# "other", and a request that matches no route is counted under route="unmatched".
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+UNMATCHED_ROUTE = "unmatched"
 
 
 class Metrics:
@@ -66,7 +70,10 @@ class Metrics:
             ["name"], registry=self.registry,
         )
 
-    def request(self, method: str, route: str, status: int, seconds: float) -> None:
+    def request(self, method: str, route: str | None, status: int, seconds: float) -> None:
+        """Count one answered request; ``route`` is the matched rule, None when none matched."""
+        method = method if method in KNOWN_METHODS else "other"
+        route = route or UNMATCHED_ROUTE
         self._requests.labels(method, route, str(status)).inc()
         self._latency.labels(method, route).observe(seconds)
 

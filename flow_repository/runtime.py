@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 import threading
 from collections.abc import Callable
@@ -96,6 +97,8 @@ class Runtime:
             step_logs=StepLogClient(settings.logging_service_base_url, settings.iam_token,
                                     settings.logging_service_timeout_seconds)
             if settings.logging_service_base_url else None,
+            ownership_policy=settings.ownership_policy,
+            max_list_bytes=settings.max_list_bytes,
         )
         runtime = cls(settings, store, service, metrics, outbox)
         if consumer:
@@ -151,6 +154,13 @@ class Runtime:
         if mongo_ok and not queue_required:
             return 200, {"status": "warn", "details": details}
         return 503, {"status": "fail", "details": details}
+
+    def metrics_allowed(self, authorization: str | None) -> bool:
+        """True when /metrics is public or ``authorization`` is ``Bearer <METRICS_TOKEN>``."""
+        token = self.settings.metrics_token
+        if not token:
+            return True
+        return hmac.compare_digest((authorization or "").encode(), f"Bearer {token}".encode())
 
     def metrics_text(self) -> bytes:
         """Prometheus text, with the flow and outbox gauges read from the store just now."""

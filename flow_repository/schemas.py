@@ -198,6 +198,8 @@ class ListMetaSchema(Schema):
     page = fields.Integer()
     perPage = fields.Integer(metadata={"description": "the page size used (after clamping)"})
     totalPages = fields.Integer()
+    truncated = fields.Boolean(metadata={"description": "present when MAX_LIST_BYTES cut the "
+                                         "page short: page on with perPage"})
 
 
 class FlowListResponseSchema(Schema):

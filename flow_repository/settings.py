@@ -74,6 +74,7 @@ class Settings:
     flow_control_permission: str = _setting("FLOW_CONTROL_PERMISSION", "flows.control")
     flow_bulk_permission: str = _setting("FLOW_BULK_PERMISSION", "flows.bulk")
     origin_whitelist: tuple[str, ...] = _setting("ORIGINWHITELIST", (), _names)
+    ownership_policy: str = _setting("OWNERSHIP_POLICY", "strict", lambda raw: raw.strip().lower())
 
     max_body_bytes: int = _setting("MAX_BODY_BYTES", 1024 * 1024, _integer)
     max_page_size: int = _setting("MAX_PAGE_SIZE", 1000, _integer)
@@ -81,6 +82,7 @@ class Settings:
     logging_service_timeout_seconds: float = _setting("LOGGING_SERVICE_TIMEOUT_SECONDS",
                                                       10.0, _number)
     bulk_max_items: int = _setting("BULK_MAX_ITEMS", 100, _integer)
+    max_list_bytes: int = _setting("MAX_LIST_BYTES", 4 * 1024 * 1024, _integer)
 
     history_max_revisions: int = _setting("HISTORY_MAX_REVISIONS", 100, _integer)
     component_repository_url: str | None = _setting("COMPONENT_REPOSITORY_URL", None)
@@ -97,11 +99,14 @@ class Settings:
     consumer_max_attempts: int = _setting("CONSUMER_MAX_ATTEMPTS", 5, _integer)
     run_relay_in_api: bool = _setting("RUN_RELAY_IN_API", True, _flag)
     worker_health_port: int = _setting("WORKER_HEALTH_PORT", 9102, _integer)
+    metrics_token: str | None = _setting("METRICS_TOKEN", None)
 
     web_concurrency: int = _setting("WEB_CONCURRENCY", 2, _integer)
     gunicorn_threads: int = _setting("GUNICORN_THREADS", 4, _integer)
     gunicorn_timeout: int = _setting("GUNICORN_TIMEOUT", 30, _integer)
     gunicorn_graceful_timeout: int = _setting("GUNICORN_GRACEFUL_TIMEOUT", 20, _integer)
+    gunicorn_request_timeout: float = _setting("GUNICORN_REQUEST_TIMEOUT", 30.0, _number)
+    gunicorn_max_connections: int = _setting("GUNICORN_MAX_CONNECTIONS", 1000, _integer)
     log_level: str = _setting("LOG_LEVEL", "INFO")
 
     @classmethod
@@ -133,15 +138,20 @@ class Settings:
         if self.logging_service_base_url and not self.logging_service_base_url.startswith(
                 ("http://", "https://")):
             raise SettingsError("LOGGING_SERVICE_BASE_URL must be an http or https URL")
+        if self.ownership_policy not in ("strict", "oih"):
+            raise SettingsError("OWNERSHIP_POLICY must be strict or oih")
         positive = {
             "PORT": self.port,
             "MAX_BODY_BYTES": self.max_body_bytes,
             "MAX_PAGE_SIZE": self.max_page_size,
             "LOGGING_SERVICE_TIMEOUT_SECONDS": self.logging_service_timeout_seconds,
             "BULK_MAX_ITEMS": self.bulk_max_items,
+            "MAX_LIST_BYTES": self.max_list_bytes,
             "CONSUMER_MAX_ATTEMPTS": self.consumer_max_attempts,
             "WEB_CONCURRENCY": self.web_concurrency,
             "GUNICORN_THREADS": self.gunicorn_threads,
+            "GUNICORN_REQUEST_TIMEOUT": self.gunicorn_request_timeout,
+            "GUNICORN_MAX_CONNECTIONS": self.gunicorn_max_connections,
         }
         for name, value in positive.items():
             if value <= 0:

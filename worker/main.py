@@ -26,7 +26,11 @@ def health_server(runtime: Runtime, port: int) -> ThreadingHTTPServer:
             elif self.path == "/healthcheck":
                 self._send(*runtime.health(queue_required=True))
             elif self.path == "/metrics":
-                self._send(200, runtime.metrics_text(), runtime.metrics.content_type)
+                if runtime.metrics_allowed(self.headers.get("Authorization")):
+                    self._send(200, runtime.metrics_text(), runtime.metrics.content_type)
+                else:
+                    self._send(401, {"errors": [{"message": "/metrics needs the metrics token "
+                                                 "as a Bearer token.", "code": 401}]})
             else:
                 self._send(404, {"errors": [{"message": "Not Found", "code": 404}]})
 

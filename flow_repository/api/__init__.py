@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from flask import Response, current_app, jsonify, request
-from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
+from werkzeug.exceptions import BadRequest, RequestEntityTooLarge, UnsupportedMediaType
 
 from ..auth import Principal, bearer_token
 from ..domain import Forbidden, InvalidFlow
@@ -82,11 +82,21 @@ def require(principal: Principal, *permissions: str) -> None:
         raise Forbidden(MISSING_PERMISSION)
 
 
+def is_json_media_type(mimetype: str) -> bool:
+    """application/json or any ``+json`` type (application/vnd.api+json, ...)."""
+    return mimetype == "application/json" or (
+        mimetype.startswith("application/") and mimetype.endswith("+json"))
+
+
 def json_body() -> Any:
-    """The parsed JSON body, whatever its content type; 400 when absent or malformed."""
+    """The parsed JSON body; 400 when absent or malformed, 415 when not declared JSON."""
     data = request.get_data(cache=True)
     if not data:
         raise InvalidFlow("the request body must be JSON")
+    if not is_json_media_type(request.mimetype):
+        raise UnsupportedMediaType(
+            f"the request body must be sent as application/json (got Content-Type "
+            f"{request.headers.get('Content-Type', 'none')!r})")
     limit = request.max_content_length
     # werkzeug silently stops a streamed (chunked) body at the limit: look for more.
     if (request.content_length is None and limit is not None and len(data) >= limit

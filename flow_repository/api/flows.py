@@ -40,7 +40,7 @@ from . import (
 
 blp = Blueprint("flows", __name__, description="Integration flows")
 
-ERRORS = (400, 401, 403, 404, 409, 412, 413, 503)
+ERRORS = (400, 401, 403, 404, 409, 412, 413, 415, 503)
 FLOW_BODY = {"content": {"application/json": {"schema": FlowInputSchema}}}
 IF_MATCH = {"in": "header", "name": "If-Match", "schema": {"type": "string"}}
 DRY_RUN = {"in": "query", "name": "dryRun", "schema": {"type": "boolean"},
@@ -77,7 +77,7 @@ def list_flows(principal: Principal, arguments: dict[str, Any]) -> Response:
                           "created flow or `{errors}`", "content": {"application/json": {
                               "schema": {"oneOf": [{"$ref": "#/components/schemas/FlowResponse"},
                                                    {"$ref": "#/components/schemas/BulkResponse"}]}}}},
-    **_errors(400, 401, 403, 413, 503)})
+    **_errors(400, 401, 403, 413, 415, 503)})
 def create_flow() -> Response:
     """Create a flow, or several from a JSON array (needs the bulk permission too)."""
     names = settings()
@@ -110,7 +110,7 @@ def validate_flow() -> Response:
     responses={200: {"description": "`data` aligned with the input: each item the updated "
                                      "flow or `{errors}`", "content": {"application/json": {
                                          "schema": BulkResponseSchema}}},
-               **_errors(400, 401, 403, 413, 503)})
+               **_errors(400, 401, 403, 413, 415, 503)})
 def update_flows() -> Response:
     """Update several flows; each item carries its ``id``. Results are per item."""
     names = settings()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from flask import Response, jsonify
+from flask import Response, jsonify, request
 from flask_smorest import Blueprint
+from werkzeug.exceptions import Unauthorized
 
+from ..schemas import ErrorResponseSchema
 from . import runtime
 
 blp = Blueprint("health", __name__, description="Health and metrics")
@@ -39,9 +41,14 @@ def livez() -> Response:
 
 
 @blp.route("/metrics", methods=["GET"])
-@blp.doc(security=[], responses={200: {"description": "Prometheus text exposition",
-                                       "content": {"text/plain": {"schema": {"type": "string"}}}}})
+@blp.doc(security=[], responses={
+    200: {"description": "Prometheus text exposition",
+          "content": {"text/plain": {"schema": {"type": "string"}}}},
+    401: {"description": "METRICS_TOKEN is set and the request does not carry it as Bearer",
+          "content": {"application/json": {"schema": ErrorResponseSchema}}}})
 def metrics() -> Response:
-    """Prometheus metrics of this process."""
+    """Prometheus metrics of this process (needs ``Bearer $METRICS_TOKEN`` when that is set)."""
     state = runtime()
+    if not state.metrics_allowed(request.headers.get("Authorization")):
+        raise Unauthorized("/metrics needs the metrics token as a Bearer token.")
     return Response(state.metrics_text(), content_type=state.metrics.content_type)

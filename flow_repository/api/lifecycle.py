@@ -23,7 +23,8 @@ MANY = {200: {"description": "A bare array aligned with the ids, as OIH answers:
                       "type": "object", "properties": {
                           "message": {"type": "string"}, "flowId": {},
                           "code": {"type": "integer"}}}}}}]}}}}},
-        **ERRORS}
+        **ERRORS, 415: {"description": "The body is not declared application/json",
+                         "content": {"application/json": {"schema": ErrorResponseSchema}}}}
 
 
 @blp.route("/flows/<flow_id>/start", methods=["POST"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
@@ -21,6 +22,8 @@ from .principal import (
     bearer_token,
     principal_from_claims,
 )
+
+_log = logging.getLogger(__name__)
 
 __all__ = [
     "AuthError",
@@ -42,9 +45,13 @@ def build_authenticator(
     session: requests.Session | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> Authenticator:
-    """The authenticator for ``settings.auth_mode`` (basic, oidc, jwt or dev)."""
+    """The authenticator for ``settings.auth_mode`` (basic, oidc, jwt or dev); logs which."""
     mode = settings.auth_mode
     if mode in ("basic", "oidc"):
+        endpoint = (settings.introspect_endpoint_basic if mode == "basic"
+                    else settings.introspect_endpoint_oidc)
+        _log.info(f"identity mode: IAM introspection ({mode})",
+                  extra={"identityMode": f"introspection-{mode}", "endpoint": endpoint})
         return IntrospectionAuthenticator(settings, session=session, clock=clock)
     if mode == "jwt":
         jwks_client = None
@@ -55,19 +62,28 @@ def build_authenticator(
                 )
             except jwt.PyJWKClientError:
                 raise SettingsError("JWT_JWKS_URL must be an http or https URL") from None
-        return JwtAuthenticator(
+        verifier = JwtAuthenticator(
             secret=settings.jwt_secret,
             public_key=settings.jwt_public_key,
             jwks_client=jwks_client,
             audience=settings.jwt_audience,
             issuer=settings.jwt_issuer,
         )
+        keys = "JWKS URL" if jwks_client else "public key" if settings.jwt_public_key else "secret"
+        _log.info(f"identity mode: local JWT verification with a {keys} "
+                  f"({', '.join(verifier.algorithms)})",
+                  extra={"identityMode": "jwt", "algorithms": list(verifier.algorithms)})
+        return verifier
     if mode == "dev":
-        return JwtAuthenticator(
+        verifier = JwtAuthenticator(
             secret=dev_secret(settings),
             audience=settings.jwt_audience,
             issuer=settings.jwt_issuer,
             hmac_algorithms=frozenset({"HS256"}),
         )
+        _log.warning("identity mode: development tokens (HS256, local secret file). "
+                     "NOT FOR PRODUCTION: configure IAM introspection or JWT verification.",
+                     extra={"identityMode": "dev", "algorithms": ["HS256"]})
+        return verifier
     raise SettingsError(f"unknown auth mode {mode!r}")
 

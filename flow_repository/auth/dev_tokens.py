@@ -7,6 +7,7 @@ import getpass
 import logging
 import os
 import secrets
+import stat
 import tempfile
 import time
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ from typing import Any
 
 import jwt
 
-from flow_repository.settings import Settings
+from flow_repository.settings import Settings, SettingsError
 
 _log = logging.getLogger(__name__)
 
@@ -44,11 +45,22 @@ def _read_secret(path: Path, private_only: bool) -> str | None:
     except FileNotFoundError:
         return None
     with os.fdopen(fd, "r", encoding="utf-8") as handle:
-        if private_only and hasattr(os, "getuid"):
-            status = os.fstat(handle.fileno())
-            if status.st_uid != os.getuid() or status.st_mode & 0o077:
-                raise PermissionError(f"{path} is not private to this user; remove it")
+        if hasattr(os, "getuid"):
+            _check_private(path, os.fstat(handle.fileno()), private_only)
         return handle.read().strip()
+
+
+def _check_private(path: Path, status: os.stat_result, private_only: bool) -> None:
+    """Refuse a secret someone else could have written (and so could forge tokens with)."""
+    if status.st_uid != os.getuid():
+        raise SettingsError(f"dev token secret file {path} is owned by user id "
+                            f"{status.st_uid}, not by this user ({os.getuid()}); refusing it")
+    if status.st_mode & 0o022:
+        raise SettingsError(f"dev token secret file {path} is writable by group or others "
+                            f"(mode {stat.filemode(status.st_mode)}); run chmod go-w on it "
+                            "or remove it")
+    if private_only and status.st_mode & 0o077:
+        raise PermissionError(f"{path} is not private to this user; remove it")
 
 
 def _create_secret(path: Path) -> None:

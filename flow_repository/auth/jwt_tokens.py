@@ -90,6 +90,14 @@ class JwtAuthenticator:
         # so tokens verified with one are always checked afresh.
         self._verified = TtlCache(60.0, CACHE_MAX_ENTRIES, time.monotonic)
 
+    @property
+    def algorithms(self) -> tuple[str, ...]:
+        """The JWS algorithms a token may be signed with (the start-up log names them)."""
+        names = set(self._hmac_algorithms) | set(self._public_algorithms)
+        if self._jwks is not None:
+            names |= _ASYMMETRIC_ALGORITHMS
+        return tuple(sorted(names))
+
     def authenticate(self, token: str) -> Principal:
         """The Principal for a verified ``token``; AuthError otherwise."""
         if not token:

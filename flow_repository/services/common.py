@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from bson import ObjectId
 
-from .. import domain
+from .. import domain, ownership
 from ..auth import Principal
 from ..domain import (
     FlowError,
     FlowNotFound,
+    Forbidden,
     InvalidFlow,
     describe,
 )
@@ -102,21 +104,24 @@ def parse_flow_id(raw: Any) -> ObjectId:
 
 
 
+REVISION_TAG = re.compile(r'"([0-9]{1,18})"')  # ASCII digits only: str.isdigit takes "²"
+
+
 def parse_if_match(header: str | None) -> tuple[int, ...] | None:
     """The revisions an If-Match header accepts; None when absent or ``*``.
 
-    Strong comparison, as RFC 9110 requires for If-Match: weak tags (``W/"3"``) and tags
-    that name no revision match nothing, so a header holding only those fails with 412.
+    Only ``*`` or a list of strong entity tags holding a revision number (``"3"``) can
+    match. Strong comparison, as RFC 9110 requires for If-Match: weak tags (``W/"3"``),
+    unquoted or non-ASCII digits and anything else match nothing, so a header holding only
+    those fails with 412 (never 500).
     """
     if header is None or header.strip() == "*":
         return None
     revisions = []
     for tag in header.split(","):
-        tag = tag.strip()
-        if len(tag) > 2 and tag[0] == tag[-1] == '"':
-            tag = tag[1:-1]
-        if tag.isdigit():  # a bare revision number is accepted too, for scripts
-            revisions.append(int(tag))
+        matched = REVISION_TAG.fullmatch(tag.strip())
+        if matched:
+            revisions.append(int(matched.group(1)))
     if not revisions:
         raise domain.PreconditionFailed(f"If-Match {describe(header)} names no revision "
                                         "of this flow")
@@ -137,8 +142,12 @@ class UseCases:
         references: ReferenceChecker | None = None,
         notify: Callable[[], None] = lambda: None,
         step_logs: StepLogClient | None = None,
+        ownership_policy: str = ownership.STRICT,
+        max_list_bytes: int = 4 * 1024 * 1024,
     ) -> None:
         self._store = store
+        self._ownership_policy = ownership_policy
+        self._max_list_bytes = max_list_bytes
         self._timeouts = timeouts
         self._bulk_max_items = bulk_max_items
         self._step_logs = step_logs  # None when no logging service is configured
@@ -174,6 +183,15 @@ class UseCases:
         if flow is None:
             raise FlowNotFound(f"flow {raw_id} not found")
         return flow
+
+    def _check_owners(self, principal: Principal, requested: Sequence[Mapping[str, Any]],
+                      stored: Sequence[Mapping[str, Any]]) -> None:
+        """403 naming each owner entry the caller may not add or remove."""
+        problems = ownership.owner_change_problems(
+            requested, stored, sub=principal.sub, tenant=principal.tenant,
+            is_admin=principal.is_admin, policy=self._ownership_policy)
+        if problems:
+            raise Forbidden("these owners may not be set by this caller", problems)
 
     @staticmethod
     def _require_inactive(flow: Mapping[str, Any], action: str) -> None:

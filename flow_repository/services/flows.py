@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 from bson import ObjectId
 
-from .. import domain
+from .. import domain, paging
 from ..auth import Principal
 from ..domain import (
     FlowNotFound,
@@ -38,15 +38,13 @@ class FlowUseCases(HistoryRecorder):
             raise FlowNotFound(f"flow {raw_id} not found")
         return public_flow(flow)
 
-    def list(self, principal: Principal, query: ListQuery) -> tuple[list[dict], dict[str, int]]:
+    def list(self, principal: Principal, query: ListQuery) -> tuple[list[dict], dict[str, Any]]:
         flows, total = self._store.list(query, self._scope(principal))
-        meta = {
-            "total": total,
-            "page": query.page_number,
-            "perPage": query.page_size,
-            "totalPages": math.ceil(total / query.page_size),
-        }
-        return [public_flow(flow) for flow in flows], meta
+        page = [public_flow(flow) for flow in flows]
+        offset = (query.page_number - 1) * query.page_size
+        sizes = [len(json.dumps(flow, default=str)) for flow in page]
+        size = paging.page_size_within(sizes, offset, query.page_size, self._max_list_bytes)
+        return page[:size], paging.page_meta(total, offset, size, query.page_size)
 
     def create(self, principal: Principal, body: Any, *, token: str | None = None) -> Saved:
         """Store a new, inactive flow; unknown fields of the body are dropped and named."""
@@ -73,6 +71,7 @@ class FlowUseCases(HistoryRecorder):
         if validated is None:
             return None, []
         clean, ignored = validated
+        checks.run(self._check_owners, principal, clean.get("owners") or [], [])
         checks.run(self._check_references, token, clean)
         flow_id = ObjectId()
         now = utcnow()
@@ -141,6 +140,9 @@ class FlowUseCases(HistoryRecorder):
             if validated is None:
                 return None, []  # a dry run of an invalid body: there is no flow to show
             patch, ignored = validated
+            if "owners" in patch:
+                checks.run(self._check_owners, principal, patch["owners"],
+                           current.get("owners", []))
             merged = {key: current[key] for key in EDITABLE_FIELDS if key in current}
             merged.update(body)
             merged_validated = checks.run(validate_flow, merged, status=current["status"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -70,3 +71,32 @@ def test_token_command_refuses_when_iam_is_configured(tmp_path: Path) -> None:
     assert done.returncode != 0
     assert done.stdout.strip() == ""
     assert "IAM" in done.stderr
+
+
+def test_serve_refuses_a_dev_secret_file_others_can_write(spawn, settings, broker,
+                                                          tmp_path: Path) -> None:
+    secret = tmp_path / "dev-token-secret"
+    secret.write_text("planted-by-someone-else\n")
+    secret.chmod(0o666)
+    env = {**base_env(tmp_path / "home"), "DEV_TOKEN_SECRET_FILE": str(secret),
+           "QUEUE_URL": settings.queue_url, "EVENT_EXCHANGE": settings.event_exchange,
+           "EVENT_QUEUE": settings.event_queue}
+    served: Served = spawn(["serve"], {**env, "PORT": str(free_port())}, None)
+    assert served.process.wait(60) == 2
+    assert "writable by group or others" in served.stderr()
+    assert str(secret) in served.stderr()
+
+
+def test_serve_logs_that_dev_tokens_are_not_for_production(spawn, settings, broker,
+                                                           tmp_path: Path) -> None:
+    env = {**base_env(tmp_path / "home"), "DEV_TOKEN_SECRET_FILE": str(tmp_path / "secret"),
+           "QUEUE_URL": settings.queue_url, "EVENT_EXCHANGE": settings.event_exchange,
+           "EVENT_QUEUE": settings.event_queue}
+    port = free_port()
+    served: Served = spawn(["serve"], {**env, "PORT": str(port)}, port)
+    served.wait_ready()
+    modes = [json.loads(line) for line in served.stderr().splitlines()
+             if "identityMode" in line]
+    assert modes and all(entry["identityMode"] == "dev" for entry in modes)
+    assert "NOT FOR PRODUCTION" in modes[0]["message"]
+    assert modes[0]["level"] == "warning"

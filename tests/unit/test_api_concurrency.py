@@ -89,7 +89,7 @@ def test_each_change_increments_the_revision_and_etag(
 # ----------------------------------------------------------------------------- If-Match on PATCH
 
 
-@pytest.mark.parametrize("if_match", ['"1"', "1", "*", '"7", "1"'])
+@pytest.mark.parametrize("if_match", ['"1"', "*", '"7", "1"', ' "1" '])
 def test_patch_with_a_matching_if_match_succeeds(
     client: FlaskClient, auth: Headers, create: Create, if_match: str
 ) -> None:
@@ -100,7 +100,9 @@ def test_patch_with_a_matching_if_match_succeeds(
     assert fetch(client, auth, flow["id"])["name"] == "new"
 
 
-@pytest.mark.parametrize("if_match", ['"2"', '"0"', "garbage", '""', '"1.0"', 'W/"1"'])
+@pytest.mark.parametrize("if_match", [
+    '"2"', '"0"', "garbage", '""', '"1.0"', 'W/"1"', "1", '"\u00b2"', '"\u0661"', '"\uff11"',
+    '"' + "1" * 5000 + '"', '"1', '1"', '"-1"', '"+1"', '" 1"', "**", ",", '"1"x'])
 def test_patch_with_a_stale_or_garbage_if_match_is_412_and_changes_nothing(
     client: FlaskClient, auth: Headers, create: Create, error_messages, store: FlowStore,
     if_match: str,
@@ -150,7 +152,7 @@ def test_delete_with_a_matching_if_match_deletes(
     error_messages(client.get(f"/flows/{flow['id']}", headers=auth()), 404)
 
 
-@pytest.mark.parametrize("if_match", ['"3"', "garbage"])
+@pytest.mark.parametrize("if_match", ['"3"', "garbage", '"\u00b2"'])
 def test_delete_with_a_stale_or_garbage_if_match_is_412_and_keeps_the_flow(
     client: FlaskClient, auth: Headers, create: Create, error_messages, if_match: str
 ) -> None:

@@ -180,12 +180,49 @@ def test_non_object_patch_body_is_400(
     assert error_messages(response, 400) == ["the body must be a JSON object (got [1])"]
 
 
-def test_body_is_parsed_as_json_whatever_the_content_type(
-    client: FlaskClient, auth: Headers, flow_body: Callable[..., dict]
+@pytest.mark.parametrize("content_type", [
+    "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
+    "application/jsonx", "text/json", None])
+def test_a_body_not_declared_json_is_415_on_every_body_route(
+    client: FlaskClient, auth: Headers, create: Create, flow_body: Callable[..., dict],
+    error_messages, content_type: str | None,
+) -> None:
+    flow = create()
+    headers = auth() if content_type is None else {**auth(), "Content-Type": content_type}
+    for method, path, body in (
+        ("POST", "/flows", flow_body()), ("POST", "/flows", [flow_body()]),
+        ("PATCH", f"/flows/{flow['id']}", {"name": "n"}),
+        ("PATCH", "/flows/bulk", [{"id": flow["id"], "name": "n"}]),
+        ("POST", "/flows/multiple/start", [flow["id"]]),
+        ("POST", "/flows/multiple/stop", [flow["id"]]),
+    ):
+        response = client.open(path, method=method, data=json.dumps(body), headers=headers)
+        (message,) = error_messages(response, 415)
+        assert "application/json" in message
+    assert client.get(f"/flows/{flow['id']}", headers=auth()).get_json()["data"] == flow
+
+
+@pytest.mark.parametrize("content_type", [
+    "application/json", "application/json; charset=utf-8", "application/vnd.api+json",
+    "APPLICATION/JSON"])
+def test_json_and_plus_json_bodies_are_accepted(
+    client: FlaskClient, auth: Headers, flow_body: Callable[..., dict], content_type: str
 ) -> None:
     response = client.post("/flows", data=json.dumps(flow_body()), headers=auth(),
-                           content_type="text/plain")
+                           content_type=content_type)
     assert response.status_code == 201
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/json"])
+def test_bodiless_start_and_stop_work_with_or_without_a_content_type(
+    client: FlaskClient, auth: Headers, create: Create, content_type: str | None
+) -> None:
+    flow = create()
+    headers = auth() if content_type is None else {**auth(), "Content-Type": content_type}
+    started = client.post(f"/flows/{flow['id']}/start", headers=headers)
+    assert started.status_code == 200, started.get_json()
+    stopped = client.post(f"/flows/{flow['id']}/stop", headers=headers)
+    assert stopped.status_code == 200, stopped.get_json()
 
 
 def test_bulk_routes_need_a_json_array(

@@ -29,6 +29,11 @@ def ids(response) -> list[str]:
     return [flow["id"] for flow in response.get_json()["data"]]
 
 
+def admin_user_1(auth: Headers) -> dict[str, str]:
+    """user-1 of tenant-1 as an administrator: free to set any owners (see test_ownership)."""
+    return auth("user-1", "tenant-1", ["all"])
+
+
 def names(response) -> list[str]:
     return [flow["name"] for flow in response.get_json()["data"]]
 
@@ -72,10 +77,10 @@ def test_created_flow_is_stored_as_returned(
 
 
 def test_create_keeps_given_owners_and_adds_the_caller_and_tenant_once(
-    create: Create, flow_body: Callable[..., dict]
+    create: Create, auth: Headers, flow_body: Callable[..., dict]
 ) -> None:
     owners = [{"id": "partner", "type": "user"}, {"id": "user-1", "type": "user"}]
-    flow = create(flow_body(owners=owners))
+    flow = create(flow_body(owners=owners), headers=admin_user_1(auth))
     assert flow["owners"] == [*owners, {"id": "tenant-1", "type": "tenant"}]
 
 
@@ -174,7 +179,7 @@ def test_patch_re_adds_the_caller_when_owners_omit_it(
     client: FlaskClient, auth: Headers, create: Create
 ) -> None:
     flow = create()
-    owners = [{"id": "partner", "type": "user"}]
+    owners = [{"id": "tenant-1", "type": "tenant"}]
     response = client.patch(f"/flows/{flow['id']}", json={"owners": owners}, headers=auth())
     assert response.get_json()["data"]["owners"] == [*owners, {"id": "user-1", "type": "user"}]
 
@@ -182,7 +187,8 @@ def test_patch_re_adds_the_caller_when_owners_omit_it(
 def test_patch_without_owners_keeps_the_stored_owners(
     client: FlaskClient, auth: Headers, create: Create, flow_body: Callable[..., dict]
 ) -> None:
-    flow = create(flow_body(owners=[{"id": "partner", "type": "user"}]))
+    flow = create(flow_body(owners=[{"id": "partner", "type": "user"}]),
+                  headers=admin_user_1(auth))
     response = client.patch(f"/flows/{flow['id']}", json={"name": "n"}, headers=auth())
     assert response.get_json()["data"]["owners"] == flow["owners"]
 
@@ -275,7 +281,8 @@ def test_list_filters_by_template(
 def test_list_filters_by_owner_user(
     client: FlaskClient, auth: Headers, create: Create, flow_body: Callable[..., dict]
 ) -> None:
-    shared = create(flow_body(owners=[{"id": "partner", "type": "user"}]))
+    shared = create(flow_body(owners=[{"id": "partner", "type": "user"}]),
+                    headers=admin_user_1(auth))
     create()
     assert ids(client.get("/flows?filter[user]=partner", headers=auth())) == [shared["id"]]
 
@@ -377,7 +384,8 @@ def test_tenant_members_see_and_change_the_tenants_flows(
 def test_a_user_owner_without_tenant_sees_the_flow(
     client: FlaskClient, auth: Headers, create: Create, flow_body: Callable[..., dict]
 ) -> None:
-    flow = create(flow_body(owners=[{"id": "partner", "type": "user"}]))
+    flow = create(flow_body(owners=[{"id": "partner", "type": "user"}]),
+                  headers=admin_user_1(auth))
     partner = auth("partner", None)
     assert client.get(f"/flows/{flow['id']}", headers=partner).status_code == 200
     assert ids(client.get("/flows", headers=partner)) == [flow["id"]]

@@ -1194,6 +1194,47 @@ def test_dev_secret_reads_existing_file(tmp_path: Any) -> None:
     assert dev_secret(settings) == "operator-chosen-secret-value-0123456789abcdef"
 
 
+@pytest.mark.parametrize("mode", [0o620, 0o602, 0o666])
+def test_dev_secret_file_others_can_write_is_refused(tmp_path: Any, mode: int) -> None:
+    path = tmp_path / "given-secret"
+    path.write_text("operator-chosen-secret-value-0123456789abcdef\n")
+    path.chmod(mode)
+    settings = Settings.from_env({}, dev_token_secret_file=str(path))
+    with pytest.raises(SettingsError, match="writable by group or others"):
+        dev_secret(settings)
+    with pytest.raises(SettingsError, match="writable by group or others"):
+        build_authenticator(settings)
+
+
+def test_dev_secret_file_of_another_user_is_refused(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "given-secret"
+    path.write_text("operator-chosen-secret-value-0123456789abcdef\n")
+    path.chmod(0o600)
+    real_uid = os.getuid()
+    monkeypatch.setattr(os, "getuid", lambda: real_uid + 1)  # as if another user owned it
+    with pytest.raises(SettingsError, match=f"owned by user id {real_uid}"):
+        dev_secret(Settings.from_env({}, dev_token_secret_file=str(path)))
+
+
+def test_identity_mode_is_logged_and_dev_mode_warns(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="flow_repository.auth")
+    build_authenticator(Settings.from_env({}, dev_token_secret_file=str(tmp_path / "s")))
+    build_authenticator(Settings.from_env({}, jwt_secret="s" * 32))
+    build_authenticator(Settings.from_env({}, introspect_type="oidc",
+                                          introspect_endpoint_oidc="http://iam/oidc"))
+    build_authenticator(Settings.from_env({}, introspect_endpoint_basic="http://iam/basic"))
+    records = [record for record in caplog.records if hasattr(record, "identityMode")]
+    assert [record.identityMode for record in records] == [
+        "dev", "jwt", "introspection-oidc", "introspection-basic"]
+    assert records[0].levelname == "WARNING" and "NOT FOR PRODUCTION" in records[0].message
+    assert records[1].algorithms == ["HS256", "HS384", "HS512"]
+    assert all(record.levelname == "INFO" for record in records[1:])
+
+
 def test_dev_secret_default_location_under_xdg_state_home(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+import string
 from types import SimpleNamespace
 
 import pymongo
@@ -49,3 +51,41 @@ def test_mongodb_down_fails_both_without_naming_hosts(settings) -> None:
         assert "127.0.0.1" not in body["details"]["mongoDB"]["error"]
     text = runtime.metrics_text().decode()  # still scrapeable while MongoDB is away
     assert "flow_repository_http_requests_total" in text
+
+
+def series(client) -> set[str]:
+    """The labelled series /metrics exposes (sample names with their labels)."""
+    text = client.get("/metrics").get_data(as_text=True)
+    return {line.rsplit(" ", 1)[0] for line in text.splitlines() if line and line[0] != "#"}
+
+
+def test_random_methods_and_paths_add_no_metric_series(client) -> None:
+    rng = random.Random(9)
+    letters = string.ascii_letters + string.digits + "-_.~!$&'*+"
+
+    def word(low: int, high: int) -> str:
+        return "".join(rng.choice(letters) for _ in range(rng.randint(low, high)))
+
+    def send_random() -> None:
+        method = word(3, 12).upper()
+        response = client.open(f"/r-{word(1, 30)}/{word(0, 30)}", method=method)
+        assert response.status_code in (404, 405)
+
+    send_random()  # the first unknown request creates the "other"/"unmatched" series
+    series(client)  # and the first scrape its own series
+    before = series(client)
+    for _ in range(500):
+        send_random()
+    after = series(client)
+    assert after == before
+    assert any('method="other",route="unmatched"' in name for name in after)
+
+
+def test_api_metrics_need_the_metrics_token_when_one_is_set(build_app, error_messages) -> None:
+    client = build_app(metrics_token="scrape-secret").test_client()
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "scrape-secret"}):
+        error_messages(client.get("/metrics", headers=headers), 401)
+    allowed = client.get("/metrics", headers={"Authorization": "Bearer scrape-secret"})
+    assert allowed.status_code == 200
+    assert "flow_repository_http_requests_total" in allowed.get_data(as_text=True)
+    assert client.get("/livez").status_code == 200  # nothing else needs it

@@ -56,3 +56,22 @@ def test_unknown_paths_are_json_404(worker_health) -> None:
     response = requests.get(f"{url}/nope", timeout=5)
     assert response.status_code == 404
     assert response.json() == {"errors": [{"message": "Not Found", "code": 404}]}
+
+
+def test_metrics_need_the_metrics_token_when_one_is_set(settings, store) -> None:
+    runtime = Runtime.build(settings.replace(metrics_token="scrape-secret"), store=store)
+    runtime.consumer = SimpleNamespace(alive=True, connected=True)
+    server = health_server(runtime, 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/metrics"
+    try:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "scrape-secret"}):
+            refused = requests.get(url, headers=headers, timeout=5)
+            assert refused.status_code == 401
+            assert refused.json()["errors"][0]["code"] == 401
+        allowed = requests.get(url, headers={"Authorization": "Bearer scrape-secret"}, timeout=5)
+        assert allowed.status_code == 200
+        assert "flow_repository_events_consumed_total" in allowed.text
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -36,6 +36,7 @@ MAX_HEAD_BYTES = 64 * 1024  # request line and header fields together, as a prox
 MAX_CHUNK_LINE = 1024  # a chunk-size line, extensions included
 CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}")  # int(..., 16) alone would take "-1", "0x1"
 BUFFER_BUDGET_BODIES = 64  # requests being received by one worker hold at most this many bodies
+REFUSED = "refused by the HTTP server before reaching the application"
 
 
 def error_bytes(status: int, reason: str, message: str, extra_headers: str = "") -> bytes:
@@ -82,7 +83,7 @@ class JsonErrorWorker(ThreadWorker):
             return  # gunicorn wrote nothing it could send either
         status, reason = int(parts[1]), parts[2]
         message = "Internal server error." if status >= 500 and status != 501 else \
-            f"{reason}: refused by the HTTP server before reaching the application."
+            f"{reason}: {REFUSED}."
         body = json.dumps({"errors": [{"message": message, "code": status}]}).encode()
         head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
@@ -293,11 +294,12 @@ class BufferedThreadWorker(JsonErrorWorker):
             return True
         if verdict == "bad request":
             self._answer(conn, registered, error_bytes(
-                400, "Bad Request", "Malformed chunked request body."))
+                400, "Bad Request", f"Bad Request: {REFUSED} (malformed chunked body)."))
             return True
         if verdict == "head too large":
             self._answer(conn, registered, error_bytes(
-                431, "Request Header Fields Too Large", "Request header fields too large."))
+                431, "Request Header Fields Too Large",
+                f"Request Header Fields Too Large: {REFUSED}."))
             return True
         if verdict == "body too large":
             self._answer(conn, registered, error_bytes(

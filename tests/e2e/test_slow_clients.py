@@ -186,3 +186,17 @@ def test_access_log_lines_are_json_whatever_the_request_holds(serve, iam: FakeIa
     assert any(entry["userAgent"] == "agent \"quoted\" ünï \\" for entry in access)
     assert any(entry["referer"] == "http://example.com/\"\\ü" for entry in access)
     assert any(entry["requestId"] == "id-\"quoted\"-\\-ü" for entry in access)
+
+
+def test_a_head_over_64_kib_is_refused_431_while_it_arrives(
+    serve, stalled_sockets: list[socket.socket]
+) -> None:
+    served = serve()
+    sock = connect(served)
+    stalled_sockets.append(sock)
+    # Ten fields of 7 KB each: within gunicorn's per-field limits, never ending.
+    sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n"
+                 + b"".join(f"X-F{i}: ".encode() + b"a" * 7000 + b"\r\n" for i in range(10)))
+    head, _, body = read_to_close(sock).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431")
+    assert json.loads(body)["errors"][0]["code"] == 431

@@ -273,7 +273,7 @@ def test_restore_keeps_the_current_owners(client: FlaskClient, auth: Headers,
                                           create: Create) -> None:
     flow = create()
     owners = [*flow["owners"], {"id": "user-9", "type": "user"}]
-    patch(client, auth(), flow["id"], {"owners": owners})
+    patch(client, auth("user-1", "tenant-1", ["all"]), flow["id"], {"owners": owners})
     restored = client.post(f"/flows/{flow['id']}/restore", json={"revision": 1},
                            headers=auth()).get_json()["data"]
     assert restored["owners"] == owners

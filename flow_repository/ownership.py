@@ -16,7 +16,6 @@ from .domain import Problem, describe
 
 STRICT = "strict"
 OIH = "oih"
-POLICIES = (STRICT, OIH)
 
 
 def _key(owner: Mapping[str, Any]) -> tuple[Any, Any]:

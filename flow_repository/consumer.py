@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
-from collections import OrderedDict
+import time
 from typing import Any
 
 import pika
@@ -24,11 +23,45 @@ STATUS_EVENTS = ("flow.started", "flow.stopped", "flow.failed")
 OWNER_EVENTS = ("iam.user.deleted", "iam.tenant.deleted")
 BINDINGS = STATUS_EVENTS + OWNER_EVENTS
 ORIGINAL_KEY_HEADER = "x-original-routing-key"
-FAILURES_REMEMBERED = 10_000
+QUORUM = "quorum"
 
 
 def dead_letter_queue(queue: str) -> str:
     return f"{queue}.dead-letter"
+
+
+def queue_arguments(settings: Settings) -> dict[str, Any] | None:
+    """The declaration arguments of the service's queue for EVENT_QUEUE_TYPE.
+
+    Classic: none (the queue OIH declares). Quorum: the broker counts deliveries, so a
+    message that keeps failing (or keeps crashing its worker) is dead-lettered by the
+    broker itself after CONSUMER_MAX_ATTEMPTS deliveries, whatever happens to the workers.
+    """
+    if settings.event_queue_type != QUORUM:
+        return None
+    return {
+        "x-queue-type": QUORUM,
+        "x-delivery-limit": settings.consumer_max_attempts,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": dead_letter_queue(settings.event_queue),
+    }
+
+
+def declare_queues(channel: Any, settings: Settings) -> None:
+    """Declare the exchange, the service's queue with its bindings, and the dead-letter queue."""
+    channel.exchange_declare(settings.event_exchange, "topic", durable=True)
+    extra = {"x-queue-type": QUORUM} if settings.event_queue_type == QUORUM else None
+    channel.queue_declare(dead_letter_queue(settings.event_queue), durable=True, arguments=extra)
+    channel.queue_declare(settings.event_queue, durable=True,
+                          arguments=queue_arguments(settings))
+    for name in BINDINGS:
+        channel.queue_bind(settings.event_queue, settings.event_exchange, routing_key=name)
+
+
+def delivery_count(properties: Any) -> int:
+    """How often a quorum queue delivered this message before (0 on a classic queue)."""
+    count = (properties.headers or {}).get("x-delivery-count")
+    return count if isinstance(count, int) and not isinstance(count, bool) else 0
 
 
 def event_name(method: Any, properties: Any) -> str:
@@ -45,28 +78,36 @@ def event_name(method: Any, properties: Any) -> str:
 class StatusConsumer:
     """Consume the ``flow-repository`` queue; ack only after the database write.
 
-    Handlers are idempotent, so a redelivery (after a crash, a lost ack, a duplicate) is
-    harmless. A message that can never apply goes to the dead-letter queue with its reason;
-    one that fails unexpectedly is requeued in place (so later events of the same flow stay
-    behind it) a few times, then dead-lettered too. A MongoDB outage is not the message's
-    fault: it is requeued after a pause, never counted, never dead-lettered.
+    Up to ``CONSUMER_PREFETCH`` messages are in hand at once; they are handled strictly in
+    delivery order, and acknowledged together (``multiple=True``) once written, so the
+    broker's round trips do not limit the rate. Handlers are idempotent, so a redelivery
+    (after a crash, a lost ack, a duplicate) is harmless.
+
+    A message that can never apply goes to the dead-letter queue with its reason. One that
+    fails unexpectedly is retried in place: it stays in hand (later messages, including
+    later events of the same flow, wait behind it) and is dead-lettered after
+    ``CONSUMER_MAX_ATTEMPTS`` attempts, counting the deliveries a quorum queue reports
+    (``x-delivery-count``), so a worker restart does not reset the count. A MongoDB outage
+    is not the message's fault: the message waits in hand until MongoDB answers, never
+    counted, never dead-lettered; on shutdown it goes back to the queue unacked.
     """
 
-    def __init__(self, settings: Settings, service: FlowService, metrics: Metrics,
-                 *, prefetch: int = 1) -> None:
+    def __init__(self, settings: Settings, service: FlowService, metrics: Metrics) -> None:
         self._settings = settings
         self._service = service
         self._metrics = metrics
-        self._prefetch = prefetch
         self._queue = settings.event_queue
         self._parameters = broker_parameters(settings.queue_url)
         self._stop = threading.Event()
         self._connection: pika.BlockingConnection | None = None
         self._thread: threading.Thread | None = None
-        # Failures per message (its id, or its body's hash): counted here because a
-        # requeued message comes back unchanged. A restart forgets them, which only grants
-        # a message a few more attempts.
-        self._failures: OrderedDict[str, int] = OrderedDict()
+        # Delivery tag of the last message settled (applied or dead-lettered) but not yet
+        # acknowledged; every message before it is settled too, as they are handled in order.
+        self._unacked_tag = 0
+        self._unacked_count = 0
+        # Set when the message in hand cannot be settled before shutdown: the messages
+        # behind it must not overtake it, so they are left unacked too.
+        self._halted = False
 
     @property
     def connected(self) -> bool:
@@ -95,7 +136,8 @@ class StatusConsumer:
                 log.info("consuming", extra={"queue": self._queue})
                 while not self._stop.is_set():
                     self._connection.process_data_events(time_limit=0.2)
-                channel.close()  # unacked prefetched messages go back to the queue
+                    self._ack_settled(channel)
+                channel.close()  # unacked prefetched messages go back to the queue, in order
             except (pika.exceptions.AMQPError, OSError) as error:
                 delay = back_off(delay, 0.5)
                 log.warning("consumer disconnected", extra={"error": repr(error),
@@ -107,37 +149,72 @@ class StatusConsumer:
 
     def _open(self) -> Any:
         self._connection = pika.BlockingConnection(self._parameters)
+        self._unacked_tag = self._unacked_count = 0
+        self._halted = False
         channel = self._connection.channel()
-        channel.exchange_declare(self._settings.event_exchange, "topic", durable=True)
-        channel.queue_declare(self._queue, durable=True)
-        channel.queue_declare(dead_letter_queue(self._queue), durable=True)
-        for name in BINDINGS:
-            channel.queue_bind(self._queue, self._settings.event_exchange, routing_key=name)
+        declare_queues(channel, self._settings)
         channel.confirm_delivery()  # so a dead-lettered copy is safe before the original is acked
-        channel.basic_qos(prefetch_count=self._prefetch)
+        channel.basic_qos(prefetch_count=self._settings.consumer_prefetch)
         channel.basic_consume(self._queue, on_message_callback=self._on_message)
         return channel
+
+    def _ack_settled(self, channel: Any) -> None:
+        """Acknowledge every settled message at once (they are all written already)."""
+        if self._unacked_tag:
+            channel.basic_ack(self._unacked_tag, multiple=True)
+            self._unacked_tag = self._unacked_count = 0
+
+    def _settled(self, channel: Any, delivery_tag: int) -> None:
+        self._unacked_tag = delivery_tag
+        self._unacked_count += 1
+        # Ack before the window is used up, so the broker keeps sending while we write.
+        if self._unacked_count * 2 >= self._settings.consumer_prefetch:
+            self._ack_settled(channel)
+
+    def _pause(self, seconds: float) -> bool:
+        """Wait while keeping the connection's heartbeats; False when asked to stop."""
+        deadline = time.monotonic() + seconds
+        while not self._stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return True
+            self._connection.sleep(min(left, 0.2))
+        return False
 
     # ------------------------------------------------------------------------- messages
 
     def _on_message(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        if self._halted:
+            return  # left unacked: it goes back to the queue behind the one that halted
         name = event_name(method, properties)
-        try:
-            outcome = self.handle(name, body)
-        except InvalidEvent as error:
-            self._dead_letter(channel, method, properties, body, str(error))
-            return
-        except StoreUnavailable as error:
-            log.warning("MongoDB unavailable; message requeued",
-                        extra={"event": name, "error": str(error)})
-            self._stop.wait(2.0)
-            channel.basic_nack(method.delivery_tag, requeue=True)
-            return
-        except Exception as error:  # noqa: BLE001 - any bug in a handler must not kill the consumer
-            self._retry_or_dead_letter(channel, method, properties, body, error)
-            return
-        channel.basic_ack(method.delivery_tag)
-        self._failures.pop(properties.message_id or hashlib.sha256(body).hexdigest(), None)
+        # Deliveries a quorum queue has already counted: earlier workers' attempts.
+        attempts = delivery_count(properties)
+        while True:
+            try:
+                outcome = self.handle(name, body)
+                break
+            except InvalidEvent as error:
+                self._dead_letter(channel, method, properties, body, str(error))
+                return
+            except StoreUnavailable as error:
+                log.warning("MongoDB unavailable; message kept in hand",
+                            extra={"event": name, "error": str(error)})
+                if not self._pause(2.0):
+                    self._halted = True
+                    return
+            except Exception as error:  # noqa: BLE001 - any bug in a handler must not kill the consumer
+                attempts += 1
+                log.exception("event handler failed", extra={"event": name,
+                                                             "attempts": attempts})
+                if attempts >= self._settings.consumer_max_attempts:
+                    reason = f"failed {attempts} times: {type(error).__name__}: {error}"
+                    self._dead_letter(channel, method, properties, body, reason)
+                    return
+                self._metrics.event_consumed(name, "retried")
+                if not self._pause(min(0.2 * 2**attempts, 5.0)):
+                    self._halted = True
+                    return
+        self._settled(channel, method.delivery_tag)
         self._metrics.event_consumed(name, "applied")
         log.info("event handled", extra={"event": name, "outcome": outcome})
 
@@ -157,25 +234,6 @@ class StatusConsumer:
             return f"{name}: owner removed from {changed} flows"
         raise InvalidEvent(f"no handler for routing key {name!r}")
 
-    def _retry_or_dead_letter(self, channel: Any, method: Any, properties: Any,
-                              body: bytes, error: Exception) -> None:
-        """Requeue a failed message in place (order kept), or dead-letter it at the limit."""
-        name = event_name(method, properties)
-        key = properties.message_id or hashlib.sha256(body).hexdigest()
-        attempts = self._failures.pop(key, 0) + 1
-        log.exception("event handler failed", extra={"event": name, "attempts": attempts})
-        if attempts >= self._settings.consumer_max_attempts:
-            reason = f"failed {attempts} times: {type(error).__name__}: {error}"
-            self._dead_letter(channel, method, properties, body, reason)
-            return
-        self._failures[key] = attempts
-        while len(self._failures) > FAILURES_REMEMBERED:
-            self._failures.popitem(last=False)
-        self._stop.wait(min(0.2 * 2**attempts, 5.0))
-        # Back to the head of the queue: later events of the same flow wait behind it.
-        channel.basic_nack(method.delivery_tag, requeue=True)
-        self._metrics.event_consumed(name, "retried")
-
     def _dead_letter(self, channel: Any, method: Any, properties: Any, body: bytes,
                      reason: str) -> None:
         name = event_name(method, properties)
@@ -186,7 +244,7 @@ class StatusConsumer:
             "x-original-exchange": method.exchange or headers.get("x-original-exchange", ""),
             "x-dead-lettered-at": utcnow().isoformat(),
         })
-        channel.basic_publish(
+        channel.basic_publish(  # confirmed: the copy is safe before the original is acked
             exchange="",
             routing_key=dead_letter_queue(self._queue),
             body=body,
@@ -197,6 +255,6 @@ class StatusConsumer:
                 headers=headers,
             ),
         )
-        channel.basic_ack(method.delivery_tag)
+        self._settled(channel, method.delivery_tag)
         self._metrics.event_dead_lettered(name)
         log.warning("event dead-lettered", extra={"event": name, "reason": reason})

@@ -35,6 +35,10 @@ def _flag(raw: str) -> bool:
     raise ValueError(f"expected true or false, got {raw!r}")
 
 
+def _lower(raw: str) -> str:
+    return raw.strip().lower()
+
+
 def _names(raw: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in raw.split(",") if part.strip())
 
@@ -53,6 +57,7 @@ class Settings:
     queue_url: str = _setting("QUEUE_URL", "amqp://guest:guest@localhost:5672")
     event_exchange: str = _setting("EVENT_EXCHANGE", "event-bus")
     event_queue: str = _setting("EVENT_QUEUE", "flow-repository")
+    event_queue_type: str = _setting("EVENT_QUEUE_TYPE", "classic", _lower)
 
     introspect_type: str | None = _setting("INTROSPECT_TYPE", None)
     introspect_endpoint_basic: str | None = _setting("INTROSPECT_ENDPOINT_BASIC", None)
@@ -97,6 +102,7 @@ class Settings:
     relay_poll_seconds: float = _setting("RELAY_POLL_SECONDS", 1.0, _number)
     relay_lease_seconds: float = _setting("RELAY_LEASE_SECONDS", 30.0, _number)
     consumer_max_attempts: int = _setting("CONSUMER_MAX_ATTEMPTS", 5, _integer)
+    consumer_prefetch: int = _setting("CONSUMER_PREFETCH", 64, _integer)
     run_relay_in_api: bool = _setting("RUN_RELAY_IN_API", True, _flag)
     worker_health_port: int = _setting("WORKER_HEALTH_PORT", 9102, _integer)
     metrics_token: str | None = _setting("METRICS_TOKEN", None)
@@ -140,6 +146,8 @@ class Settings:
             raise SettingsError("LOGGING_SERVICE_BASE_URL must be an http or https URL")
         if self.ownership_policy not in ("strict", "oih"):
             raise SettingsError("OWNERSHIP_POLICY must be strict or oih")
+        if self.event_queue_type not in ("classic", "quorum"):
+            raise SettingsError("EVENT_QUEUE_TYPE must be classic or quorum")
         positive = {
             "PORT": self.port,
             "MAX_BODY_BYTES": self.max_body_bytes,
@@ -148,6 +156,7 @@ class Settings:
             "BULK_MAX_ITEMS": self.bulk_max_items,
             "MAX_LIST_BYTES": self.max_list_bytes,
             "CONSUMER_MAX_ATTEMPTS": self.consumer_max_attempts,
+            "CONSUMER_PREFETCH": self.consumer_prefetch,
             "WEB_CONCURRENCY": self.web_concurrency,
             "GUNICORN_THREADS": self.gunicorn_threads,
             "GUNICORN_REQUEST_TIMEOUT": self.gunicorn_request_timeout,

@@ -357,8 +357,8 @@ class Driver:
     def barrier(self) -> None:
         """Return once every message published before it has been handled by the consumer.
 
-        The service's queue has one consumer with prefetch 1, so messages are handled in
-        order: when a flow.started published now has been applied, so has all before it.
+        The service's queue has one consumer, which handles its messages strictly in
+        delivery order: when a flow.started published now has been applied, so has all before it.
         """
         flow_id = self.bring_to("starting")
         self.report("flow.started", flow_id)

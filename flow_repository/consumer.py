@@ -202,7 +202,7 @@ class StatusConsumer:
                 if not self._pause(2.0):
                     self._halted = True
                     return
-            except Exception as error:  # noqa: BLE001 - any bug in a handler must not kill the consumer
+            except Exception as error:  # any bug in a handler must not kill the consumer
                 attempts += 1
                 log.exception("event handler failed", extra={"event": name,
                                                              "attempts": attempts})

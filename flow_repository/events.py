@@ -6,7 +6,7 @@ import json
 import logging
 import threading
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "flow-repository"
 FLOW_PAYLOAD = "flow"  # the payload is the flow itself, rendered when the event is published
-CLAIM_BATCH = 100  # candidate flows the relay looks up per query
+CLAIM_BATCH = 100  # flows the relay leases at once
 
 
 def pending_event(
@@ -163,6 +163,7 @@ class OutboxRelay:
         *,
         poll_seconds: float = 1.0,
         lease_seconds: float = 30.0,
+        batch_size: int = CLAIM_BATCH,
         on_published: Callable[[str], None] = lambda name: None,
     ) -> None:
         self._store = store
@@ -170,6 +171,7 @@ class OutboxRelay:
         self._poll_seconds = poll_seconds
         self._lease = timedelta(seconds=lease_seconds)
         self._margin = timedelta(seconds=lease_seconds / 3)
+        self._batch_size = batch_size
         self._on_published = on_published
         self._relay_id = uuid.uuid4().hex
         self._wake = threading.Event()
@@ -188,38 +190,35 @@ class OutboxRelay:
         """Publish everything claimable; returns how many events went out."""
         published = 0
         while not self._stop.is_set():
-            # One query finds a batch of candidates; each is then claimed on its own, so a
-            # flow another relay holds is simply skipped.
-            batch = self._store.pending_flows(CLAIM_BATCH)
-            sent = 0
-            for flow_id in batch:
-                if self._stop.is_set():
-                    break
-                flow = self._store.claim(flow_id, self._relay_id, self._lease)
-                if flow is not None:
-                    sent += self._publish_flow(flow)
+            # One batch of flows is leased at once; a flow another relay holds is skipped.
+            flows = self._store.claim_batch(self._relay_id, self._lease, self._batch_size)
+            if not flows:
+                return published
+            sent = self._publish_batch(flows)
             if not sent:
-                return published  # nothing left, or leases ran short: the next round retries
+                return published  # leases ran short, or stopping: the next round retries
             published += sent
         return published
 
-    def _publish_flow(self, flow: Mapping[str, Any]) -> int:
-        """Publish one leased flow's events in order; returns how many went out."""
+    def _publish_batch(self, flows: Sequence[Mapping[str, Any]]) -> int:
+        """Publish the leased flows' events, flow by flow and in order; returns how many."""
         sent = 0
         try:
-            for event in flow.get("outbox", []):
-                # The lease was written by our own claim; once it runs short another relay
-                # may take the flow over, and publishing on could reorder its events.
-                if utcnow() + self._margin >= flow["relayLeaseUntil"]:
-                    break
-                self._publisher.publish(envelope(event, flow))
-                self._store.drop_published(flow["_id"], event["eventId"])
-                self._on_published(event["name"])
-                sent += 1
+            for flow in flows:
+                for event in flow.get("outbox", []):
+                    # The lease was written by our own claim; once it runs short another
+                    # relay may take the flow over, and publishing on could reorder events.
+                    if self._stop.is_set() or utcnow() + self._margin >= flow["relayLeaseUntil"]:
+                        return sent
+                    self._publisher.publish(envelope(event, flow))  # returns once confirmed
+                    self._store.drop_published(flow["_id"], event["eventId"])
+                    self._on_published(event["name"])
+                    sent += 1
+            return sent
         finally:
-            self._store.release(flow["_id"], self._relay_id,
-                                deleted=flow.get("deletedAt") is not None)
-        return sent
+            self._store.release_batch(
+                self._relay_id, [flow["_id"] for flow in flows],
+                deleted=[flow["_id"] for flow in flows if flow.get("deletedAt") is not None])
 
     def run(self) -> None:
         """Relay until stopped, backing off while RabbitMQ or MongoDB are away."""

@@ -312,17 +312,45 @@ class FlowStore:
         """Give the lease back; a ``deleted`` flow whose events are all out is removed for
         good, its history first (a crash in between leaves a hidden tombstone, never
         history that no flow answers for)."""
+        self.release_batch(relay_id, [flow_id], deleted=[flow_id] if deleted else ())
+
+    def claim_batch(self, relay_id: str, lease: timedelta, limit: int) -> list[dict]:
+        """Lease up to ``limit`` claimable flows to ``relay_id`` at once, oldest waiting first.
+
+        Three round trips for the whole batch (find the candidates, lease those still free,
+        read back the ones leased now), where claiming one flow at a time costs one each.
+        """
+        now = utcnow()
+        until = now + lease
         with self._call():
-            self._flows.update_one(
-                {"_id": flow_id, "relayLeaseOwner": relay_id},
+            candidates = [document["_id"] for document in
+                          self._flows.find(self._claimable(now), {"_id": 1})
+                          .sort([("outbox.0.storedAt", pymongo.ASCENDING)]).limit(limit)]
+            if not candidates:
+                return []
+            self._flows.update_many(
+                {"_id": {"$in": candidates}, **self._claimable(now)},
+                {"$set": {"relayLeaseUntil": until, "relayLeaseOwner": relay_id}},
+            )
+            leased = {document["_id"]: document for document in self._flows.find(
+                {"_id": {"$in": candidates}, "relayLeaseOwner": relay_id,
+                 "relayLeaseUntil": until})}
+        return [self._out(leased[flow_id]) for flow_id in candidates if flow_id in leased]
+
+    def release_batch(self, relay_id: str, flow_ids: Sequence[ObjectId], *,
+                      deleted: Sequence[ObjectId] = ()) -> None:
+        """:meth:`release` for a batch of flows: one round trip gives every lease back;
+        each of the ``deleted`` ones whose events are all out is then removed for good."""
+        with self._call():
+            self._flows.update_many(
+                {"_id": {"$in": list(flow_ids)}, "relayLeaseOwner": relay_id},
                 {"$unset": {"relayLeaseUntil": "", "relayLeaseOwner": ""}},
             )
-            if not deleted:
-                return
-            done = {"_id": flow_id, "deletedAt": {"$ne": None}, "outbox": {"$size": 0}}
-            if self._flows.find_one(done, {"_id": 1}) is not None:
-                self.history.drop(flow_id)
-                self._flows.delete_one(done)
+            for flow_id in deleted:
+                done = {"_id": flow_id, "deletedAt": {"$ne": None}, "outbox": {"$size": 0}}
+                if self._flows.find_one(done, {"_id": 1}) is not None:
+                    self.history.drop(flow_id)
+                    self._flows.delete_one(done)
 
     # ------------------------------------------------------------------------- test support
 

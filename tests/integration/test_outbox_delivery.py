@@ -211,7 +211,9 @@ def test_two_relays_never_reorder_a_flows_events(make_app, settings, drive, list
                 counts[relay_name] += 1
         return count
 
-    relays = [relay_for(store, settings, lease_seconds=0.6, on_published=counter(name))
+    # small batches, so that both relays get flows of the dozen to lease
+    relays = [relay_for(store, settings, lease_seconds=0.6, batch_size=2,
+                        on_published=counter(name))
               for name in ("a", "b")]
     for relay in relays:
         relay.start()

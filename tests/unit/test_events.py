@@ -82,15 +82,15 @@ def test_the_relay_publishes_a_flows_events_in_order_and_empties_its_outbox(stor
 
 def test_a_relay_whose_lease_runs_short_stops_publishing_and_lets_go(store, monkeypatch) -> None:
     flow_id = flow_with_two_pending_events(store)
-    claim = store.claim
+    claim_batch = store.claim_batch
 
     def claim_that_runs_short(*args, **kwargs):
-        flow = claim(*args, **kwargs)
-        if flow is not None:
+        flows = claim_batch(*args, **kwargs)
+        for flow in flows:
             flow["relayLeaseUntil"] = utcnow()  # as if the lease had run out meanwhile
-        return flow
+        return flows
 
-    monkeypatch.setattr(store, "claim", claim_that_runs_short)
+    monkeypatch.setattr(store, "claim_batch", claim_that_runs_short)
     publisher = RecordingPublisher()
     assert OutboxRelay(store, publisher).publish_pending() == 0
     assert publisher.names == []

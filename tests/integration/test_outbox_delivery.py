@@ -9,7 +9,7 @@ from datetime import timedelta
 import pytest
 from bson import ObjectId
 
-from flow_repository.events import OutboxRelay, Publisher
+from flow_repository.events import BrokerUnavailable, OutboxRelay, Publisher
 
 from .conftest import Received, eventually
 
@@ -232,3 +232,30 @@ def test_two_relays_never_reorder_a_flows_events(make_app, settings, drive, list
         assert_in_order(events.events(flow_id=flow_id), expected[flow_id])
         assert outbox_names(store, flow_id) == []
     assert counts["a"] > 0 and counts["b"] > 0, counts
+
+
+def test_an_event_the_broker_does_not_confirm_stays_in_the_outbox_and_is_retried(
+        make_app, settings, drive, listener, store, broker):
+    events = listener("flowrepo.flow.created")
+    driver = drive(make_app(background=False))
+    flow_id = driver.create()
+    [pending] = store.raw(ObjectId(flow_id))["outbox"]
+    # A queue that takes nothing and refuses rather than drops: the broker answers the
+    # relay's publish with a nack instead of a confirm.
+    refusing = f"{settings.event_queue}.refusing"
+    broker.queue_declare(refusing, durable=False, arguments={
+        "x-max-length": 0, "x-overflow": "reject-publish"})
+    broker.queue_bind(refusing, settings.event_exchange, routing_key="#")
+    relay = relay_for(store, settings)
+    try:
+        for _attempt in range(2):  # refused again on retry: still not dropped
+            with pytest.raises(BrokerUnavailable):
+                relay.publish_pending()
+            assert store.raw(ObjectId(flow_id))["outbox"] == [pending]
+            assert store.raw(ObjectId(flow_id)).get("relayLeaseOwner") is None
+    finally:
+        broker.queue_delete(refusing)
+    assert relay.publish_pending() == 1  # the broker confirms now
+    assert outbox_names(store, flow_id) == []
+    delivered = events.wait("flowrepo.flow.created", flow_id)
+    assert {message.event_id for message in delivered} == {pending["eventId"]}

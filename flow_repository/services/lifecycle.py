@@ -22,6 +22,9 @@ from .history import HistoryRecorder, owner_removed_entry, status_entry
 
 log = logging.getLogger(__name__)
 
+# What applying an orchestrator report reads back: its log line and the history recorder.
+REPORT_FIELDS = ("status", "revision", "deletedAt", "historyOutbox")
+
 
 class LifecycleUseCases(HistoryRecorder):
     """Status changes: commands from clients, reports from the orchestrator, timeouts."""
@@ -52,7 +55,7 @@ class LifecycleUseCases(HistoryRecorder):
             raise InvalidEvent(f"no handler for event {describe(name)}")
         flow_id = _event_flow_id(payload)
         changes, events = self._status_change(transition)
-        updated = self._transit(flow_id, transition, changes, events)
+        updated = self._transit(flow_id, transition, changes, events, fields=REPORT_FIELDS)
         if updated is not None:
             self._notify_if(events)
             return f"{transition.name}: flow is now {updated['status']}"
@@ -138,6 +141,7 @@ class LifecycleUseCases(HistoryRecorder):
         *,
         sub: str | None = None,
         sources: Sequence[str] | None = None,
+        fields: Sequence[str] | None = None,
         **preconditions: Any,
     ) -> dict[str, Any] | None:
         """Apply a status change atomically; the flow after it, or None when refused.
@@ -148,7 +152,8 @@ class LifecycleUseCases(HistoryRecorder):
         for source in sources or transition.sources:
             entry = status_entry(transition, source, changes["statusChangedAt"], sub)
             updated = self._store.update(flow_id, statuses=(source,), changes=changes,
-                                         events=events, history=entry, **preconditions)
+                                         events=events, history=entry, fields=fields,
+                                         **preconditions)
             if updated is not None:
                 self._record_history_after_write(updated)
                 return updated

@@ -228,8 +228,12 @@ class FlowStore:
         remove_owner: str | None = None,
         events: Sequence[Mapping[str, Any]] = (),
         history: Mapping[str, Any],
+        fields: Sequence[str] | None = None,
     ) -> dict | None:
         """Apply one change atomically if every precondition holds; None when one does not.
+
+        Returns the flow as changed: only ``_id`` and ``fields`` when they are given (a
+        caller that needs little saves reading back and decoding the whole document).
 
         The preconditions (owner scope and count, statuses, revision) are part of the
         filter, so a concurrent change can never slip between a check and the write. The
@@ -261,7 +265,8 @@ class FlowStore:
         with self._call():
             return self._out(
                 self._flows.find_one_and_update(
-                    query, update, return_document=ReturnDocument.AFTER
+                    query, update, return_document=ReturnDocument.AFTER,
+                    projection=dict.fromkeys(fields, 1) if fields is not None else None,
                 )
             )
 

@@ -162,35 +162,7 @@ def test_public_flow_renames_id_formats_dates_and_drops_internal_fields() -> Non
 # ----------------------------------------------------------------------------- lifecycle
 
 
-def test_only_an_inactive_flow_can_be_started() -> None:
-    assert domain.START.sources == (domain.INACTIVE,)
-    assert domain.START.target == domain.STARTING
-    assert domain.START.event == "flow.starting"
-
-
-def test_stop_applies_to_active_and_starting_flows() -> None:
-    assert set(domain.STOP.sources) == {domain.ACTIVE, domain.STARTING}
-    assert domain.STOP.target == domain.STOPPING
-    assert domain.STOP.event == "flow.stopping"
-
-
-@pytest.mark.parametrize(("name", "target", "event"), [
-    ("flow.started", domain.ACTIVE, None),
-    ("flow.stopped", domain.INACTIVE, None),
-    ("flow.failed", domain.STOPPING, "flow.stopping"),
-])
-def test_status_events_map_to_transitions(name: str, target: str, event: str | None) -> None:
-    transition = domain.STATUS_EVENTS[name]
-    assert transition.target == target
-    assert transition.event == event
-
-
-def test_timeouts_retry_once_then_give_up() -> None:
-    timeouts = Timeouts(start_seconds=30, stop_seconds=60)
-    assert timeouts.plan(domain.STARTING, 0) == (domain.START_RETRY, 30)
-    assert timeouts.plan(domain.STARTING, 1) == (domain.START_GIVE_UP, 30)
-    assert timeouts.plan(domain.STOPPING, 0) == (domain.STOP_RETRY, 60)
-    assert timeouts.plan(domain.STOPPING, 1) == (domain.STOP_GIVE_UP, 60)
+# The transition table itself is checked through the service and API in test_lifecycle.py.
 
 
 @pytest.mark.parametrize("status", [domain.INACTIVE, domain.ACTIVE])

@@ -36,12 +36,13 @@ def queue_arguments(settings: Settings) -> dict[str, Any] | None:
     Classic: none (the queue OIH declares). Quorum: the broker counts deliveries, so a
     message that keeps failing (or keeps crashing its worker) is dead-lettered by the
     broker itself after CONSUMER_MAX_ATTEMPTS deliveries, whatever happens to the workers.
+    The broker's limit counts returns, not deliveries: a limit of N allows N + 1 deliveries.
     """
     if settings.event_queue_type != QUORUM:
         return None
     return {
         "x-queue-type": QUORUM,
-        "x-delivery-limit": settings.consumer_max_attempts,
+        "x-delivery-limit": settings.consumer_max_attempts - 1,
         "x-dead-letter-exchange": "",
         "x-dead-letter-routing-key": dead_letter_queue(settings.event_queue),
     }

@@ -9,7 +9,7 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlparse
 
 import pymongo
 from bson import ObjectId
@@ -54,6 +54,16 @@ def _look_up_ids_directly(collection: Any) -> None:
     collection._iter_documents = iter_documents
 
 
+def write_concern(url: str) -> dict[str, Any]:
+    """``w: majority`` unless MONGODB_URL names a write concern itself.
+
+    A flow's state and its outbox are one document written together; acknowledged by a
+    majority, that write survives a primary failover, so no event the relay may already
+    have published can be rolled back with the change that caused it.
+    """
+    return {} if "w" in parse_qs(urlparse(url).query) else {"w": "majority"}
+
+
 class FlowStore:
     """Owner-scoped access to the ``flows`` collection; pending events live in each document.
 
@@ -86,6 +96,8 @@ class FlowStore:
             serverSelectionTimeoutMS=settings.mongodb_timeout_ms,
             connectTimeoutMS=settings.mongodb_timeout_ms,
             appname="flow-repository",
+            retryWrites=True,
+            **write_concern(settings.mongodb_url),
         )
         name = urlparse(settings.mongodb_url).path.lstrip("/") or DEFAULT_DATABASE
         return cls(client[name])

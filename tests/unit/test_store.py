@@ -199,3 +199,13 @@ def test_drop_all_empties_the_collection(store: FlowStore) -> None:
     store.insert(document())
     store.drop_all()
     assert store.list(ListQuery(), None) == ([], 0)
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("mongodb://127.0.0.1:1/flows", "majority"),  # the service's choice
+    ("mongodb://127.0.0.1:1/flows?w=1", 1),  # an operator's explicit choice wins
+])
+def test_writes_wait_for_a_majority_unless_the_url_says_otherwise(
+        settings, url: str, expected: Any) -> None:
+    store = FlowStore.from_settings(settings.replace(mongodb_url=url))  # connects lazily
+    assert store._flows.write_concern.document == {"w": expected}

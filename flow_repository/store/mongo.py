@@ -15,6 +15,7 @@ import pymongo
 from bson import ObjectId
 from pymongo import ReturnDocument
 from pymongo.errors import ConnectionFailure, PyMongoError
+from pymongo.read_concern import ReadConcern
 
 from ..domain import ListQuery
 from ..settings import Settings
@@ -349,7 +350,11 @@ class FlowStore:
                 {"_id": {"$in": candidates}, **self._claimable(now)},
                 {"$set": {"relayLeaseUntil": until, "relayLeaseOwner": relay_id}},
             )
-            leased = {document["_id"]: document for document in self._flows.find(
+            # Read back only what a majority holds: an event the relay publishes can then
+            # never be rolled back by a primary failover (the lease write, acknowledged by
+            # a majority, already covers every change written before it).
+            committed = self._flows.with_options(read_concern=ReadConcern("majority"))
+            leased = {document["_id"]: document for document in committed.find(
                 {"_id": {"$in": candidates}, "relayLeaseOwner": relay_id,
                  "relayLeaseUntil": until})}
         return [self._out(leased[flow_id]) for flow_id in candidates if flow_id in leased]

@@ -338,14 +338,12 @@ class FlowStore:
         Three round trips for the whole batch (find the candidates, lease those still free,
         read back the ones leased now), where claiming one flow at a time costs one each.
         """
+        candidates = self.pending_flows(limit)
+        if not candidates:
+            return []
         now = utcnow()
         until = now + lease
         with self._call():
-            candidates = [document["_id"] for document in
-                          self._flows.find(self._claimable(now), {"_id": 1})
-                          .sort([("outbox.0.storedAt", pymongo.ASCENDING)]).limit(limit)]
-            if not candidates:
-                return []
             self._flows.update_many(
                 {"_id": {"$in": candidates}, **self._claimable(now)},
                 {"$set": {"relayLeaseUntil": until, "relayLeaseOwner": relay_id}},

@@ -140,6 +140,7 @@ def measure_relay(settings: Settings, count: int) -> dict[str, Any]:
     chan.exchange_declare(settings.event_exchange, "topic", durable=True)
     chan.queue_declare(sink, durable=True)
     chan.queue_bind(sink, settings.event_exchange, routing_key="#")
+    chan.connection.close()  # an idle connection would miss its heartbeats meanwhile
     publisher = Publisher(settings.queue_url, settings.event_exchange)
     relay = OutboxRelay(runtime.store, publisher, lease_seconds=settings.relay_lease_seconds)
     publisher.connect()
@@ -149,6 +150,7 @@ def measure_relay(settings: Settings, count: int) -> dict[str, Any]:
     publisher.close()
     if published != pending or runtime.store.outbox_backlog()[0]:
         raise RuntimeError(f"relay published {published} of {pending} events")
+    chan = channel(settings)
     while ready_messages(chan, sink) < pending:
         time.sleep(0.05)
     _, _, body = chan.basic_get(sink, auto_ack=True)  # one as the relay sent it

@@ -33,8 +33,8 @@ def _look_up_ids_directly(collection: Any) -> None:
 
     mongomock has no indexes: every find, update, count and delete runs the filter over
     every stored document, so reading one flow costs O(stored flows). A filter naming one
-    ObjectId ``_id`` can match that document only, so it is checked against that one; the
-    answer is the same. Other filters still scan.
+    ObjectId ``_id`` (or a list of them with ``$in``) can match those documents only, so
+    only they are checked; the answer is the same. Other filters still scan.
     """
     from mongomock.filtering import filter_applies
 
@@ -44,13 +44,15 @@ def _look_up_ids_directly(collection: Any) -> None:
 
     def iter_documents(spec: Any) -> Iterator[dict]:
         key = spec.get("_id") if isinstance(spec, Mapping) else None
-        if not isinstance(key, ObjectId):
+        if isinstance(key, ObjectId):
+            keys = [key]
+        elif (isinstance(key, Mapping) and list(key) == ["$in"]
+              and all(isinstance(item, ObjectId) for item in key["$in"])):
+            keys = list(dict.fromkeys(key["$in"]))  # the relay's batches: a list of ids
+        else:
             return scan(spec)
-        try:
-            document = collection._store[key]
-        except KeyError:
-            return iter(())
-        return iter((document,) if filter_applies(spec, document) else ())
+        found = (collection._store[item] for item in keys if item in collection._store)
+        return iter([document for document in found if filter_applies(spec, document)])
 
     collection._iter_documents = iter_documents
 
@@ -76,6 +78,8 @@ class FlowStore:
     def __init__(self, database: Any, *, serialize: bool = False,
                  history: HistoryStore | None = None) -> None:
         self._flows = database[COLLECTION]
+        # Reads that must not see writes a primary failover could still roll back.
+        self._committed = self._flows.with_options(read_concern=ReadConcern("majority"))
         # mongomock is not thread-safe; a real MongoDB serializes per document itself.
         self._lock = threading.RLock() if serialize else None
         self.history = history or MongoHistoryStore(database, self._lock)
@@ -90,6 +94,7 @@ class FlowStore:
             # mongomock has no indexes: every history write would scan every entry kept
             store = cls(client[DEFAULT_DATABASE], serialize=True, history=MemoryHistoryStore())
             _look_up_ids_directly(store._flows)
+            _look_up_ids_directly(store._committed)
             return store
         client = pymongo.MongoClient(
             settings.mongodb_url,
@@ -351,8 +356,7 @@ class FlowStore:
             # Read back only what a majority holds: an event the relay publishes can then
             # never be rolled back by a primary failover (the lease write, acknowledged by
             # a majority, already covers every change written before it).
-            committed = self._flows.with_options(read_concern=ReadConcern("majority"))
-            leased = {document["_id"]: document for document in committed.find(
+            leased = {document["_id"]: document for document in self._committed.find(
                 {"_id": {"$in": candidates}, "relayLeaseOwner": relay_id,
                  "relayLeaseUntil": until})}
         return [self._out(leased[flow_id]) for flow_id in candidates if flow_id in leased]

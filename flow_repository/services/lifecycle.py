@@ -55,7 +55,7 @@ class LifecycleUseCases(HistoryRecorder):
             raise InvalidEvent(f"no handler for event {describe(name)}")
         flow_id = _event_flow_id(payload)
         changes, events = self._status_change(transition)
-        updated = self._transit(flow_id, transition, changes, events, fields=REPORT_FIELDS)
+        updated = self._transit(flow_id, transition, changes, events, returning=REPORT_FIELDS)
         if updated is not None:
             self._notify_if(events)
             return f"{transition.name}: flow is now {updated['status']}"
@@ -141,7 +141,7 @@ class LifecycleUseCases(HistoryRecorder):
         *,
         sub: str | None = None,
         sources: Sequence[str] | None = None,
-        fields: Sequence[str] | None = None,
+        returning: Sequence[str] | None = None,
         **preconditions: Any,
     ) -> dict[str, Any] | None:
         """Apply a status change atomically; the flow after it, or None when refused.
@@ -152,7 +152,7 @@ class LifecycleUseCases(HistoryRecorder):
         for source in sources or transition.sources:
             entry = status_entry(transition, source, changes["statusChangedAt"], sub)
             updated = self._store.update(flow_id, statuses=(source,), changes=changes,
-                                         events=events, history=entry, fields=fields,
+                                         events=events, history=entry, returning=returning,
                                          **preconditions)
             if updated is not None:
                 self._record_history_after_write(updated)

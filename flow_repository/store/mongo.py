@@ -246,12 +246,12 @@ class FlowStore:
         remove_owner: str | None = None,
         events: Sequence[Mapping[str, Any]] = (),
         history: Mapping[str, Any],
-        fields: Sequence[str] | None = None,
+        returning: Sequence[str] | None = None,
     ) -> dict | None:
         """Apply one change atomically if every precondition holds; None when one does not.
 
-        Returns the flow as changed: only ``_id`` and ``fields`` when they are given (a
-        caller that needs little saves reading back and decoding the whole document).
+        Returns the flow as changed: only ``_id`` and the ``returning`` fields when they are
+        given (a caller that needs little saves reading back and decoding the whole flow).
 
         The preconditions (owner scope and count, statuses, revision) are part of the
         filter, so a concurrent change can never slip between a check and the write. The
@@ -284,7 +284,7 @@ class FlowStore:
             return self._out(
                 self._flows.find_one_and_update(
                     query, update, return_document=ReturnDocument.AFTER,
-                    projection=dict.fromkeys(fields, 1) if fields is not None else None,
+                    projection=None if returning is None else dict.fromkeys(returning, 1),
                 )
             )
 

@@ -59,10 +59,10 @@ def preload(chan: Any, queue: str, bodies: list[bytes], exchange: str, key: str)
 def seed(runtime: Runtime, count: int, *, start: bool) -> list[str]:
     ids = []
     for number in range(count):
-        flow = runtime.service.create(OWNER, harness.sample_flow(f"throughput flow {number}"))
+        saved = runtime.service.create(OWNER, harness.sample_flow(f"throughput flow {number}"))
         if start:
-            runtime.service.start(OWNER, flow["id"])
-        ids.append(flow["id"])
+            runtime.service.start(OWNER, saved.flow["id"])
+        ids.append(saved.flow["id"])
     return ids
 
 

@@ -1,11 +1,15 @@
-"""Shared fixtures: settings, a store (mongomock or MONGODB_URL), the app, tokens, the broker
-and a TCP proxy in front of it that tests cut and restore."""
+"""Shared fixtures: settings, a store (mongomock or MONGODB_URL), the app, tokens, the broker,
+the event bus, served processes (the production topology) and a TCP proxy tests cut and restore.
+
+The helpers behind them (polling, bus, driver, served processes) live in tests/support.py.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -14,6 +18,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -25,8 +30,20 @@ from flow_repository.app import create_app
 from flow_repository.auth import mint_token
 from flow_repository.settings import Settings
 from flow_repository.store import FlowStore
-
-ALL_PERMISSIONS = ("flows.read", "flows.write", "flows.control", "flows.bulk")
+from support import (
+    ALL_PERMISSIONS,
+    PRODUCT_EVENTS,
+    START_DEADLINE,
+    Bus,
+    Listener,
+    Served,
+    ServedDeployment,
+    base_env,
+    connect,
+    eventually,
+    free_port,
+    settings_env,
+)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -42,13 +59,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="secantus: start a SecantusDB server (MongoDB wire protocol over WiredTiger) "
              "for the session and run every test on it (default: $TEST_MONGODB or mongomock)",
     )
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -180,10 +190,7 @@ def flow_body() -> Callable[..., dict]:
 @pytest.fixture
 def broker(settings: Settings) -> Iterator[pika.adapters.blocking_connection.BlockingChannel]:
     """A channel on the real RabbitMQ; the test's exchange and queues are deleted afterwards."""
-    try:
-        connection = pika.BlockingConnection(pika.URLParameters(settings.queue_url))
-    except pika.exceptions.AMQPError as error:
-        pytest.fail(f"RabbitMQ is not reachable at {settings.queue_url}: {error!r}")
+    connection = connect(settings)
     channel = connection.channel()
     yield channel
     cleanup = pika.BlockingConnection(pika.URLParameters(settings.queue_url)).channel()
@@ -396,3 +403,104 @@ def http_service() -> Iterator[Callable[[Callable[[Exchange], tuple[Any, ...]]],
 def unused_port() -> int:
     """A port on 127.0.0.1 where nothing listens (a service that is down)."""
     return free_port()
+# ----------------------------------------------------------------------------- the event bus
+
+
+@pytest.fixture
+def bus(settings: Settings, broker) -> Iterator[Bus]:
+    """Publish as the orchestrator or IAM, and inspect the service's queues."""
+    connection = connect(settings)
+    yield Bus(settings, connection)
+    if connection.is_open:
+        connection.close()
+
+
+@pytest.fixture
+def listener(settings: Settings, broker) -> Iterator[Callable[..., Listener]]:
+    """listener(*routing_keys, declare=True): collects what the service publishes."""
+    opened: list[Listener] = []
+
+    def make(*keys: str, declare: bool = True) -> Listener:
+        created = Listener(settings, keys or PRODUCT_EVENTS, declare)
+        opened.append(created)
+        return created
+
+    yield make
+    for item in opened:
+        item.close()
+
+
+# ----------------------------------------------------------------------------- served processes
+
+
+@pytest.fixture
+def spawn(tmp_path: Path, broker, store: FlowStore) -> Iterator[Callable[..., Served]]:
+    """spawn(arguments, env, port=None): start a process; stopped and its log printed afterwards.
+
+    It depends on ``broker`` and ``store`` so that the processes are gone before the test's
+    exchange, queues and database are deleted (a live consumer would declare them again).
+    """
+    started: list[Served] = []
+
+    def start(arguments: list[str], env: dict[str, str], port: int | None = None) -> Served:
+        served = Served(arguments, env, tmp_path / f"{arguments[0]}-{len(started)}", port)
+        started.append(served)
+        return served
+
+    yield start
+    for served in started:
+        if served.process.poll() is None:
+            served.process.send_signal(signal.SIGTERM)
+    for served in started:
+        try:
+            served.process.wait(15)
+        except subprocess.TimeoutExpired:
+            served.kill()
+        # pytest shows this only when the test failed.
+        print(f"----- stderr of {served.process.args} (exit {served.process.returncode})")
+        print(served.stderr()[-20000:])
+
+
+@pytest.fixture
+def process_env(settings: Settings, tmp_path: Path) -> dict[str, str]:
+    """The environment of a served process on this test's database, broker names and secret."""
+    return {
+        **base_env(tmp_path / "home"),
+        **settings_env(settings, "mongodb_url", "queue_url", "event_exchange", "event_queue",
+                       "dev_token_secret_file", "relay_poll_seconds"),
+        "GUNICORN_GRACEFUL_TIMEOUT": "5",
+        "LOG_LEVEL": "INFO",
+    }
+
+
+@pytest.fixture
+def launch(spawn: Callable[..., Served], bus: Bus) -> Callable[..., ServedDeployment]:
+    """launch(env, workers=None): ``serve`` plus ``workers`` ``worker`` processes, all ready.
+
+    With ``MONGODB_URL`` in ``env`` this is the production topology: ``serve`` runs two
+    gunicorn workers (each with its outbox relay) and the status consumer and reconciler run
+    in separate ``worker`` processes (default one) on the same database. Without it, the
+    served API is embedded and consumes itself; no worker process could share its data.
+    """
+
+    def start(env: dict[str, str], workers: int | None = None) -> ServedDeployment:
+        embedded = not env.get("MONGODB_URL")
+        workers = (0 if embedded else 1) if workers is None else workers
+        if embedded and workers:
+            pytest.fail("worker processes need a real MongoDB to share with the API")
+        port = free_port()
+        api = spawn(["serve"], {**env, "PORT": str(port), "WEB_CONCURRENCY": "2"}, port)
+        crew = []
+        for _ in range(workers):
+            health_port = free_port()
+            crew.append(spawn(["worker"], {**env, "WORKER_HEALTH_PORT": str(health_port)},
+                              health_port))
+        api.wait_ready("/healthcheck")
+        for worker in crew:
+            worker.wait_ready("/healthcheck")
+        bus.wait_consumers(workers or 1, timeout=START_DEADLINE)
+        eventually(lambda: api.get("/healthcheck").json()["status"] == "pass", START_DEADLINE,
+                   message="the served API to connect to RabbitMQ")
+        return ServedDeployment(api, crew)
+
+    return start

@@ -6,7 +6,11 @@ import json
 import subprocess
 from pathlib import Path
 
-from .conftest import EXECUTABLE, Served, base_env, bearer, free_port
+import pytest
+
+from support import EXECUTABLE, Served, base_env, bearer, free_port
+
+pytestmark = pytest.mark.e2e
 
 
 def mint(env: dict[str, str], *arguments: str) -> str:
@@ -18,12 +22,10 @@ def mint(env: dict[str, str], *arguments: str) -> str:
     return token
 
 
-def test_minted_token_is_accepted_and_no_token_is_refused(spawn, settings, broker,
+def test_minted_token_is_accepted_and_no_token_is_refused(spawn, process_env,
                                                           tmp_path: Path, flow_body) -> None:
     secret = tmp_path / "dev-token-secret"
-    env = {**base_env(tmp_path / "home"), "DEV_TOKEN_SECRET_FILE": str(secret),
-           "QUEUE_URL": settings.queue_url, "EVENT_EXCHANGE": settings.event_exchange,
-           "EVENT_QUEUE": settings.event_queue, "LOG_LEVEL": "INFO"}
+    env = {**process_env, "DEV_TOKEN_SECRET_FILE": str(secret)}
     writer = mint(env, "--sub", "dev-user", "--tenant", "dev-tenant",
                   "--permissions", "flows.read,flows.write")
     reader = mint(env, "--sub", "dev-reader", "--tenant", "other-tenant",

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import FakeIam, Served, bearer
+from support import Served, bearer
+
+from .conftest import FakeIam
+
+pytestmark = pytest.mark.e2e
 
 LIMIT = 4096
 

@@ -6,7 +6,11 @@ import time
 
 import pytest
 
-from .conftest import SERVICE_TOKEN, FakeIam, Served, bearer, wait_for
+from support import Served, bearer, eventually
+
+from .conftest import SERVICE_TOKEN, FakeIam
+
+pytestmark = pytest.mark.e2e
 
 
 def test_missing_header_is_401_with_the_oih_message(api: Served, iam: FakeIam) -> None:
@@ -82,8 +86,12 @@ def test_service_token_and_basic_introspection_request(api: Served, iam: FakeIam
     assert call.body == {"token": token}
 
 
+# The cache is per process: these two serve one gunicorn worker (with a real MongoDB,
+# ``serve`` runs WEB_CONCURRENCY of them), so that every request meets the same cache.
+
+
 def test_introspection_is_cached_for_the_ttl(serve, iam: FakeIam) -> None:
-    api = serve(IAM_TOKEN_CACHE_TTL="2")
+    api = serve(IAM_TOKEN_CACHE_TTL="2", WEB_CONCURRENCY="1")
     token = iam.grant()
     first = time.monotonic()
     for _ in range(5):
@@ -94,11 +102,12 @@ def test_introspection_is_cached_for_the_ttl(serve, iam: FakeIam) -> None:
         assert api.get("/flows", headers=bearer(token)).status_code == 200
         return len(iam.calls_for(token)) == 2
 
-    wait_for(asked_again, 10, "the cached introspection to expire", interval=0.1)
+    eventually(asked_again, 10, message="the cached introspection to expire", interval=0.1)
     assert time.monotonic() - first >= 1.9
 
 
-def test_cache_is_per_token(api: Served, iam: FakeIam) -> None:
+def test_cache_is_per_token(serve, iam: FakeIam) -> None:
+    api = serve(WEB_CONCURRENCY="1")
     one, two = iam.grant("u1"), iam.grant("u2")
     for token in (one, two, one, two, one):
         assert api.get("/flows", headers=bearer(token)).status_code == 200

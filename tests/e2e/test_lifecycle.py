@@ -4,26 +4,23 @@ from __future__ import annotations
 
 import time
 
-from .conftest import START_DEADLINE, Bus, FakeIam, Served, bearer, wait_for
+import pytest
+
+from support import Bus, Driver, Served, bearer
+
+from .conftest import FakeIam
+
+pytestmark = pytest.mark.e2e
 
 
-def status_of(api: Served, flow_id: str, token: str) -> str:
-    response = api.get(f"/flows/{flow_id}", headers=bearer(token))
-    assert response.status_code == 200, response.text
-    return response.json()["data"]["status"]
-
-
-def wait_status(api: Served, flow_id: str, token: str, status: str) -> None:
-    wait_for(lambda: status_of(api, flow_id, token) == status, 15,
-             f"flow {flow_id} to become {status}")
-
-
-def test_flow_lifecycle_through_ui_and_orchestrator(api: Served, iam: FakeIam, bus: Bus,
-                                                    settings, flow_body) -> None:
+def test_flow_lifecycle_through_ui_and_orchestrator(deploy, iam: FakeIam, bus: Bus, listener,
+                                                    flow_body) -> None:
+    events = listener()
+    deployment = deploy()
+    api = deployment.api
     token = iam.grant("ui-user", "tenant-a")
     headers = bearer(token)
-    wait_for(lambda: bus.consumers(settings.event_queue) >= 1, START_DEADLINE,
-             "the embedded status consumer to attach to its queue")
+    driver = Driver(deployment, bus, headers, None, flow_body)
 
     created = []
     for index in range(3):
@@ -38,10 +35,10 @@ def test_flow_lifecycle_through_ui_and_orchestrator(api: Served, iam: FakeIam, b
         created.append(data["id"])
     flow_id = created[0]
 
-    creation = bus.event("flowrepo.flow.created", flow_id)
-    assert creation["payload"] == {"tenant": "tenant-a", "user": "ui-user", "flowId": flow_id}
-    assert creation["headers"]["serviceName"] == "flow-repository"
-    assert creation["_routingKey"] == "flowrepo.flow.created"
+    [creation] = events.wait("flowrepo.flow.created", flow_id)
+    assert creation.payload == {"tenant": "tenant-a", "user": "ui-user", "flowId": flow_id}
+    assert creation.body["headers"]["serviceName"] == "flow-repository"
+    assert creation.routing_key == "flowrepo.flow.created"
 
     pages = []
     for number in (1, 2):
@@ -73,59 +70,59 @@ def test_flow_lifecycle_through_ui_and_orchestrator(api: Served, iam: FakeIam, b
     again = api.request("PATCH", f"/flows/{flow_id}", headers={**headers, "If-Match": etag},
                         json={"name": "lost update"})
     assert again.status_code == 412
-    modified = bus.event("flowrepo.flow.modified", flow_id)
-    assert modified["payload"]["flowId"] == flow_id
+    [modified] = events.wait("flowrepo.flow.modified", flow_id)
+    assert modified.payload["flowId"] == flow_id
 
     started = api.request("POST", f"/flows/{flow_id}/start", headers=headers)
     assert started.status_code == 200, started.text
     assert started.json()["data"] == {"id": flow_id, "status": "starting"}
-    starting = bus.event("flow.starting", flow_id)
-    payload = starting["payload"]
+    [starting] = events.wait("flow.starting", flow_id)
+    payload = starting.payload
     assert payload["id"] == flow_id
     assert payload["startedBy"] == "ui-user"
     assert {"id": "ui-user", "type": "user"} in payload["owners"]
-    assert abs(starting["headers"]["createdAt"] / 1000 - time.time()) < 60
+    assert abs(starting.body["headers"]["createdAt"] / 1000 - time.time()) < 60
     assert payload["name"] == "Renamed"
     assert payload["status"] == "starting"
     assert [node["id"] for node in payload["graph"]["nodes"]] == ["step_0", "step_1"]
     assert payload["graph"]["edges"][0]["source"] == "step_0"
     assert "_id" not in payload and "outbox" not in payload
-    assert starting["_properties"].delivery_mode == 2
-    assert status_of(api, flow_id, token) == "starting"
+    assert starting.properties.delivery_mode == 2
+    assert driver.get(flow_id)["status"] == "starting"
 
     # A running flow is frozen: no edits, no deletion.
     assert api.request("PATCH", f"/flows/{flow_id}", headers=headers,
                        json={"name": "x"}).status_code == 409
     assert api.request("DELETE", f"/flows/{flow_id}", headers=headers).status_code == 409
 
-    bus.publish("flow.started", {"id": flow_id})
-    wait_status(api, flow_id, token, "active")
+    driver.report("flow.started", flow_id)
+    driver.wait_status(flow_id, "active")
 
     stopped = api.request("POST", f"/flows/{flow_id}/stop", headers=headers)
     assert stopped.status_code == 200, stopped.text
     assert stopped.json()["data"] == {"id": flow_id, "status": "stopping"}
-    stopping = bus.event("flow.stopping", flow_id)
-    assert stopping["payload"]["name"] == "Renamed"
-    assert stopping["payload"]["status"] == "stopping"
+    [stopping] = events.wait("flow.stopping", flow_id)
+    assert stopping.payload["name"] == "Renamed"
+    assert stopping.payload["status"] == "stopping"
 
-    bus.publish("flow.stopped", {"id": flow_id})
-    wait_status(api, flow_id, token, "inactive")
+    driver.report("flow.stopped", flow_id)
+    driver.wait_status(flow_id, "inactive")
 
     deleted = api.request("DELETE", f"/flows/{flow_id}", headers=headers)
     assert deleted.status_code == 200, deleted.text
-    gone = bus.event("flowrepo.flow.deleted", flow_id)
-    assert gone["payload"] == {"tenant": "tenant-a", "user": "ui-user", "flowId": flow_id}
+    [gone] = events.wait("flowrepo.flow.deleted", flow_id)
+    assert gone.payload == {"tenant": "tenant-a", "user": "ui-user", "flowId": flow_id}
     assert api.get(f"/flows/{flow_id}", headers=headers).status_code == 404
 
     # Per flow, the events left in the order the changes happened.
-    names = [m["headers"]["name"] for m in bus.received if m["payload"].get("id") == flow_id
-             or m["payload"].get("flowId") == flow_id]
+    names = [message.name for message in events.events(flow_id=flow_id)]
     first = {name: names.index(name) for name in names}
     assert (first["flowrepo.flow.created"] < first["flowrepo.flow.modified"]
             < first["flow.starting"] < first["flow.stopping"] < first["flowrepo.flow.deleted"])
 
 
-def test_start_many_reports_each_item(api: Served, iam: FakeIam, bus: Bus, flow_body) -> None:
+def test_start_many_reports_each_item(api: Served, iam: FakeIam, listener, flow_body) -> None:
+    events = listener()
     headers = bearer(iam.grant("ui-user", "tenant-a"))
     response = api.request("POST", "/flows", headers=headers, json=flow_body("Batch"))
     assert response.status_code == 201
@@ -140,8 +137,8 @@ def test_start_many_reports_each_item(api: Served, iam: FakeIam, bus: Bus, flow_
     assert started == {"data": {"id": flow_id, "status": "starting"}, "meta": {}}
     assert [(e["flowId"], e["code"]) for e in absent["errors"]] == [(unknown, 404)]
     assert [(e["flowId"], e["code"]) for e in invalid["errors"]] == [("not-an-id", 400)]
-    starting = bus.event("flow.starting", flow_id)
-    assert starting["payload"]["startedBy"] == "ui-user"
+    [starting] = events.wait("flow.starting", flow_id)
+    assert starting.payload["startedBy"] == "ui-user"
 
     # The same list again: the started flow now conflicts.
     repeat = api.request("POST", "/flows/multiple/start", headers=headers, json=[flow_id])
@@ -150,4 +147,4 @@ def test_start_many_reports_each_item(api: Served, iam: FakeIam, bus: Bus, flow_
     stops = api.request("POST", "/flows/multiple/stop", headers=headers, json=[flow_id])
     assert stops.status_code == 200, stops.text
     assert stops.json() == [{"data": {"id": flow_id, "status": "stopping"}, "meta": {}}]
-    bus.event("flow.stopping", flow_id)
+    events.wait("flow.stopping", flow_id)

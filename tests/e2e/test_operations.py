@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
-import pika
-import pika.exceptions
 import pytest
 
-from .conftest import FakeIam, Served, bearer, free_port
+from support import Served, base_env, bearer, free_port, settings_env
 
-DEFAULT_QUEUE_URL = "amqp://guest:guest@localhost:5672"
-DEFAULT_QUEUES = ("flow-repository", "flow-repository.dead-letter")
+from .conftest import FakeIam
+
+pytestmark = pytest.mark.e2e
 
 
 def sample(text: str, name: str, **labels: str) -> float | None:
@@ -52,47 +50,13 @@ def test_metrics_are_prometheus_text(api: Served, iam: FakeIam, flow_body) -> No
     assert sample(text, "flow_repository_flows", status="active") == 0.0
 
 
-@pytest.fixture
-def default_broker_names() -> Iterator[None]:
-    """README's command uses the default exchange and queue: remove them only if it made them."""
-    def existing() -> set[str]:
-        try:
-            connection = pika.BlockingConnection(pika.URLParameters(DEFAULT_QUEUE_URL))
-        except pika.exceptions.AMQPError:
-            return set()
-        found = set()
-        try:
-            for queue in DEFAULT_QUEUES:
-                channel = connection.channel()
-                try:
-                    channel.queue_declare(queue, passive=True)
-                    found.add(queue)
-                    channel.close()
-                except pika.exceptions.ChannelClosedByBroker:
-                    pass
-        finally:
-            connection.close()
-        return found
-
-    before = existing()
-    yield
-    made = existing() - before
-    if made:
-        connection = pika.BlockingConnection(pika.URLParameters(DEFAULT_QUEUE_URL))
-        channel = connection.channel()
-        try:
-            for queue in made:
-                channel.queue_delete(queue, if_unused=True, if_empty=True)
-        finally:
-            connection.close()
-
-
-def test_readme_run_command_with_no_configuration(spawn, tmp_path: Path,
-                                                  default_broker_names: None) -> None:
+def test_readme_run_command_with_no_configuration(spawn, settings, tmp_path: Path) -> None:
+    """Nothing configured but the port and, to keep to this test's own queue and exchange
+    on the shared broker, the broker names: no identity, no MongoDB."""
     port = free_port()
-    home = tmp_path / "home"
-    home.mkdir()
-    api = spawn(["serve"], {"PORT": str(port), "HOME": str(home)}, port)
+    env = {**base_env(tmp_path / "home"), "PORT": str(port),
+           **settings_env(settings, "queue_url", "event_exchange", "event_queue")}
+    api = spawn(["serve"], env, port)
     api.wait_ready("/livez")
     assert api.get("/livez").json() == {"status": "pass"}
     assert "data is not kept" in api.stderr().lower()

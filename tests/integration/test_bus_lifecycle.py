@@ -9,7 +9,9 @@ import pika.exceptions
 import pytest
 from bson import ObjectId
 
-from .conftest import PRODUCT_EVENTS, assert_envelope, eventually
+from support import PRODUCT_EVENTS, eventually
+
+from .conftest import assert_envelope
 
 pytestmark = pytest.mark.integration
 
@@ -83,7 +85,7 @@ def test_full_lifecycle_over_http_and_the_bus(driver, listener, flow_body, store
     assert len(ids) == len(set(ids))
 
 
-def test_every_envelope_has_the_oih_headers_and_amqp_properties(driver, listener):
+def test_every_envelope_has_the_oih_headers_and_amqp_properties(driver, listener, settings):
     bus = listener()
     before = int(time.time() * 1000)
     flow_id = driver.bring_to("active")
@@ -97,12 +99,12 @@ def test_every_envelope_has_the_oih_headers_and_amqp_properties(driver, listener
     for message in messages:
         body = assert_envelope(message)
         assert before - 1000 <= body["headers"]["createdAt"] <= after + 1000
-        assert message.exchange == driver.runtime.settings.event_exchange
+        assert message.exchange == settings.event_exchange
     event_ids = [m.event_id for m in messages]
     assert len(set(event_ids)) == len(event_ids)
 
 
-def test_exchange_is_a_durable_topic_declared_by_the_service(app, listener, settings):
+def test_exchange_is_a_durable_topic_declared_by_the_service(deployment, listener, settings):
     # declare=False: the listener waits for the service's declaration instead of making one
     bus = listener(*PRODUCT_EVENTS, declare=False)
     connection = pika.BlockingConnection(pika.URLParameters(settings.queue_url))
@@ -119,8 +121,8 @@ def test_exchange_is_a_durable_topic_declared_by_the_service(app, listener, sett
     assert bus.events() == []
 
 
-def test_healthcheck_reports_the_queue_connected(app, settings):
-    client = app.test_client()
+def test_healthcheck_reports_the_queue_connected(deployment):
+    client = deployment.client
 
     def healthy():
         response = client.get("/healthcheck")

@@ -6,8 +6,7 @@ import pytest
 from bson import ObjectId
 
 from flow_repository import domain
-
-from .conftest import eventually
+from support import eventually
 
 pytestmark = pytest.mark.integration
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -20,8 +19,7 @@ from bson import ObjectId
 from flow_repository.auth import Principal
 from flow_repository.consumer import StatusConsumer
 from flow_repository.runtime import Runtime
-
-from .conftest import eventually
+from support import eventually, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -66,12 +64,6 @@ def child_environment(settings, **extra: str) -> dict[str, str]:
     return env
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 class RecordingConsumer(StatusConsumer):
     """The real consumer, noting the redelivered flag of every message it is handed."""
 
@@ -90,15 +82,13 @@ def test_message_in_hand_of_a_killed_consumer_is_redelivered_and_applied_once(
         settings, store, bus, tmp_path):
     """SIGKILL a consumer process mid-message; a fresh consumer applies the message once.
 
-    The standalone worker (``flow-repository worker``) is only meaningful with a MongoDB it
-    shares with the API: in the embedded mode each process has its own in-memory store, and
-    no MongoDB server can be installed on these machines. What the guarantee really rests on
-    is the consumer's protocol with RabbitMQ (ack only after the database write, so an
-    unacked message returns to the queue when its connection dies) plus idempotent handlers.
-    So the killed process here runs the real StatusConsumer from flow_repository/consumer.py over the
-    network, with a service that blocks inside the handler — the point where a crash would
-    otherwise lose the message — and the survivor is the real consumer on the real service
-    and store of this test (mongomock, or MongoDB with --mongodb-url).
+    What the guarantee rests on is the consumer's protocol with RabbitMQ (ack only after the
+    database write, so an unacked message returns to the queue when its connection dies)
+    plus idempotent handlers. So the killed process here runs the real StatusConsumer over
+    the network, with a service that blocks inside the handler (the point where a crash
+    would otherwise lose the message), and the survivor is the real consumer on the real
+    service and store of this test. Real ``worker`` processes killed mid-stream on a shared
+    MongoDB: tests/e2e/test_worker_kill.py.
     """
     runtime = Runtime.build(settings, store=store)
     owner = Principal(sub="user-1", tenant="tenant-1", permissions=frozenset(), is_admin=False)
@@ -155,7 +145,7 @@ def test_standalone_worker_process_consumes_survives_sigkill_and_stops_on_sigter
         settings, bus, tmp_path):
     """The real ``flow-repository worker`` command, as deployed, against the real broker.
 
-    Its in-memory store knows no flows, so what can be observed from outside is the broker
+    No flow exists in its store, so what can be observed from outside is the broker
     side: it declares and binds its queue, acks what it handled, dead-letters garbage,
     answers its health port, leaves messages published while it is dead in the durable
     queue for its successor, and exits cleanly on SIGTERM.

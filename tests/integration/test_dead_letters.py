@@ -10,8 +10,7 @@ from bson import ObjectId
 from pymongo.errors import AutoReconnect
 
 from flow_repository.store import StoreUnavailable
-
-from .conftest import eventually
+from support import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -59,8 +58,8 @@ def test_poison_messages_are_dead_lettered_and_consuming_goes_on(driver, bus, se
         assert headers["x-dead-lettered-at"]
         assert message.properties.delivery_mode == 2
     assert bus.queue_state() == (0, 1)
-    assert driver.runtime.consumer.alive
-    metrics = driver.client.get("/metrics").get_data(as_text=True)
+    assert driver.deployment.consumers_alive()
+    metrics = driver.deployment.consumer_metrics()
     assert 'flow_repository_events_dead_lettered_total{name="flow.started"} 2.0' in metrics
 
 
@@ -68,7 +67,7 @@ def test_a_handler_failing_every_time_is_retried_then_dead_lettered(make_app, se
                                                                     bus, listener, monkeypatch):
     other_subscriber = listener("flow.started")  # e.g. another service on the event bus
     driver = drive(make_app(settings.replace(consumer_max_attempts=3)))
-    service = driver.runtime.service
+    service = driver.deployment.runtime.service
     doomed = driver.bring_to("starting")
     original = service.apply_status_event
     calls = []
@@ -102,7 +101,7 @@ def test_a_handler_failing_every_time_is_retried_then_dead_lettered(make_app, se
 def test_a_retried_message_keeps_its_place_before_later_events_of_the_flow(
         make_app, settings, drive, bus, monkeypatch):
     driver = drive(make_app(settings.replace(consumer_max_attempts=3)))
-    service = driver.runtime.service
+    service = driver.deployment.runtime.service
     flow_id = driver.bring_to("starting")
     original = service.apply_status_event
     seen = []
@@ -120,7 +119,8 @@ def test_a_retried_message_keeps_its_place_before_later_events_of_the_flow(
     eventually(lambda: len(seen) == 3, timeout=20, message="both events handled")
     assert seen == ["flow.started", "flow.started", "flow.stopped"]
     # started (on its retry) then stopped: the flow ends inactive, not stuck in starting
-    assert driver.store.raw(ObjectId(flow_id))["status"] == "inactive"
+    # (waited for: each call is noted before its write)
+    driver.wait_status(flow_id, "inactive")
     assert bus.dead_letters() == []
 
 
@@ -128,7 +128,7 @@ def test_mongodb_unavailable_requeues_instead_of_dead_lettering(make_app, settin
                                                                 monkeypatch):
     # a single attempt allowed: were an outage counted as a failure, it would dead-letter
     driver = drive(make_app(settings.replace(consumer_max_attempts=1)))
-    service = driver.runtime.service
+    service = driver.deployment.runtime.service
     flow_id = driver.bring_to("starting")
     revision = driver.store.raw(ObjectId(flow_id))["revision"]
     original = service.apply_status_event

@@ -6,8 +6,7 @@ import pytest
 from bson import ObjectId
 
 from flow_repository.services.history import definition_entry
-
-from .conftest import eventually
+from support import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -21,8 +20,8 @@ def owner_ids(store, flow_id: str) -> list[str]:
 def test_user_deleted_leaves_every_flow_and_running_orphans_stop(driver, drive, auth, listener,
                                                                  store):
     events = listener("flow.stopping")
-    alone = drive(driver.app, auth("doomed-user", None))  # flows owned by this user only
-    shared = drive(driver.app, auth("doomed-user", "tenant-keep"))  # ... and by a tenant
+    alone = drive(driver.deployment, auth("doomed-user", None))  # flows owned by this user only
+    shared = drive(driver.deployment, auth("doomed-user", "tenant-keep"))  # ... and by a tenant
     flows = {
         "active orphan": alone.bring_to("active"),
         "starting orphan": alone.bring_to("starting"),
@@ -82,10 +81,10 @@ def test_user_deleted_leaves_every_flow_and_running_orphans_stop(driver, drive, 
 def test_tenant_deleted_leaves_every_flow_and_running_orphans_stop(driver, drive, auth,
                                                                    listener, store):
     events = listener("flow.stopping")
-    member = drive(driver.app, auth("member", "doomed-tenant"))
+    member = drive(driver.deployment, auth("member", "doomed-tenant"))
     flows = {status: member.bring_to(status) for status in ("active", "starting", "inactive")}
     co_owned = member.bring_to("active")
-    other_tenant = drive(driver.app, auth("member", "tenant-keep")).bring_to("active")
+    other_tenant = drive(driver.deployment, auth("member", "tenant-keep")).bring_to("active")
     for flow_id in flows.values():  # leave the tenant as the only owner
         store.update(ObjectId(flow_id),
                      changes={"owners": [{"id": "doomed-tenant", "type": "tenant"}]},

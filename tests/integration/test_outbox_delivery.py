@@ -10,8 +10,8 @@ import pytest
 from bson import ObjectId
 
 from flow_repository.events import BrokerUnavailable, OutboxRelay, Publisher
-
-from .conftest import Received, eventually
+from flow_repository.runtime import Runtime
+from support import Received, eventually
 
 pytestmark = pytest.mark.integration
 
@@ -39,18 +39,18 @@ def relay_for(store, settings, **options) -> OutboxRelay:
                        poll_seconds=options.pop("poll_seconds", 0.05), **options)
 
 
-def test_events_wait_out_a_broker_outage_and_arrive_in_order(make_app, settings, broker_proxy, drive,
+def test_events_wait_out_a_broker_outage_and_arrive_in_order(deploy, settings, broker_proxy, drive,
                                                             listener, store):
     events = listener()
-    application = make_app(settings.replace(queue_url=broker_proxy.url(settings.queue_url)))
-    driver = drive(application)
+    driver = drive(deploy(queue_url=broker_proxy.url(settings.queue_url)))
+    orchestrator = Runtime.build(settings, store=store).service  # no loops: writes only
     client = driver.client
     plain = [driver.create() for _ in range(3)]
     running = driver.bring_to("active")
     cycled = driver.create()
     events.wait("flowrepo.flow.created", count=5)
     events.wait("flow.starting", running)
-    assert broker_proxy.live_connections >= 2  # the relay and the consumer go through the broker_proxy
+    assert broker_proxy.live_connections >= 2  # the relay and the consumer go through the proxy
 
     broker_proxy.cut()
 
@@ -71,7 +71,7 @@ def test_events_wait_out_a_broker_outage_and_arrive_in_order(make_app, settings,
     assert driver.command(cycled, "start")["data"]["status"] == "starting"
     # the orchestrator's report cannot arrive through the cut either: apply it as the
     # consumer would, so that the flow collects two pending events
-    driver.runtime.service.apply_status_event("flow.started", {"id": cycled})
+    orchestrator.apply_status_event("flow.started", {"id": cycled})
     assert driver.command(cycled, "stop")["data"]["status"] == "stopping"
     listed = client.get("/flows?page[size]=50", headers=driver.headers)
     assert listed.status_code == 200 and listed.get_json()["meta"]["total"] == 5
@@ -186,7 +186,7 @@ def test_a_crash_after_the_confirm_republishes_instead_of_losing(make_app, setti
 def test_two_relays_never_reorder_a_flows_events(make_app, settings, drive, listener, store):
     events = listener()
     driver = drive(make_app(background=False))
-    service = driver.runtime.service
+    service = driver.deployment.runtime.service
     flows = [driver.create() for _ in range(12)]
     expected: dict[str, list[str]] = defaultdict(lambda: ["flowrepo.flow.created"])
 

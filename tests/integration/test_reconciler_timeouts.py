@@ -2,169 +2,129 @@
 
 from __future__ import annotations
 
-import threading
 from datetime import datetime, timedelta
 
 import pytest
 from bson import ObjectId
 
-from .conftest import eventually
+from support import eventually
 
 pytestmark = pytest.mark.integration
 
 TIMEOUT = 0.3
 
 
-@pytest.fixture
-def passes(store, monkeypatch):
-    """Counts reconciler passes (each pass asks the store for stuck flows four times)."""
-    calls = {"n": 0}
-    lock = threading.Lock()
-    original = store.stuck
-
-    def counting(*args, **kwargs):
-        with lock:
-            calls["n"] += 1
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(store, "stuck", counting)
-
-    def wait_for_more(count: int) -> None:
-        """Return after at least ``count`` further complete reconciler passes."""
-        target = calls["n"] + 4 * (count + 1)
-        eventually(lambda: calls["n"] >= target, timeout=10,
-                   message=f"{count} more reconciler passes")
-
-    return wait_for_more
+def reconciling(deploy, **timeouts):
+    """The running service with a quick reconciler: on a real MongoDB, a worker process's."""
+    return deploy(reconcile_interval_seconds=0.1, **timeouts)
 
 
-@pytest.fixture
-def history(store, monkeypatch):
-    """Every status a flow went through, as written: ``history(flow_id)`` -> [(status, reason)].
+def reconciler_barrier(driver, events, command: str) -> None:
+    """Return once the reconciler has looked at every flow well after this call.
 
-    The re-sent state lasts only one timeout (0.3 s here); recording the writes makes the
-    test independent of catching it with a GET.
+    A flow whose ``command`` ("start" or "stop") is issued now is re-sent and then given up
+    on only by reconciler passes made one and two timeouts later; those passes looked at
+    every other flow too.
     """
-    seen: list[tuple[str, str, str]] = []
-    lock = threading.Lock()
-    original = store.update
-
-    def recording(*args, **kwargs):
-        updated = original(*args, **kwargs)
-        if updated is not None:
-            with lock:
-                entry = (str(updated["_id"]), updated["status"], updated.get("statusReason"))
-                if not seen or seen[-1] != entry:
-                    seen.append(entry)
-        return updated
-
-    monkeypatch.setattr(store, "update", recording)
-
-    def of(flow_id: str) -> list[tuple[str, str]]:
-        with lock:
-            return [(status, reason) for flow, status, reason in seen if flow == flow_id]
-
-    return of
-
-
-def reconciling_app(make_app, settings, **timeouts):
-    return make_app(settings.replace(reconcile_interval_seconds=0.1, **timeouts))
+    status = {"start": "starting", "stop": "stopping"}[command]
+    flow_id = driver.bring_to(status)
+    driver.wait_status(flow_id, "inactive")
+    events.wait(f"flow.{status}", flow_id, count=2)
 
 
 def when(text: str) -> datetime:
     return datetime.fromisoformat(text)
 
 
-def test_stuck_start_is_resent_once_then_given_up(make_app, settings, drive, listener, passes,
-                                                   history):
+def test_stuck_start_is_resent_once_then_given_up(deploy, drive, listener):
     events = listener("flow.starting", "flow.stopping")
-    driver = drive(reconciling_app(make_app, settings, start_timeout_seconds=TIMEOUT,
-                                   stop_timeout_seconds=60.0))
+    driver = drive(reconciling(deploy, start_timeout_seconds=TIMEOUT, stop_timeout_seconds=60.0))
     flow_id = driver.create()
     driver.command(flow_id, "start")
     requested = driver.get(flow_id)
     assert requested["statusReason"] == "start requested"
 
-    first, second = events.wait("flow.starting", flow_id, count=2, timeout=5)
+    first, second = events.wait("flow.starting", flow_id, count=2)
+    assert first.payload["statusReason"] == "start requested"
     assert second.payload["status"] == "starting"
+    assert second.payload["statusReason"] == "start timed out, command re-sent"
     assert second.payload["startedBy"] == "user-1"
     assert second.event_id != first.event_id
 
     gave_up = eventually(lambda: (flow := driver.get(flow_id))["status"] == "inactive" and flow,
-                         timeout=5)
+                         timeout=15)
     assert gave_up["statusReason"] == "start timed out"
     assert when(gave_up["statusChangedAt"]) - when(requested["statusChangedAt"]) \
         >= timedelta(seconds=2 * TIMEOUT)
     [stopping] = events.wait("flow.stopping", flow_id)
     assert stopping.payload["id"] == flow_id
     assert stopping.payload["status"] == "inactive"
-    assert history(flow_id) == [
-        ("starting", "start requested"),
-        ("starting", "start timed out, command re-sent"),
-        ("inactive", "start timed out"),
-    ]
+    assert stopping.payload["statusReason"] == "start timed out"
+    # requested, re-sent, given up: two writes after the request and no other
+    assert driver.store.raw(ObjectId(flow_id))["revision"] == requested["revision"] + 2
 
-    passes(3)  # nothing more happens to an inactive flow
+    reconciler_barrier(driver, events, "start")  # nothing more happens to an inactive flow
     assert driver.get(flow_id)["status"] == "inactive"
     assert len(events.events("flow.starting", flow_id)) == 2
     assert len(events.events("flow.stopping", flow_id)) == 1
     assert driver.store.raw(ObjectId(flow_id))["revision"] == requested["revision"] + 2
 
 
-def test_stuck_stop_is_resent_once_then_given_up(make_app, settings, drive, listener, passes,
-                                                  history):
+def test_stuck_stop_is_resent_once_then_given_up(deploy, drive, listener):
     events = listener("flow.starting", "flow.stopping")
-    driver = drive(reconciling_app(make_app, settings, start_timeout_seconds=60.0,
-                                   stop_timeout_seconds=TIMEOUT))
+    driver = drive(reconciling(deploy, start_timeout_seconds=60.0, stop_timeout_seconds=TIMEOUT))
     flow_id = driver.bring_to("active")
     driver.command(flow_id, "stop")
     requested = driver.get(flow_id)
     assert requested["statusReason"] == "stop requested"
 
-    first, second = events.wait("flow.stopping", flow_id, count=2, timeout=5)
+    first, second = events.wait("flow.stopping", flow_id, count=2)
+    assert first.payload["statusReason"] == "stop requested"
     assert second.payload["status"] == "stopping"
+    assert second.payload["statusReason"] == "stop timed out, command re-sent"
     assert second.event_id != first.event_id
 
     gave_up = eventually(lambda: (flow := driver.get(flow_id))["status"] == "inactive" and flow,
-                         timeout=5)
+                         timeout=15)
     assert gave_up["statusReason"] == "stop timed out"
     assert when(gave_up["statusChangedAt"]) - when(requested["statusChangedAt"]) \
         >= timedelta(seconds=2 * TIMEOUT)
-    assert history(flow_id)[-3:] == [
-        ("stopping", "stop requested"),
-        ("stopping", "stop timed out, command re-sent"),
-        ("inactive", "stop timed out"),
-    ]
+    assert driver.store.raw(ObjectId(flow_id))["revision"] == requested["revision"] + 2
 
-    passes(3)
+    reconciler_barrier(driver, events, "stop")
     assert driver.get(flow_id)["status"] == "inactive"
     assert len(events.events("flow.stopping", flow_id)) == 2  # give-up announces nothing
     assert len(events.events("flow.starting", flow_id)) == 1
+    assert driver.store.raw(ObjectId(flow_id))["revision"] == requested["revision"] + 2
 
 
-def test_answered_commands_are_left_alone(make_app, settings, drive, listener, passes):
+def test_answered_commands_are_left_alone(deploy, drive, listener):
     events = listener("flow.starting", "flow.stopping")
-    driver = drive(reconciling_app(make_app, settings, start_timeout_seconds=TIMEOUT,
-                                   stop_timeout_seconds=TIMEOUT))
+    # timeouts long enough for bring_to("active") to finish well within them
+    timeout = 2.0
+    driver = drive(reconciling(deploy, start_timeout_seconds=timeout,
+                               stop_timeout_seconds=timeout))
     active = driver.bring_to("active")
     inactive = driver.create()
     revision = driver.store.raw(ObjectId(active))["revision"]
 
-    passes(int(3 * TIMEOUT / 0.1) + 2)  # well past both timeouts
+    reconciler_barrier(driver, events, "start")  # well past both timeouts for these two
 
     assert driver.get(active)["status"] == "active"
     assert driver.get(active)["statusReason"] == "orchestrator reported started"
     assert driver.store.raw(ObjectId(active))["revision"] == revision
     assert driver.get(inactive)["status"] == "inactive"
     assert len(events.events("flow.starting", active)) == 1
-    assert events.events("flow.stopping") == []
+    assert events.events("flow.stopping", active) == events.events("flow.stopping", inactive) \
+        == []
 
 
-def test_started_after_the_resend_still_counts(make_app, settings, drive, listener):
+def test_started_after_the_resend_still_counts(deploy, drive, listener):
+    """In the running service: on a real MongoDB the reconciler of a worker process."""
     events = listener("flow.starting")
     # a longer timeout, so that the report surely lands between the re-send and the give-up
-    driver = drive(reconciling_app(make_app, settings, start_timeout_seconds=1.0,
-                                   stop_timeout_seconds=60.0))
+    driver = drive(deploy(reconcile_interval_seconds=0.1, start_timeout_seconds=3.0,
+                          stop_timeout_seconds=60.0))
     flow_id = driver.create()
     driver.command(flow_id, "start")
     events.wait("flow.starting", flow_id, count=2)

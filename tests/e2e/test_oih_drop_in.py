@@ -6,7 +6,13 @@ from __future__ import annotations
 import json
 import socket
 
-from .conftest import SERVICE_TOKEN, FakeIam, Served, bearer
+import pytest
+
+from support import Served, bearer
+
+from .conftest import SERVICE_TOKEN, FakeIam
+
+pytestmark = pytest.mark.e2e
 
 
 def test_oih_clients_against_the_served_api(serve, iam: FakeIam, http_service, flow_body) -> None:

@@ -49,11 +49,12 @@ def test_a_worker_killed_mid_stream_loses_nothing_and_applies_nothing_twice(
         created = client.post("/flows", headers=driver.headers,
                               json=[flow_body(f"Flow {n}") for n in range(first, first + BATCH)])
         assert created.status_code == 201, created.get_json()
-        flows += [item["data"]["id"] for item in created.get_json()["data"]]
+        flows += [item["id"] for item in created.get_json()["data"]]  # {errors} has no id
     for first in range(0, FLOWS, BATCH):
         started = client.post("/flows/multiple/start", headers=driver.headers,
                               json=flows[first:first + BATCH])
         assert started.status_code == 200, started.get_json()
+        assert all(item["data"]["status"] == "starting" for item in started.get_json())
     started_revision = {flow_id: store.raw(ObjectId(flow_id))["revision"] for flow_id in flows}
     for flow_id in flows:
         driver.report("flow.started", flow_id)

@@ -42,6 +42,7 @@ from support import (
     connect,
     eventually,
     free_port,
+    free_ports,
     settings_env,
 )
 
@@ -488,13 +489,10 @@ def launch(spawn: Callable[..., Served], bus: Bus) -> Callable[..., ServedDeploy
         workers = (0 if embedded else 1) if workers is None else workers
         if embedded and workers:
             pytest.fail("worker processes need a real MongoDB to share with the API")
-        port = free_port()
+        port, *health_ports = free_ports(1 + workers)
         api = spawn(["serve"], {**env, "PORT": str(port), "WEB_CONCURRENCY": "2"}, port)
-        crew = []
-        for _ in range(workers):
-            health_port = free_port()
-            crew.append(spawn(["worker"], {**env, "WORKER_HEALTH_PORT": str(health_port)},
-                              health_port))
+        crew = [spawn(["worker"], {**env, "WORKER_HEALTH_PORT": str(health_port)}, health_port)
+                for health_port in health_ports]
         api.wait_ready("/healthcheck")
         for worker in crew:
             worker.wait_ready("/healthcheck")

@@ -38,11 +38,22 @@ PRODUCT_EVENTS = (
 )
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports nobody listens on right now (all probed at once, so that
+    the system cannot hand the same one out twice)."""
+    probes = [socket.socket() for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
+
+
 def free_port() -> int:
     """A TCP port nobody listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def eventually(

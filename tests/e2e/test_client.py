@@ -20,8 +20,11 @@ from flow_repository.client import (
     Unavailable,
     ValidationError,
 )
+from support import Bus, Served, eventually, free_port
 
-from .conftest import START_DEADLINE, Bus, FakeIam, Served, wait_for
+from .conftest import FakeIam
+
+pytestmark = pytest.mark.e2e
 
 FAST_RETRIES = {"retries": 2, "backoff": 0.01, "max_backoff": 0.05, "timeout": 10}
 
@@ -105,8 +108,8 @@ def test_sends_its_user_agent_and_a_token_from_the_provider(api: Served, iam: Fa
     assert len(iam.calls_for(issued[1])) == 1
     assert USER_AGENT.startswith("flow-repository-client/1.")
     # gunicorn's access log (JSON lines on stdout) names the agent of every request
-    wait_for(lambda: USER_AGENT in api.stdout_path.read_text(), 10,
-             "the access log to name the client")
+    eventually(lambda: USER_AGENT in api.stdout_path.read_text(), 10,
+             message="the access log to name the client")
 
 
 def test_wrong_token_is_unauthorized(connect, iam: FakeIam) -> None:
@@ -153,7 +156,7 @@ def test_a_retry_rides_out_a_short_outage(connect, iam: FakeIam, flow_body) -> N
     iam.mode = "down"
 
     def recover() -> None:
-        wait_for(lambda: len(iam.calls_for(token)) >= 2, 10, "two failed attempts")
+        eventually(lambda: len(iam.calls_for(token)) >= 2, 10, message="two failed attempts")
         iam.mode = "up"
 
     helper = threading.Thread(target=recover)
@@ -174,8 +177,6 @@ def test_database_down_is_unavailable(serve, iam: FakeIam) -> None:
 
 
 def test_unreachable_service_is_unavailable(flow_body) -> None:
-    from .conftest import free_port
-
     client = FlowRepositoryClient(f"http://127.0.0.1:{free_port()}", "t", **FAST_RETRIES)
     with pytest.raises(Unavailable) as unreachable:
         client.get("0123456789abcdef01234567")
@@ -183,10 +184,9 @@ def test_unreachable_service_is_unavailable(flow_body) -> None:
     assert "could not be reached" in str(unreachable.value)
 
 
-def test_start_wait_and_stop_follow_the_orchestrator(connect, bus: Bus, settings,
+def test_start_wait_and_stop_follow_the_orchestrator(connect, bus: Bus, listener,
                                                      flow_body) -> None:
-    wait_for(lambda: bus.consumers(settings.event_queue) >= 1, START_DEADLINE,
-             "the embedded status consumer")
+    events = listener()
     client = connect()
     flow_id = client.create(flow_body("lifecycle")).flow["id"]
     assert client.start(flow_id) == {"id": flow_id, "status": "starting"}
@@ -198,16 +198,16 @@ def test_start_wait_and_stop_follow_the_orchestrator(connect, bus: Bus, settings
     with pytest.raises(Conflict):
         client.update(flow_id, {"name": "not while starting"})
 
-    bus.event("flow.starting", flow_id)
-    bus.publish("flow.started", {"id": flow_id})
+    events.wait("flow.starting", flow_id)
+    bus.publish("flow.started", flow_id)
     seen: list[str] = []
     active = client.wait_for_status(flow_id, "active", timeout=15, interval=0.1,
                                     progress=lambda flow: seen.append(flow["status"]))
     assert active["status"] == "active" and seen[-1] == "active"
 
     assert client.stop(flow_id)["status"] == "stopping"
-    bus.event("flow.stopping", flow_id)
-    bus.publish("flow.stopped", {"id": flow_id})
+    events.wait("flow.stopping", flow_id)
+    bus.publish("flow.stopped", flow_id)
     assert client.wait_for_status(flow_id, {"inactive"}, timeout=15)["status"] == "inactive"
 
 

@@ -6,7 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .conftest import ROOT, Served, base_env, free_port
+import pytest
+
+from support import ROOT, Served, base_env, free_port
+
+pytestmark = pytest.mark.e2e
 
 
 def literal_block(after: str) -> str:

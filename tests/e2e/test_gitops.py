@@ -16,17 +16,11 @@ import yaml
 from flow_repository.cli import main
 from flow_repository.client import FlowRepositoryClient
 from flow_repository.gitops import ApplyOptions, apply_plan, editable, load_manifests, make_plan
+from support import ALL_PERMISSIONS, EXECUTABLE, Bus, Served, base_env
 
-from .conftest import (
-    ALL_PERMISSIONS,
-    EXECUTABLE,
-    START_DEADLINE,
-    Bus,
-    FakeIam,
-    Served,
-    base_env,
-    wait_for,
-)
+from .conftest import FakeIam
+
+pytestmark = pytest.mark.e2e
 
 OK, NOT_FOUND, CONFLICT, INVALID, REFUSED, UNAVAILABLE = 0, 3, 4, 5, 6, 7
 
@@ -231,17 +225,16 @@ def test_a_flow_the_service_refuses_is_invalid(cli: Cli, tmp_path: Path, flow_bo
     assert any("nowhere" in problem for problem in bad["problems"])
 
 
-def test_running_flow_is_reported_then_restarted_with_restart(cli: Cli, bus: Bus, settings,
+def test_running_flow_is_reported_then_restarted_with_restart(cli: Cli, bus: Bus, listener,
                                                               tmp_path: Path,
                                                               flow_body) -> None:
-    wait_for(lambda: bus.consumers(settings.event_queue) >= 1, START_DEADLINE,
-             "the embedded status consumer")
+    events = listener()
     path = write(tmp_path / "live.yaml", keyed(flow_body, "live"))
     assert cli.apply(path)[0] == OK
     (flow,) = cli.flows()
     cli.client.start(flow["id"])
-    bus.event("flow.starting", flow["id"])
-    bus.publish("flow.started", {"id": flow["id"]})
+    events.wait("flow.starting", flow["id"])
+    bus.publish("flow.started", flow["id"])
     cli.client.wait_for_status(flow["id"], "active", 15)
     write(path, {**yaml.safe_load(path.read_text()), "name": "live, changed"})
 
@@ -255,8 +248,8 @@ def test_running_flow_is_reported_then_restarted_with_restart(cli: Cli, bus: Bus
     runner = threading.Thread(target=lambda: result.update(
         zip(("code", "report", "err"), cli.apply(path, "--restart", "--wait-timeout", "30"))))
     runner.start()
-    bus.event("flow.stopping", flow["id"])
-    bus.publish("flow.stopped", {"id": flow["id"]})
+    events.wait("flow.stopping", flow["id"])
+    bus.publish("flow.stopped", flow["id"])
     runner.join(60)
     assert result["code"] == OK, result
     (change,) = result["report"]["plan"]
@@ -303,9 +296,8 @@ def test_export_then_apply_to_an_empty_repository_reproduces_the_flows(
     assert [change["action"] for change in report["plan"]] == ["unchanged"] * 4
 
 
-def test_flows_commands(cli: Cli, bus: Bus, settings, flow_body) -> None:
-    wait_for(lambda: bus.consumers(settings.event_queue) >= 1, START_DEADLINE,
-             "the embedded status consumer")
+def test_flows_commands(cli: Cli, bus: Bus, listener, flow_body) -> None:
+    events = listener()
     first = cli.client.create(flow_body("alpha")).flow
     cli.client.create(flow_body("beta"))
     code, out, _ = cli("flows", "list")
@@ -324,15 +316,15 @@ def test_flows_commands(cli: Cli, bus: Bus, settings, flow_body) -> None:
         zip(("code", "out", "err"), cli("flows", "start", first["id"], "--wait",
                                         "--wait-timeout", "30"))))
     runner.start()
-    bus.event("flow.starting", first["id"])
-    bus.publish("flow.started", {"id": first["id"]})
+    events.wait("flow.starting", first["id"])
+    bus.publish("flow.started", first["id"])
     runner.join(60)
     assert (result["code"], result["out"]) == (OK, f"{first['id']} active\n")
     assert result["err"] == "", "no progress line when stderr is not a terminal"
     code, _, err = cli("flows", "delete", first["id"])
     assert code == CONFLICT and "active" in err
     assert cli("flows", "stop", first["id"])[1] == f"{first['id']} stopping\n"
-    bus.publish("flow.stopped", {"id": first["id"]})
+    bus.publish("flow.stopped", first["id"])
     cli.client.wait_for_status(first["id"], "inactive", 15)
     code, _, err = cli("flows", "delete", first["id"], "--if-match", "1")
     assert code == CONFLICT and "revision" in err.lower()

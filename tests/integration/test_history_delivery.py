@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from bson import ObjectId
 
-from .conftest import eventually
+from support import eventually
 
 pytestmark = pytest.mark.integration
 

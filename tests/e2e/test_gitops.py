@@ -9,6 +9,7 @@ import subprocess
 import threading
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import yaml
@@ -16,6 +17,7 @@ import yaml
 from flow_repository.cli import main
 from flow_repository.client import FlowRepositoryClient
 from flow_repository.gitops import ApplyOptions, apply_plan, editable, load_manifests, make_plan
+from flow_repository.store import FlowStore
 from support import ALL_PERMISSIONS, EXECUTABLE, Bus, Served, base_env
 
 from .conftest import FakeIam
@@ -260,7 +262,8 @@ def test_running_flow_is_reported_then_restarted_with_restart(cli: Cli, bus: Bus
 
 
 def test_export_then_apply_to_an_empty_repository_reproduces_the_flows(
-        cli: Cli, serve, iam: FakeIam, tmp_path: Path, flow_body, capsys) -> None:
+        cli: Cli, serve, iam: FakeIam, tmp_path: Path, flow_body, capsys, settings,
+        request) -> None:
     # Only an administrator may make another user an owner (README, Ownership rule), so a
     # migration that keeps owners runs as one.
     admin = Cli(cli.api, iam.grant("gitops", "acme", [*ALL_PERMISSIONS, "all"]), capsys)
@@ -277,7 +280,14 @@ def test_export_then_apply_to_an_empty_repository_reproduces_the_flows(
     assert files == sorted([*(f"{flow['id']}.yaml" for flow in originals[:2]),
                             "labelled.yaml", f"{originals[3]['id']}.yaml"])
 
-    empty = Cli(serve(), admin.token, capsys)
+    elsewhere = {}
+    if settings.mongodb_url:  # served processes share the test's database: a database of its own
+        url = urlunsplit(urlsplit(settings.mongodb_url)._replace(
+            path=urlsplit(settings.mongodb_url).path + "_empty"))
+        elsewhere["MONGODB_URL"] = url
+        request.addfinalizer(
+            lambda: FlowStore.from_settings(settings.replace(mongodb_url=url)).drop_all())
+    empty = Cli(serve(**elsewhere), admin.token, capsys)
     code, report, _ = empty.apply(tmp_path / "export")
     assert code == OK, report
     assert [change["action"] for change in report["plan"]] == ["create"] * 4

@@ -8,7 +8,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from .conftest import FakeIam, Served, bearer
+from support import Served, bearer
+
+from .conftest import FakeIam
+
+pytestmark = pytest.mark.e2e
 
 STALLED = 180  # connections that send part of a request and go quiet
 IDLE = 40  # connections that send nothing at all (220 in all, beyond the bound of 200)

@@ -10,8 +10,7 @@ import pytest
 from bson import ObjectId
 
 from flow_repository.consumer import StatusConsumer
-
-from .conftest import eventually
+from support import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -53,8 +52,7 @@ def test_the_service_declares_a_quorum_queue_and_applies_events_from_it(
 
 def test_a_message_that_kills_every_worker_is_dead_lettered_by_the_broker(
         make_app, quorum, bus):
-    application = make_app(quorum)
-    application.extensions["flow_repository"].consumer.stop()  # declared; now no worker runs
+    make_app(quorum).runtime.consumer.stop()  # declared; now no worker runs
     eventually(lambda: bus.queue_state() == (0, 0), message="consumer gone")
     raw = bus.publish("flow.started", ObjectId())
 
@@ -69,11 +67,11 @@ def test_a_message_that_kills_every_worker_is_dead_lettered_by_the_broker(
 
 def test_attempts_counted_before_a_restart_are_not_granted_again(
         make_app, drive, quorum, bus, monkeypatch):
-    application = make_app(quorum)
-    runtime = application.extensions["flow_repository"]
+    deployment = make_app(quorum)
+    runtime = deployment.runtime
     runtime.consumer.stop()
     eventually(lambda: bus.queue_state() == (0, 0), message="consumer gone")
-    driver = drive(application)
+    driver = drive(deployment)
     flow_id = driver.bring_to("starting")
     bus.publish("flow.started", flow_id)
     assert crash_while_handling(quorum, bus) == 0  # first worker died with it in hand

@@ -13,9 +13,13 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import harness
 import requests
+
+sys.path.insert(0, str(harness.ROOT))
+from tests.conftest import TcpProxy  # the suite's broker cut-off proxy
 
 DONE_LUA = """
 done = function(summary, latency, requests)
@@ -107,14 +111,16 @@ def run_wrk(wrk: str, url: str, script: Path, seconds: float, arguments: argpars
     }
 
 
-def measure(wrk: str, url: str, script: Path, arguments: argparse.Namespace, label: str
-            ) -> dict[str, Any]:
-    warmup = 0
-    if arguments.warmup > 0:
-        warmup = run_wrk(wrk, url, script, arguments.warmup, arguments)["requests"]
-    result = run_wrk(wrk, url, script, arguments.duration, arguments)
-    result["warmupRequests"] = warmup
-    print(f"  {label:<28} {result['reqPerSec']:>9.1f} req/s  p50 {result['p50Ms']:>8.2f} ms"
+def measure(wrk: str, url: str, script: Path, arguments: argparse.Namespace, label: str,
+            seconds: float | None = None, warmup: float | None = None) -> dict[str, Any]:
+    warmup = arguments.warmup if warmup is None else warmup
+    warmed = 0
+    if warmup > 0:
+        warmed = run_wrk(wrk, url, script, warmup, arguments)["requests"]
+    result = run_wrk(wrk, url, script, arguments.duration if seconds is None else seconds,
+                     arguments)
+    result["warmupRequests"] = warmed
+    print(f"  {label:<44} {result['reqPerSec']:>9.1f} req/s  p50 {result['p50Ms']:>8.2f} ms"
           f"  p99 {result['p99Ms']:>8.2f} ms  errors {result['errors']}", flush=True)
     return result
 
@@ -135,8 +141,14 @@ def pending(url: str) -> float | None:
     return harness.metric(url, "flow_repository_outbox_pending_events")
 
 
+ENDPOINTS = {"getFlow": "GET /flows/{id}", "listFlows": "GET /flows (page of 10)",
+             "createFlow": "POST /flows"}
+
+
 def bench_size(size: int, arguments: argparse.Namespace, wrk: str, workdir: Path,
                ceiling: harness.Server) -> dict[str, Any]:
+    """Seed ``size`` flows while the broker is cut off (so their creation events pile up),
+    measure each endpoint while the relay drains that backlog, then again once it is idle."""
     users = max(1, round(1 / arguments.owned_fraction))
     secret = workdir / "dev-token-secret"
     tokens = [harness.mint(secret, f"bench-user-{i}", f"bench-tenant-{i}") for i in range(users)]
@@ -146,10 +158,10 @@ def bench_size(size: int, arguments: argparse.Namespace, wrk: str, workdir: Path
     if mongodb_url:
         database = harness.unique_name(f"flows-{size}").replace("-", "_")
         mongodb_url = harness.mongodb_database_url(mongodb_url, database)
-    queue_url = harness.QUEUE_URL
-    if arguments.broker_unreachable:
-        queue_url = f"amqp://guest:guest@127.0.0.1:{harness.free_port()}"  # nothing listens
-    env = harness.base_env(secret, mongodb_url, exchange, queue, queue_url)
+    broker = urlsplit(harness.QUEUE_URL)
+    proxy = TcpProxy(broker.hostname or "127.0.0.1", broker.port or 5672)
+    proxy.cut()  # the relay cannot publish while the flows are seeded
+    env = harness.base_env(secret, mongodb_url, exchange, queue, proxy.url(harness.QUEUE_URL))
     server = harness.product_server(env, harness.free_port(), workdir, f"flow-repository-{size}")
     print(f"\n== {size} stored flows ==", flush=True)
     server.start()
@@ -160,62 +172,82 @@ def bench_size(size: int, arguments: argparse.Namespace, wrk: str, workdir: Path
         created = harness.seed(clients, size, batch=arguments.bulk_size)
         seed_seconds = time.monotonic() - started
         owned = created[0]
+        backlog = pending(server.url)
         print(f"  seeded {size} flows ({len(owned)} owned by the caller, {users} owners) "
-              f"in {seed_seconds:.1f}s", flush=True)
-        if arguments.broker_unreachable:
-            drain_seconds, left = 0.0, pending(server.url)
-            print(f"  outbox: broker unreachable, {left or 0:.0f} events held", flush=True)
-        else:
-            drain_seconds, left = harness.wait_for_outbox(server.url, arguments.drain_timeout)
-            print(f"  outbox: waited {drain_seconds:.1f}s for the relay, {left or 0:.0f} events "
-                  "still pending", flush=True)
+              f"in {seed_seconds:.1f}s; {backlog or 0:.0f} creation events held back",
+              flush=True)
 
         caller = tokens[0]
-        by_id = rotate_script(workdir, f"get-flow-{size}",
-                              [f"/flows/{flow_id}" for flow_id in owned[:200]], caller)
-        pages = max(1, min(10, len(owned) // 10))
-        listing = rotate_script(
-            workdir, f"list-flows-{size}",
-            [f"/flows?page%5Bsize%5D=10&page%5Bnumber%5D={page}" for page in range(1, pages + 1)],
-            caller)
-        body = json.dumps(harness.sample_flow("bench posted flow"))
-        posting = write_script(workdir, f"post-flow-{size}",
-                               POST_LUA % {"body": lua_string(body), "token": caller})
-        listed = ", ".join(lua_string(f"/flows/{flow_id}") for flow_id in owned[:200])
-        patching = write_script(workdir, f"patch-flow-{size}",
-                                PATCH_LUA % {"paths": listed, "token": caller})
+        scripts = {
+            "getFlow": rotate_script(workdir, f"get-flow-{size}",
+                                     [f"/flows/{flow_id}" for flow_id in owned[:200]], caller),
+            "listFlows": rotate_script(
+                workdir, f"list-flows-{size}",
+                [f"/flows?page%5Bsize%5D=10&page%5Bnumber%5D={page}"
+                 for page in range(1, max(1, min(10, len(owned) // 10)) + 1)], caller),
+            "createFlow": write_script(workdir, f"post-flow-{size}", POST_LUA % {
+                "body": lua_string(json.dumps(harness.sample_flow("bench posted flow"))),
+                "token": caller}),
+            "updateFlow": write_script(workdir, f"patch-flow-{size}", PATCH_LUA % {
+                "paths": ", ".join(lua_string(f"/flows/{flow_id}") for flow_id in owned[:200]),
+                "token": caller}),
+        }
+        posted = 0
+        draining: dict[str, Any] = {}
+        if not arguments.broker_unreachable:
+            proxy.restore()
+            for key, label in ENDPOINTS.items():
+                before = pending(server.url)
+                result = measure(wrk, server.url, scripts[key], arguments,
+                                 f"{label}, relay draining", seconds=arguments.drain_duration)
+                result["outboxPendingBefore"] = before
+                result["outboxPendingAfter"] = pending(server.url)
+                draining[key] = result
+                if key == "createFlow":
+                    posted += result["requests"]
+            drain_seconds, left = harness.wait_for_outbox(server.url, arguments.drain_timeout)
+            print(f"  outbox: waited {drain_seconds:.1f}s more for the relay, {left or 0:.0f} "
+                  "events still pending", flush=True)
+        else:
+            drain_seconds = 0.0
 
-        results: dict[str, Any] = {}
+        idle: dict[str, Any] = {}
         outbox_before = pending(server.url)
         # The ceiling is measured just before and just after the service's GET, and averaged,
         # so that drift on the shared machine hits both sides alike.
-        ceiling_runs = [measure(wrk, ceiling.url, by_id, arguments, "ceiling GET /flows/{id}")]
-        results["getFlow"] = measure(wrk, server.url, by_id, arguments, "GET /flows/{id}")
-        ceiling_runs.append(measure(wrk, ceiling.url, by_id, arguments,
+        ceiling_runs = [measure(wrk, ceiling.url, scripts["getFlow"], arguments,
+                                "ceiling GET /flows/{id}")]
+        idle["getFlow"] = measure(wrk, server.url, scripts["getFlow"], arguments, ENDPOINTS[
+            "getFlow"])
+        ceiling_runs.append(measure(wrk, ceiling.url, scripts["getFlow"], arguments,
                                     "ceiling GET /flows/{id}"))
-        results["ceiling"] = average(ceiling_runs)
-        results["listFlows"] = measure(wrk, server.url, listing, arguments,
-                                       "GET /flows (page of 10)")
+        ceiling_rate = average(ceiling_runs)
+        idle["listFlows"] = measure(wrk, server.url, scripts["listFlows"], arguments,
+                                    ENDPOINTS["listFlows"])
         memory_reads = server.memory()
-        results["createFlow"] = measure(wrk, server.url, posting, arguments, "POST /flows")
-        results["updateFlow"] = measure(wrk, server.url, patching, arguments,
-                                        "PATCH /flows/{id}")
+        idle["createFlow"] = measure(wrk, server.url, scripts["createFlow"], arguments,
+                                     ENDPOINTS["createFlow"])
+        idle["updateFlow"] = measure(wrk, server.url, scripts["updateFlow"], arguments,
+                                     LABELS["updateFlow"])
         memory_end = server.memory()
         outbox_after = pending(server.url)
-        posted = results["createFlow"]["requests"] + results["createFlow"]["warmupRequests"]
-        for name in ("getFlow", "listFlows", "createFlow", "updateFlow"):
-            ceiling_rate = results["ceiling"]["reqPerSec"]
-            results[name]["ofCeiling"] = round(results[name]["reqPerSec"] / ceiling_rate, 3)
+        posted += idle["createFlow"]["requests"] + idle["createFlow"]["warmupRequests"]
+        for results in (idle, draining):
+            for row in results.values():
+                row["ofCeiling"] = round(row["reqPerSec"] / ceiling_rate["reqPerSec"], 3)
         return {
             "storedFlows": size,
             "storedFlowsAtEnd": size + posted,
             "ownedByCaller": len(owned),
             "owners": users,
             "seedSeconds": round(seed_seconds, 1),
+            "creationBacklog": backlog,
             "outboxDrainWaitSeconds": round(drain_seconds, 1),
             "outboxPendingBeforeRuns": outbox_before,
             "outboxPendingAfterRuns": outbox_after,
-            "endpoints": results,
+            "ceiling": ceiling_rate,
+            "endpoints": idle,
+            "whileDraining": draining,
             "ceilingRuns": ceiling_runs,
             "workerMemoryAfterReads": memory_reads,
             "workerMemoryAtEnd": memory_end,
@@ -223,8 +255,8 @@ def bench_size(size: int, arguments: argparse.Namespace, wrk: str, workdir: Path
         }
     finally:
         server.stop()
-        if not arguments.broker_unreachable:
-            harness.delete_broker_objects(exchange, [queue, f"{queue}.dead-letter"])
+        proxy.close()
+        harness.delete_broker_objects(exchange, [queue, f"{queue}.dead-letter"])
         if database:
             harness.drop_mongodb_database(arguments.mongodb_url, database)
 
@@ -233,34 +265,44 @@ def peak(memory: dict[str, Any], key: str = "peakRssMiB") -> float:
     return max((entry[key] or 0 for entry in memory.values()), default=0.0)
 
 
+TARGETS = {"getFlow": 0.5, "listFlows": 0.3, "createFlow": 0.25}  # share of the ceiling
+LABELS = {"getFlow": "GET /flows/{id}", "listFlows": "GET /flows (page of 10, owner-scoped)",
+          "createFlow": "POST /flows",
+          "updateFlow": "PATCH /flows/{id} (description, rotating over owned flows)"}
+
+
 def table(report: dict[str, Any]) -> str:
     lines = [
-        "| stored flows | endpoint | req/s | p50 ms | p99 ms | errors | vs ceiling |",
-        "|---:|---|---:|---:|---:|---:|---:|",
+        ("| stored flows | endpoint | relay | req/s | p50 ms | p99 ms | errors | vs ceiling "
+         "| outbox pending before / after |"),
+        "|---:|---|---|---:|---:|---:|---:|---:|---|",
     ]
-    names = {"ceiling": "bare Flask (ceiling) GET /flows/{id}, mean of 2 runs",
-             "getFlow": "GET /flows/{id}",
-             "listFlows": "GET /flows (page of 10, owner-scoped)", "createFlow": "POST /flows",
-             "updateFlow": "PATCH /flows/{id} (description, rotating over owned flows)"}
     for run in report["runs"]:
-        for key, label in names.items():
-            row = run["endpoints"][key]
-            share = f"{row['ofCeiling']:.0%}" if "ofCeiling" in row else "100%"
-            lines.append(f"| {run['storedFlows']} | {label} | {row['reqPerSec']:.0f} | "
-                         f"{row['p50Ms']:.2f} | {row['p99Ms']:.2f} | {row['errors']} | {share} |")
+        row = run["ceiling"]
+        lines.append(f"| {run['storedFlows']} | bare Flask (ceiling) GET /flows/{{id}}, mean of "
+                     f"2 runs | idle | {row['reqPerSec']:.0f} | {row['p50Ms']:.2f} | "
+                     f"{row['p99Ms']:.2f} | {row['errors']} | 100% | |")
+        for phase, results in (("draining", run["whileDraining"]), ("idle", run["endpoints"])):
+            for key, row in results.items():
+                backlog = ""
+                if "outboxPendingBefore" in row:
+                    backlog = (f"{row['outboxPendingBefore'] or 0:.0f} / "
+                               f"{row['outboxPendingAfter'] or 0:.0f}")
+                lines.append(f"| {run['storedFlows']} | {LABELS[key]} | {phase} | "
+                             f"{row['reqPerSec']:.0f} | {row['p50Ms']:.2f} | {row['p99Ms']:.2f} | "
+                             f"{row['errors']} | {row['ofCeiling']:.0%} | {backlog} |")
     lines += [
         "",
-        ("| stored flows | owned by caller | outbox pending (before runs / after) "
+        ("| stored flows | owned by caller | creation backlog drained during the runs "
          "| worker peak RSS (VmHWM) / RSS after the reads, MiB "
-         "| flows after POST run | worker peak RSS at end, MiB | ceiling worker peak, MiB |"),
-        "|---:|---:|---|---|---:|---:|---:|",
+         "| flows after POST runs | worker peak RSS at end, MiB | ceiling worker peak, MiB |"),
+        "|---:|---:|---:|---|---:|---:|---:|",
     ]
     for run in report["runs"]:
         reads = run["workerMemoryAfterReads"]
         lines.append(
-            f"| {run['storedFlows']} | {run['ownedByCaller']} | "
-            f"{run['outboxPendingBeforeRuns']:.0f} / {run['outboxPendingAfterRuns']:.0f} | "
-            f"{peak(reads):.1f} / {peak(reads, 'rssMiB'):.1f} | {run['storedFlowsAtEnd']} | "
+            f"| {run['storedFlows']} | {run['ownedByCaller']} | {run['creationBacklog'] or 0:.0f} "
+            f"| {peak(reads):.1f} / {peak(reads, 'rssMiB'):.1f} | {run['storedFlowsAtEnd']} | "
             f"{peak(run['workerMemoryAtEnd']):.1f} | {peak(run['ceilingWorkerMemory']):.1f} |")
     lines += ["", "| target | stored flows | measured | met |", "|---|---:|---|---|"]
     for target in report["targets"]:
@@ -272,10 +314,19 @@ def table(report: dict[str, Any]) -> str:
 def targets(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     checks = []
     for run in runs:
-        share = run["endpoints"]["getFlow"]["ofCeiling"]
-        checks.append({"target": "GET /flows/{id} >= 50% of ceiling req/s",
-                       "storedFlows": run["storedFlows"], "measured": f"{share:.0%}",
-                       "met": share >= 0.5})
+        for phase, results in (("idle", run["endpoints"]), ("relay draining",
+                                                             run["whileDraining"])):
+            for key, row in results.items():
+                if key not in TARGETS:
+                    continue
+                share = row["ofCeiling"]
+                # A draining figure counts only if the backlog lasted the whole measurement.
+                drained_early = phase != "idle" and not row.get("outboxPendingAfter")
+                checks.append({
+                    "target": f"{LABELS[key]} ({phase}) >= {TARGETS[key]:.0%} of ceiling req/s",
+                    "storedFlows": run["storedFlows"],
+                    "measured": f"{share:.0%}" + (" (backlog ran out)" if drained_early else ""),
+                    "met": share >= TARGETS[key] and not drained_early})
         rss = peak(run["workerMemoryAfterReads"])  # at the stated store size (POSTs add flows)
         checks.append({"target": "<= 100 MiB peak RSS per worker",
                        "storedFlows": run["storedFlows"], "measured": f"{rss:.1f} MiB",
@@ -308,15 +359,19 @@ def main() -> int:
                         help="share of the stored flows the measured caller owns")
     parser.add_argument("--bulk-size", type=int, default=100,
                         help="flows per seeding POST (at most BULK_MAX_ITEMS)")
-    parser.add_argument("--drain-timeout", type=float, default=120.0,
-                        help="seconds to wait after seeding for the outbox relay to catch up")
+    parser.add_argument("--drain-duration", type=float, default=5.0,
+                        help="seconds per measurement while the relay drains the creation "
+                             "backlog of the seeded flows (after the same warm-up)")
+    parser.add_argument("--drain-timeout", type=float, default=300.0,
+                        help="seconds to wait for the outbox relay to catch up before the "
+                             "idle measurements")
     parser.add_argument("--broker-unreachable", action="store_true",
-                        help="point QUEUE_URL at a closed port: the relay never publishes, so "
-                             "the API is measured without relay work on the store (events "
-                             "stay in the outbox); not the production set-up")
+                        help="keep the broker cut off: the relay never publishes, so the API "
+                             "is measured without relay work (events stay in the outbox); "
+                             "not the production set-up")
     parser.add_argument("--mongodb-url", default=None,
                         help="serve against this MongoDB (WEB_CONCURRENCY workers) instead of "
-                             "the embedded mongomock store; a scratch database is used")
+                             "the embedded in-memory store; a scratch database is used")
     parser.add_argument("--output", default=str(harness.BENCH_DIR / "results" / "api.json"))
     parser.add_argument("--keep-logs", action="store_true",
                         help="keep the temporary directory with server logs and wrk scripts")

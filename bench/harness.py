@@ -289,7 +289,7 @@ def describe_store(mongodb_url: str | None, workers: Mapping[str, Any]) -> str:
     if mongodb_url:
         return (f"MongoDB at MONGODB_URL ({len(workers)} gunicorn worker(s), "
                 "WEB_CONCURRENCY)")
-    return ("MONGODB_URL unset: embedded mode, in-process mongomock store, ONE gunicorn worker "
+    return ("MONGODB_URL unset: embedded mode, in-process in-memory store, ONE gunicorn worker "
             "(relay, consumer and reconciler run inside it)")
 
 

@@ -22,7 +22,7 @@ from .logs import REQUEST_ID, configure_logging
 from .runtime import Runtime
 from .schemas import ErrorResponseSchema
 from .settings import Settings
-from .store import FlowStore, StoreUnavailable
+from .store import Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def error_response(status: int, messages: list[str], headers: dict | None = None
 def create_app(
     settings: Settings | None = None,
     *,
-    store: FlowStore | None = None,
+    store: Store | None = None,
     authenticator: Authenticator | None = None,
     background: bool = False,
 ) -> Flask:

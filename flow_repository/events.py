@@ -14,7 +14,7 @@ import pika
 import pika.exceptions
 
 from .domain import public_flow
-from .store import FlowStore, StoreUnavailable, utcnow
+from .store import Store, StoreUnavailable, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ class OutboxRelay:
 
     def __init__(
         self,
-        store: FlowStore,
+        store: Store,
         publisher: Publisher,
         *,
         poll_seconds: float = 1.0,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,7 @@ from .references import ReferenceChecker
 from .services import FlowService
 from .settings import Settings
 from .step_logs import StepLogClient
-from .store import FlowStore, StoreUnavailable
+from .store import Store, StoreUnavailable, open_store
 
 log = logging.getLogger(__name__)
 
@@ -55,24 +56,26 @@ class Runtime:
     """What a process holds: the store and service, plus whichever background loops it runs."""
 
     settings: Settings
-    store: FlowStore
+    store: Store
     service: FlowService
     metrics: Metrics
     relay: OutboxRelay | None = None
     consumer: StatusConsumer | None = None
     loops: list[Periodic] = field(default_factory=list)
+    clock: Callable[[], float] = time.monotonic  # when the flow counts were last read
+    _counts_read_at: float | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def build(
         cls,
         settings: Settings,
         *,
-        store: FlowStore | None = None,
+        store: Store | None = None,
         relay: bool = False,
         consumer: bool = False,
         reconciler: bool = False,
     ) -> Runtime:
-        store = store or FlowStore.from_settings(settings)
+        store = store or open_store(settings)
         try:
             store.ensure_indexes()
         except StoreUnavailable as error:
@@ -163,11 +166,20 @@ class Runtime:
         return hmac.compare_digest((authorization or "").encode(), f"Bearer {token}".encode())
 
     def metrics_text(self) -> bytes:
-        """Prometheus text, with the flow and outbox gauges read from the store just now."""
+        """Prometheus text, with the outbox gauges read from the store just now.
+
+        The outbox backlog is read from the pending index (it costs what is pending, not
+        what is stored). The flows per status are counted at most once every
+        METRICS_FLOW_COUNT_SECONDS: one index count per status, never a scan per scrape.
+        """
         try:
             pending, oldest = self.store.outbox_backlog()
-            self.metrics.set_flow_counts(self.store.count_by_status())
             self.metrics.set_outbox(pending, oldest)
+            now = self.clock()
+            read_at = self._counts_read_at
+            if read_at is None or now - read_at >= self.settings.metrics_flow_count_seconds:
+                self.metrics.set_flow_counts(self.store.count_by_status(domain.STATUSES))
+                self._counts_read_at = now
         except StoreUnavailable:
             pass  # the counters are still worth scraping while MongoDB is away
         return self.metrics.render()

@@ -106,6 +106,7 @@ class Settings:
     run_relay_in_api: bool = _setting("RUN_RELAY_IN_API", True, _flag)
     worker_health_port: int = _setting("WORKER_HEALTH_PORT", 9102, _integer)
     metrics_token: str | None = _setting("METRICS_TOKEN", None)
+    metrics_flow_count_seconds: float = _setting("METRICS_FLOW_COUNT_SECONDS", 15.0, _number)
 
     web_concurrency: int = _setting("WEB_CONCURRENCY", 2, _integer)
     gunicorn_threads: int = _setting("GUNICORN_THREADS", 4, _integer)

@@ -1,11 +1,13 @@
-"""Shared fixtures: settings, a store (mongomock or MONGODB_URL), the app, tokens, the broker,
-the event bus, served processes (the production topology) and a TCP proxy tests cut and restore.
+"""Shared fixtures: settings, a store (embedded, mongomock or a real MongoDB), the app,
+tokens, the broker, the event bus, served processes (the production topology) and a TCP
+proxy tests cut and restore.
 
 The helpers behind them (polling, bus, driver, served processes) live in tests/support.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -29,7 +31,7 @@ import pytest
 from flow_repository.app import create_app
 from flow_repository.auth import mint_token
 from flow_repository.settings import Settings
-from flow_repository.store import FlowStore
+from flow_repository.store import FlowStore, Store, open_store
 from support import (
     ALL_PERMISSIONS,
     PRODUCT_EVENTS,
@@ -51,21 +53,23 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--mongodb-url",
         default=os.environ.get("MONGODB_URL"),
-        help="run against this MongoDB instead of mongomock (default: $MONGODB_URL)",
+        help="run against this MongoDB instead of the embedded store (default: $MONGODB_URL)",
     )
     parser.addoption(
         "--mongodb",
-        choices=("mongomock", "secantus"),
-        default=os.environ.get("TEST_MONGODB", "mongomock"),
-        help="secantus: start a SecantusDB server (MongoDB wire protocol over WiredTiger) "
-             "for the session and run every test on it (default: $TEST_MONGODB or mongomock)",
+        choices=("embedded", "mongomock", "secantus"),
+        default=os.environ.get("TEST_MONGODB", "embedded"),
+        help="embedded: the in-memory store of MONGODB_URL-less mode; mongomock: the MongoDB "
+             "backend on mongomock; secantus: start a SecantusDB server (MongoDB wire "
+             "protocol over WiredTiger) for the session and run every test on it "
+             "(default: $TEST_MONGODB or embedded)",
     )
 
 
 @pytest.fixture(scope="session")
 def mongodb_server(request: pytest.FixtureRequest,
                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[str | None]:
-    """The URL of the real MongoDB the session runs on, or None for mongomock.
+    """The URL of the real MongoDB the session runs on, or None (embedded or mongomock).
 
     ``--mongodb-url`` names a running server; ``--mongodb=secantus`` starts ``secantusd-py``
     on a free port with a temporary storage path and stops it when the session ends.
@@ -74,24 +78,31 @@ def mongodb_server(request: pytest.FixtureRequest,
     if url or request.config.getoption("--mongodb") != "secantus":
         yield url or None
         return
+    with secantus_server(tmp_path_factory.mktemp("secantus")) as (url, _process):
+        yield url
+
+
+@contextlib.contextmanager
+def secantus_server(directory: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``secantusd-py`` on a free port, storing under ``directory``: (its URL, its process)."""
     executable = shutil.which("secantusd-py", path=os.path.dirname(sys.executable))
     if executable is None:
         pytest.fail("--mongodb=secantus needs secantusd-py: pip install -e '.[test]'")
     port = free_port()
-    storage = tmp_path_factory.mktemp("secantus")
-    log = open(storage.parent / "secantusd.log", "wb")  # noqa: SIM115 - closed below
+    log = open(directory / "secantusd.log", "wb")  # noqa: SIM115 - closed below
     server = subprocess.Popen(
         [executable, "--host", "127.0.0.1", "--port", str(port), "--storage-path",
-         str(storage / "data"), "--standalone", "--log-level", "WARNING"],
+         str(directory / "data"), "--standalone", "--log-level", "WARNING"],
         stdout=log, stderr=subprocess.STDOUT)
     url = f"mongodb://127.0.0.1:{port}/?directConnection=true"
     try:
         client = pymongo.MongoClient(url, serverSelectionTimeoutMS=30_000)
         client.admin.command("ping")
         client.close()
-        yield url
+        yield url, server
     finally:
-        server.terminate()
+        if server.poll() is None:
+            server.terminate()
         try:
             server.wait(30)
         except subprocess.TimeoutExpired:
@@ -128,10 +139,43 @@ def settings(tmp_path, run_id: str, mongodb_url: str | None) -> Settings:
     )
 
 
+def open_test_store(backend: str, settings: Settings) -> Store:
+    """A store of ``backend``: embedded (in-memory), mongomock, or the server in ``settings``."""
+    if backend == "mongomock":
+        return FlowStore.on_mongomock()
+    if backend == "embedded":
+        return open_store(settings.replace(mongodb_url=None))
+    return open_store(settings)
+
+
 @pytest.fixture
-def store(settings: Settings) -> Iterator[FlowStore]:
-    """The store the settings name (mongomock unless MONGODB_URL), emptied afterwards."""
-    flow_store = FlowStore.from_settings(settings)
+def store_of(settings: Settings) -> Iterator[Callable[[str], Store]]:
+    """store_of(backend): a fresh store of "embedded", "mongomock" or "server"; emptied after."""
+    opened: list[Store] = []
+
+    def open_one(backend: str) -> Store:
+        flow_store = open_test_store(backend, settings)
+        flow_store.ensure_indexes()
+        opened.append(flow_store)
+        return flow_store
+
+    yield open_one
+    for flow_store in opened:
+        flow_store.drop_all()
+
+
+@pytest.fixture
+def secantus(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A SecantusDB server of this test's own, which it may stop: (its URL, its process)."""
+    with secantus_server(tmp_path) as started:
+        yield started
+
+
+@pytest.fixture
+def store(request: pytest.FixtureRequest, settings: Settings) -> Iterator[Store]:
+    """The session's store (--mongodb, or the server of --mongodb-url), emptied afterwards."""
+    backend = "server" if settings.mongodb_url else request.config.getoption("--mongodb")
+    flow_store = open_test_store(backend, settings)
     flow_store.ensure_indexes()
     yield flow_store
     flow_store.drop_all()
@@ -251,6 +295,8 @@ class TcpProxy:
                 continue
             upstream.settimeout(None)
             client.settimeout(None)
+            for end in (client, upstream):  # no Nagle delay on small AMQP frames (confirms)
+                end.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 if not self._open.is_set():  # cut() ran while we were connecting
                     _hard_close(client)

@@ -61,7 +61,7 @@ def _errors(*codes: int) -> dict:
 
 @blp.route("/flows", methods=["GET"])
 @authenticate_first("flow_read_permission")
-@blp.arguments(ListArgumentsSchema, location="query", error_status_code=400)
+@blp.arguments(ListArgumentsSchema(), location="query", error_status_code=400)
 @blp.response(200, FlowListResponseSchema)
 @blp.doc(responses=_errors(400, 401, 403, 503))
 def list_flows(principal: Principal, arguments: dict[str, Any]) -> Response:

@@ -22,7 +22,7 @@ from ..domain import (
 from ..events import pending_event
 from ..references import ReferenceChecker, ReferencesUnavailable
 from ..step_logs import StepLogClient
-from ..store import FlowStore
+from ..store import Store
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class UseCases:
 
     def __init__(
         self,
-        store: FlowStore,
+        store: Store,
         *,
         timeouts: domain.Timeouts,
         bulk_max_items: int = 100,

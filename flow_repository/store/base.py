@@ -1,11 +1,18 @@
-"""What every store backend shares: the outage error, the clock, and MongoDB-safe keys."""
+"""What every store backend shares: the Store contract, the outage error, the clock, keys."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from datetime import UTC, datetime
-from typing import Any
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, Protocol
+
+from bson import ObjectId
+
+from ..domain import ListQuery
+
+if TYPE_CHECKING:  # history.py imports this module
+    from .history import HistoryStore
 
 # Keys MongoDB cannot hold (or would read as operators / paths) are escaped reversibly:
 # "~" is the escape character itself, so the mapping stays one-to-one.
@@ -55,3 +62,52 @@ def decode_keys(value: Any) -> Any:
     if isinstance(value, datetime) and value.tzinfo is None:
         return value.replace(tzinfo=UTC)
     return value
+
+
+def owned_by_any(document: Mapping[str, Any], owner_ids: Sequence[str]) -> bool:
+    """True when one of ``owner_ids`` is among the document's owner ids (``owners.id``)."""
+    owners = document.get("owners")
+    if not isinstance(owners, list):
+        return False
+    return any(isinstance(owner, Mapping) and owner.get("id") in owner_ids for owner in owners)
+
+
+class Store(Protocol):
+    """The contract every backend keeps (MongoDB in mongo.py, in-memory in memory.py).
+
+    Flows are documents with an ``_id``; a flow is live until ``deletedAt`` is set, and a
+    deleted flow stays as a hidden tombstone until the relay has published its last event.
+    Every method returns fresh copies: callers never hold stored state. Each change also
+    queues one history entry (``historyOutbox``) for ``history``, where it is written next.
+    """
+
+    history: HistoryStore
+
+    def ensure_indexes(self) -> None: ...
+    def ping(self) -> None: ...
+    def get(self, flow_id: ObjectId, owner_ids: Sequence[str] | None = None) -> dict | None: ...
+    def list(self, query: ListQuery, owner_ids: Sequence[str] | None
+             ) -> tuple[list[dict], int]: ...
+    def stuck(self, status: str, changed_before: datetime, *, retries: int,
+              limit: int = 100) -> list[dict]: ...
+    def owned_by(self, owner_id: str) -> list[ObjectId]: ...
+    def count_by_status(self, statuses: Sequence[str]) -> dict[str, int]: ...
+    def outbox_backlog(self) -> tuple[int, datetime | None]: ...
+    def insert(self, document: Mapping[str, Any]) -> dict: ...
+    def update(self, flow_id: ObjectId, *, owner_ids: Sequence[str] | None = None,
+               owner_count: int | None = None, statuses: Sequence[str] | None = None,
+               revision: int | Sequence[int] | None = None,
+               changes: Mapping[str, Any] | None = None, remove_owner: str | None = None,
+               events: Sequence[Mapping[str, Any]] = (),
+               history: Mapping[str, Any],
+               returning: Sequence[str] | None = None) -> dict | None: ...
+    def drop_pending_history(self, flow_id: ObjectId, entry_ids: Sequence[str]) -> None: ...
+    def pending_flows(self, limit: int) -> list[ObjectId]: ...
+    def claim(self, flow_id: ObjectId, relay_id: str, lease: timedelta) -> dict | None: ...
+    def drop_published(self, flow_id: ObjectId, event_id: str) -> None: ...
+    def release(self, flow_id: ObjectId, relay_id: str, *, deleted: bool = False) -> None: ...
+    def claim_batch(self, relay_id: str, lease: timedelta, limit: int) -> list[dict]: ...
+    def release_batch(self, relay_id: str, flow_ids: Sequence[ObjectId], *,
+                      deleted: Sequence[ObjectId] = ()) -> None: ...
+    def raw(self, flow_id: ObjectId) -> dict | None: ...
+    def drop_all(self) -> None: ...

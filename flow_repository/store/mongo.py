@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
@@ -19,7 +18,8 @@ from pymongo.read_concern import ReadConcern
 
 from ..domain import ListQuery
 from ..settings import Settings
-from .base import StoreUnavailable, decode_keys, encode_keys, utcnow
+from . import queries
+from .base import StoreUnavailable, decode_keys, encode_keys, owned_by_any, utcnow
 from .history import HistoryStore, MemoryHistoryStore, MongoHistoryStore
 
 log = logging.getLogger(__name__)
@@ -83,19 +83,14 @@ class FlowStore:
         # mongomock is not thread-safe; a real MongoDB serializes per document itself.
         self._lock = threading.RLock() if serialize else None
         self.history = history or MongoHistoryStore(database, self._lock)
+        self._real = isinstance(database, pymongo.database.Database)
+        self._indexed = False
 
     @classmethod
     def from_settings(cls, settings: Settings) -> FlowStore:
-        """A store on MONGODB_URL, or on an in-memory mongomock database when it is unset."""
-        if settings.embedded:
-            import mongomock
-
-            client = mongomock.MongoClient(tz_aware=True)
-            # mongomock has no indexes: every history write would scan every entry kept
-            store = cls(client[DEFAULT_DATABASE], serialize=True, history=MemoryHistoryStore())
-            _look_up_ids_directly(store._flows)
-            _look_up_ids_directly(store._committed)
-            return store
+        """A store on the MongoDB that MONGODB_URL names."""
+        if not settings.mongodb_url:
+            raise ValueError("MONGODB_URL is not set: use flow_repository.store.open_store")
         client = pymongo.MongoClient(
             settings.mongodb_url,
             tz_aware=True,
@@ -107,6 +102,18 @@ class FlowStore:
         )
         name = urlparse(settings.mongodb_url).path.lstrip("/") or DEFAULT_DATABASE
         return cls(client[name])
+
+    @classmethod
+    def on_mongomock(cls) -> FlowStore:
+        """A store on a fresh in-memory mongomock database (tests of this backend)."""
+        import mongomock
+
+        # mongomock has no indexes: every history write would scan every entry kept
+        store = cls(mongomock.MongoClient(tz_aware=True)[DEFAULT_DATABASE], serialize=True,
+                    history=MemoryHistoryStore())
+        _look_up_ids_directly(store._flows)
+        _look_up_ids_directly(store._committed)
+        return store
 
     @contextlib.contextmanager
     def _call(self) -> Iterator[None]:
@@ -122,14 +129,13 @@ class FlowStore:
     # ------------------------------------------------------------------------- housekeeping
 
     def ensure_indexes(self) -> None:
-        """Create the indexes the queries and the outbox relay need (idempotent)."""
+        """Create the indexes of :mod:`.queries` (idempotent); hints are used once they exist."""
         with self._call():
-            for key in ("owners.id", "status", "type", "createdAt", "updatedAt", "name",
-                        "fromTemplate", "statusChangedAt",
-                        # the relay's sort key: the oldest pending event of each flow
-                        "outbox.0.storedAt"):
-                self._flows.create_index([(key, pymongo.ASCENDING)])
+            for index in queries.INDEXES:
+                self._flows.create_index(list(index.keys), name=index.name,
+                                         **dict(index.options))
         self.history.ensure_indexes()
+        self._indexed = self._real
 
     def ping(self) -> None:
         """Raise StoreUnavailable unless the database answers."""
@@ -139,50 +145,41 @@ class FlowStore:
             except PyMongoError as error:
                 raise StoreUnavailable(error) from error
 
-    # ------------------------------------------------------------------------- filters
+    def _hint(self, find: queries.Find) -> dict[str, Any]:
+        # mongomock implements no hints; a real server may not have the index yet when
+        # ensure_indexes failed at start-up (its planner then chooses on its own).
+        return {"hint": find.hint} if self._indexed and find.hint else {}
 
-    @staticmethod
-    def _live(flow_id: ObjectId | None = None, owner_ids: Sequence[str] | None = None) -> dict:
-        query: dict[str, Any] = {"deletedAt": None}
-        if flow_id is not None:
-            query["_id"] = flow_id
-        if owner_ids is not None:
-            query["owners.id"] = {"$in": list(owner_ids)}
-        return query
+    def _find(self, find: queries.Find, projection: Mapping[str, Any] | None = None) -> Any:
+        cursor = self._flows.find(find.filter, projection, **self._hint(find))
+        return cursor.sort(find.sort) if find.sort else cursor
+
+    def _modify(self, find: queries.Find, update: Mapping[str, Any], **options: Any) -> Any:
+        return self._flows.find_one_and_update(
+            find.filter, update, return_document=ReturnDocument.AFTER, **self._hint(find),
+            **options)
 
     # ------------------------------------------------------------------------- reads
 
     def get(self, flow_id: ObjectId, owner_ids: Sequence[str] | None = None) -> dict | None:
         """The live flow, if it exists and (when ``owner_ids`` is given) one of them owns it."""
+        find = queries.by_id(flow_id)
         with self._call():
-            return self._out(self._flows.find_one(self._live(flow_id, owner_ids)))
+            document = self._flows.find_one(find.filter, **self._hint(find))
+        # Scope and tombstone are checked here: the _id lookup alone is the query.
+        if document is None or document.get("deletedAt") is not None:
+            return None
+        if owner_ids is not None and not owned_by_any(document, owner_ids):
+            return None
+        return self._out(document)
 
     def list(self, query: ListQuery, owner_ids: Sequence[str] | None) -> tuple[list[dict], int]:
         """One page of live flows matching ``query`` within the caller's scope, and the total."""
-        conditions: list[dict] = [self._live(owner_ids=owner_ids)]
-        if query.status:
-            conditions.append({"status": query.status})
-        if query.type:
-            conditions.append({"type": query.type})
-        if query.user:
-            conditions.append({"owners.id": query.user})
-        if query.from_template:
-            conditions.append({"fromTemplate": query.from_template})
-        if query.search:
-            # re.escape leaves NUL as is; MongoDB refuses a pattern holding a raw NUL byte.
-            literal = re.escape(query.search).replace("\x00", "\\x00")
-            pattern = {"$regex": literal, "$options": "i"}
-            conditions.append({"$or": [{"name": pattern}, {"description": pattern}]})
-        mongo_filter = {"$and": conditions}
-        direction = pymongo.DESCENDING if query.sort_descending else pymongo.ASCENDING
+        find = queries.listing(query, owner_ids)
         with self._call():
-            total = self._flows.count_documents(mongo_filter)
-            cursor = (
-                self._flows.find(mongo_filter)
-                .sort([(query.sort_field, direction), ("_id", direction)])
-                .skip((query.page_number - 1) * query.page_size)
-                .limit(query.page_size)
-            )
+            total = self._flows.count_documents(find.filter, **self._hint(find))
+            cursor = (self._find(find).skip((query.page_number - 1) * query.page_size)
+                      .limit(query.page_size))
             return [self._out(doc) for doc in cursor], total
 
     def stuck(
@@ -190,38 +187,32 @@ class FlowStore:
     ) -> list[dict]:
         """Live flows in ``status`` since before ``changed_before``, re-sent ``retries`` times."""
         with self._call():
-            cursor = self._flows.find(
-                {
-                    "deletedAt": None,
-                    "status": status,
-                    "statusRetries": retries,
-                    "statusChangedAt": {"$lt": changed_before},
-                }
-            ).limit(limit)
+            cursor = self._find(queries.overdue(status, changed_before, retries)).limit(limit)
             return [self._out(doc) for doc in cursor]
 
     def owned_by(self, owner_id: str) -> list[ObjectId]:
         """Ids of every live flow that lists ``owner_id`` among its owners."""
         with self._call():
-            return [doc["_id"] for doc in
-                    self._flows.find({"deletedAt": None, "owners.id": owner_id}, {"_id": 1})]
+            return [doc["_id"] for doc in self._find(queries.owned_by(owner_id), {"_id": 1})]
 
-    def count_by_status(self) -> dict[str, int]:
+    def count_by_status(self, statuses: Sequence[str]) -> dict[str, int]:
+        """How many live flows are in each of ``statuses`` (one index count per status)."""
+        counts = {}
         with self._call():
-            counts: dict[str, int] = {}
-            for doc in self._flows.find({"deletedAt": None}, {"status": 1}):
-                counts[doc.get("status")] = counts.get(doc.get("status"), 0) + 1
-            return counts
+            for status in statuses:
+                find = queries.status_count(status)
+                counts[status] = self._flows.count_documents(find.filter, **self._hint(find))
+        return counts
 
     def outbox_backlog(self) -> tuple[int, datetime | None]:
         """How many events wait for the relay, and when the oldest of them was stored."""
         with self._call():
             pending = 0
             oldest: datetime | None = None
-            for doc in self._flows.find({"outbox.0": {"$exists": True}}, {"outbox": 1}):
+            for doc in self._find(queries.pending(), {"outbox.storedAt": 1, "_id": 0}):
                 pending += len(doc["outbox"])
-                first = decode_keys(doc["outbox"][0]["storedAt"])
-                oldest = first if oldest is None or first < oldest else oldest
+                if oldest is None:  # sorted: the first flow holds the oldest event
+                    oldest = decode_keys(doc["outbox"][0]["storedAt"])
             return pending, oldest
 
     # ------------------------------------------------------------------------- writes
@@ -258,84 +249,48 @@ class FlowStore:
         revision is incremented, and the change's events and its ``history`` entry are
         appended to the outbox and the history outbox, in the same write.
         """
-        query = self._live(flow_id, owner_ids)
+        conditions: dict[str, Any] = {"deletedAt": None}
+        if owner_ids is not None:
+            conditions["owners.id"] = {"$in": list(owner_ids)}
         if owner_count is not None:
-            query["owners"] = {"$size": owner_count}
+            conditions["owners"] = {"$size": owner_count}
         if statuses is not None:
-            query["status"] = {"$in": list(statuses)}
+            conditions["status"] = {"$in": list(statuses)}
         if isinstance(revision, int):
-            query["revision"] = revision
+            conditions["revision"] = revision
         elif revision is not None:
-            query["revision"] = {"$in": list(revision)}
+            conditions["revision"] = {"$in": list(revision)}
         fields = dict(changes or {})
         # a change may name its own time (so that its history entry carries the same one)
-        if "updatedAt" not in fields:
-            fields["updatedAt"] = utcnow()
+        fields.setdefault("updatedAt", utcnow())
         update: dict[str, Any] = {
             "$set": encode_keys(fields),
             "$inc": {"revision": 1},
+            "$push": {"historyOutbox": encode_keys(dict(history))},
         }
-        update["$push"] = {"historyOutbox": encode_keys(dict(history))}
         if events:
             update["$push"]["outbox"] = {"$each": [encode_keys(dict(e)) for e in events]}
         if remove_owner is not None:
             update["$pull"] = {"owners": {"id": remove_owner}}
         with self._call():
-            return self._out(
-                self._flows.find_one_and_update(
-                    query, update, return_document=ReturnDocument.AFTER,
-                    projection=None if returning is None else dict.fromkeys(returning, 1),
-                )
-            )
+            return self._out(self._modify(
+                queries.by_id(flow_id, **conditions), update,
+                projection=None if returning is None else dict.fromkeys(returning, 1)))
 
     def drop_pending_history(self, flow_id: ObjectId, entry_ids: Sequence[str]) -> None:
         """Remove pending history entries once they are written to the history."""
         with self._call():
-            self._flows.update_one(
-                {"_id": flow_id},
-                {"$pull": {"historyOutbox": {"entryId": {"$in": list(entry_ids)}}}})
+            self._modify(queries.by_id(flow_id),
+                         {"$pull": {"historyOutbox": {"entryId": {"$in": list(entry_ids)}}}},
+                         projection={"_id": 1})
 
     # ------------------------------------------------------------------------- outbox relay
-
-    @staticmethod
-    def _claimable(now: datetime) -> dict[str, Any]:
-        return {
-            "outbox.0": {"$exists": True},
-            "$or": [{"relayLeaseUntil": None}, {"relayLeaseUntil": {"$lt": now}}],
-        }
 
     def pending_flows(self, limit: int) -> list[ObjectId]:
         """Ids of flows with events waiting and no live lease, oldest waiting event first."""
         with self._call():
-            cursor = (
-                self._flows.find(self._claimable(utcnow()), {"_id": 1})
-                .sort([("outbox.0.storedAt", pymongo.ASCENDING)])
-                .limit(limit)
-            )
+            cursor = self._find(queries.claimable(utcnow()), {"_id": 1}).limit(limit)
             return [document["_id"] for document in cursor]
-
-    def claim(self, flow_id: ObjectId, relay_id: str, lease: timedelta) -> dict | None:
-        """Lease one flow to ``relay_id`` if it still has events and nobody else holds it."""
-        now = utcnow()
-        with self._call():
-            return self._out(
-                self._flows.find_one_and_update(
-                    {"_id": flow_id, **self._claimable(now)},
-                    {"$set": {"relayLeaseUntil": now + lease, "relayLeaseOwner": relay_id}},
-                    return_document=ReturnDocument.AFTER,
-                )
-            )
-
-    def drop_published(self, flow_id: ObjectId, event_id: str) -> None:
-        """Remove one event from a flow's outbox once the broker has confirmed it."""
-        with self._call():
-            self._flows.update_one({"_id": flow_id}, {"$pull": {"outbox": {"eventId": event_id}}})
-
-    def release(self, flow_id: ObjectId, relay_id: str, *, deleted: bool = False) -> None:
-        """Give the lease back; a ``deleted`` flow whose events are all out is removed for
-        good, its history first (a crash in between leaves a hidden tombstone, never
-        history that no flow answers for)."""
-        self.release_batch(relay_id, [flow_id], deleted=[flow_id] if deleted else ())
 
     def claim_batch(self, relay_id: str, lease: timedelta, limit: int) -> list[dict]:
         """Lease up to ``limit`` claimable flows to ``relay_id`` at once, oldest waiting first.
@@ -348,33 +303,46 @@ class FlowStore:
             return []
         now = utcnow()
         until = now + lease
+        lease_free = queries.by_ids(candidates, **queries.claimable(now).filter)
+        leased_now = queries.by_ids(candidates, relayLeaseOwner=relay_id, relayLeaseUntil=until)
         with self._call():
             self._flows.update_many(
-                {"_id": {"$in": candidates}, **self._claimable(now)},
+                lease_free.filter,
                 {"$set": {"relayLeaseUntil": until, "relayLeaseOwner": relay_id}},
-            )
+                **self._hint(lease_free))
             # Read back only what a majority holds: an event the relay publishes can then
             # never be rolled back by a primary failover (the lease write, acknowledged by
             # a majority, already covers every change written before it).
             leased = {document["_id"]: document for document in self._committed.find(
-                {"_id": {"$in": candidates}, "relayLeaseOwner": relay_id,
-                 "relayLeaseUntil": until})}
+                leased_now.filter, **self._hint(leased_now))}
         return [self._out(leased[flow_id]) for flow_id in candidates if flow_id in leased]
+
+    def drop_published(self, flow_id: ObjectId, event_id: str) -> None:
+        """Remove one event from a flow's outbox once the broker has confirmed it."""
+        with self._call():
+            self._modify(queries.by_id(flow_id), {"$pull": {"outbox": {"eventId": event_id}}},
+                         projection={"_id": 1})
+
+    def release(self, flow_id: ObjectId, relay_id: str, *, deleted: bool = False) -> None:
+        """Give the lease back; a ``deleted`` flow whose events are all out is removed for
+        good, its history first (a crash in between leaves a hidden tombstone, never
+        history that no flow answers for)."""
+        self.release_batch(relay_id, [flow_id], deleted=[flow_id] if deleted else ())
 
     def release_batch(self, relay_id: str, flow_ids: Sequence[ObjectId], *,
                       deleted: Sequence[ObjectId] = ()) -> None:
         """:meth:`release` for a batch of flows: one round trip gives every lease back;
         each of the ``deleted`` ones whose events are all out is then removed for good."""
+        held = queries.by_ids(flow_ids, relayLeaseOwner=relay_id)
         with self._call():
-            self._flows.update_many(
-                {"_id": {"$in": list(flow_ids)}, "relayLeaseOwner": relay_id},
-                {"$unset": {"relayLeaseUntil": "", "relayLeaseOwner": ""}},
-            )
+            self._flows.update_many(held.filter,
+                                    {"$unset": {"relayLeaseUntil": "", "relayLeaseOwner": ""}},
+                                    **self._hint(held))
             for flow_id in deleted:
-                done = {"_id": flow_id, "deletedAt": {"$ne": None}, "outbox": {"$size": 0}}
-                if self._flows.find_one(done, {"_id": 1}) is not None:
+                done = queries.by_id(flow_id, deletedAt={"$ne": None}, outbox={"$size": 0})
+                if self._flows.find_one(done.filter, {"_id": 1}, **self._hint(done)) is not None:
                     self.history.drop(flow_id)
-                    self._flows.delete_one(done)
+                    self._flows.find_one_and_delete(done.filter, {"_id": 1}, **self._hint(done))
 
     # ------------------------------------------------------------------------- test support
 
@@ -384,10 +352,37 @@ class FlowStore:
             document = self._flows.find_one({"_id": flow_id})
             return None if document is None else dict(document)
 
+    def explain(self, find: queries.Find, *, count: bool = False, limit: int = 0,
+                update: Mapping[str, Any] | None = None, remove: bool = False) -> dict:
+        """The server's executionStats explain of ``find`` as this store runs it (diagnostics).
+
+        ``count``: as count_documents runs it; ``update``/``remove``: as find_one_and_update
+        or find_one_and_delete run it; otherwise a find with ``limit``.
+        """
+        name = self._flows.name
+        hint = self._hint(find)
+        if count:
+            command: dict[str, Any] = {"aggregate": name, "pipeline": [
+                {"$match": find.filter}, {"$group": {"_id": 1, "n": {"$sum": 1}}}],
+                "cursor": {}, **hint}
+        elif update is not None or remove:
+            command = {"findAndModify": name, "query": find.filter, **hint}
+            command.update({"remove": True} if remove else {"update": update})
+        else:
+            command = {"find": name, "filter": find.filter, **hint}
+            if find.sort:
+                command["sort"] = dict(find.sort)
+            if limit:
+                command["limit"] = limit
+        with self._call():
+            return self._flows.database.command("explain", command,
+                                                verbosity="executionStats")
+
     def drop_all(self) -> None:
         """Remove every flow (tests clean up their own database with it)."""
         with self._call():
             self._flows.drop()
+        self._indexed = False  # the indexes went with the collection
         self.history.drop_all()
 
     @staticmethod

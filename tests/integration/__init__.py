@@ -1,1 +1,1 @@
-"""Integration tests: the service against a real RabbitMQ (MongoDB: mongomock or --mongodb-url)."""
+"""Integration tests: the service against a real RabbitMQ (store: --mongodb or --mongodb-url)."""

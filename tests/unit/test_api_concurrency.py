@@ -45,14 +45,15 @@ def move_to(app: Flask, client: FlaskClient, auth: Headers, flow_id: str, status
 
 @pytest.fixture
 def race(monkeypatch: pytest.MonkeyPatch, store: FlowStore) -> Callable[..., list[ObjectId]]:
-    """race(change): run ``change(original_update)`` just before the first FlowStore.update.
+    """race(change): run ``change(original_update)`` just before the store's first update.
 
     It stands for another request whose write lands between this request's read and its
     own write. Returns the list of flow ids the patched update was called with.
     """
 
     def arm(change: Callable[[Callable[..., Any]], None]) -> list[ObjectId]:
-        original = FlowStore.update
+        backend = type(store)
+        original = backend.update
         calls: list[ObjectId] = []
 
         def update(self: FlowStore, flow_id: ObjectId, **kwargs: Any) -> Any:
@@ -61,7 +62,7 @@ def race(monkeypatch: pytest.MonkeyPatch, store: FlowStore) -> Callable[..., lis
                 change(lambda *args, **kw: original(self, *args, **kw))
             return original(self, flow_id, **kwargs)
 
-        monkeypatch.setattr(FlowStore, "update", update)
+        monkeypatch.setattr(backend, "update", update)
         return calls
 
     return arm
@@ -279,11 +280,12 @@ def test_delete_with_if_match_racing_a_patch_is_412(
 
 def test_patch_that_never_wins_the_race_gives_up_with_409(
     client: FlaskClient, auth: Headers, create: Create, error_messages,
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, store: FlowStore,
 ) -> None:
     flow = create()
     oid = ObjectId(flow["id"])
-    original = FlowStore.update
+    backend = type(store)
+    original = backend.update
     calls: list[int] = []
 
     def always_beaten(self: FlowStore, flow_id: ObjectId, **kwargs: Any) -> Any:
@@ -292,7 +294,7 @@ def test_patch_that_never_wins_the_race_gives_up_with_409(
                  history=ELSEWHERE)
         return original(self, flow_id, **kwargs)
 
-    monkeypatch.setattr(FlowStore, "update", always_beaten)
+    monkeypatch.setattr(backend, "update", always_beaten)
     response = client.patch(f"/flows/{flow['id']}", json={"name": "mine"}, headers=auth())
     assert error_messages(response, 409) == [
         f"flow {flow['id']} keeps changing; retry the update"]

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 from bson import ObjectId
 
-from flow_repository.events import OutboxRelay, envelope, pending_event
+from flow_repository.events import BrokerUnavailable, OutboxRelay, envelope, pending_event
 from flow_repository.store import FlowStore, utcnow
 
 
@@ -97,3 +98,36 @@ def test_a_relay_whose_lease_runs_short_stops_publishing_and_lets_go(store, monk
     raw = store.raw(flow_id)
     assert [event["name"] for event in raw["outbox"]] == ["flow.starting", "flow.stopping"]
     assert "relayLeaseOwner" not in raw
+
+
+class BrokerFailingOnce(RecordingPublisher):
+    """Confirms the first event, then is unreachable once, then confirms again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures_left = 1
+
+    def publish(self, message) -> None:
+        if self.names and self.failures_left:
+            self.failures_left -= 1
+            raise BrokerUnavailable(OSError("connection reset"))
+        super().publish(message)
+
+
+def test_a_deleted_flow_is_kept_until_its_deletion_event_is_published(
+    client, auth, create, store
+) -> None:
+    flow = create()
+    assert client.delete(f"/flows/{flow['id']}", headers=auth()).status_code == 200
+    flow_id = ObjectId(flow["id"])
+    publisher = BrokerFailingOnce()
+    relay = OutboxRelay(store, publisher)
+    with pytest.raises(BrokerUnavailable):
+        relay.publish_pending()  # created goes out, deleted does not; the lease is released
+    raw = store.raw(flow_id)
+    assert raw is not None and raw["deletedAt"] is not None
+    assert [event["name"] for event in raw["outbox"]] == ["flowrepo.flow.deleted"]
+    assert "relayLeaseOwner" not in raw
+    assert relay.publish_pending() == 1
+    assert publisher.names == ["flowrepo.flow.created", "flowrepo.flow.deleted"]
+    assert store.raw(flow_id) is None

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import random
 import string
+import uuid
 from types import SimpleNamespace
 
 import pymongo
 
 from flow_repository.runtime import Runtime
-from flow_repository.store import FlowStore
+from flow_repository.store import FlowStore, utcnow
 
 
 def runtime_with_queue(settings, store, connected: bool) -> Runtime:
@@ -89,3 +90,33 @@ def test_api_metrics_need_the_metrics_token_when_one_is_set(build_app, error_mes
     assert allowed.status_code == 200
     assert "flow_repository_http_requests_total" in allowed.get_data(as_text=True)
     assert client.get("/livez").status_code == 200  # nothing else needs it
+
+
+def gauge(text: str, name: str) -> float:
+    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_flow_counts_are_read_at_most_once_per_interval_the_backlog_every_scrape(
+    settings, store
+) -> None:
+    """/metrics does not count every flow at each scrape (METRICS_FLOW_COUNT_SECONDS)."""
+    now = [100.0]
+    runtime = Runtime.build(settings.replace(metrics_flow_count_seconds=15), store=store)
+    runtime.clock = lambda: now[0]
+    inactive = 'flow_repository_flows{status="inactive"}'
+    pending = "flow_repository_outbox_pending_events"
+
+    def add_flow() -> None:
+        store.insert({"name": "n", "status": "inactive", "owners": [],
+                      "outbox": [{"eventId": uuid.uuid4().hex, "storedAt": utcnow()}]})
+
+    add_flow()
+    text = runtime.metrics_text().decode()
+    assert (gauge(text, inactive), gauge(text, pending)) == (1, 1)
+    add_flow()
+    now[0] += 14.9
+    text = runtime.metrics_text().decode()
+    assert (gauge(text, inactive), gauge(text, pending)) == (1, 2)  # counts still cached
+    now[0] += 0.1
+    text = runtime.metrics_text().decode()
+    assert (gauge(text, inactive), gauge(text, pending)) == (2, 2)

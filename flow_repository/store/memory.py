@@ -1,0 +1,482 @@
+"""The embedded in-memory FlowStore: the MongoDB backend's semantics, with indexes of its own.
+
+Every query the service makes is answered from an index (by id, owner, status, type,
+template, each sort key, the pending outbox order and the reconciler's keys), so requests
+do not slow down as flows accumulate. Documents are copied in and out: no caller ever holds
+a reference to stored state, and stored documents are replaced, never changed in place.
+Keys need no escaping in memory; ``raw`` shows them escaped, as MongoDB stores them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import re
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from bson import ObjectId
+
+from ..domain import ListQuery
+from .base import encode_keys, owned_by_any, utcnow
+from .history import MemoryHistoryStore
+
+SORT_FIELDS = ("createdAt", "updatedAt", "name")
+_EQUALITY_FIELDS = ("status", "type", "fromTemplate")
+# Below this share of the live flows, a page is cut from the candidates sorted on their own;
+# above it, walking the sort index and skipping non-candidates is cheaper.
+_WALK_SHARE = 0.125
+
+
+def _copy(value: Any) -> Any:
+    """A stored copy, with MongoDB's value rules: lists for tuples, dates in UTC milliseconds."""
+    if isinstance(value, Mapping):
+        return {key: _copy(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_copy(item) for item in value]
+    if isinstance(value, datetime):
+        moment = value if value.tzinfo else value.replace(tzinfo=UTC)
+        return moment.astimezone(UTC).replace(microsecond=moment.microsecond // 1000 * 1000)
+    return value
+
+
+def _copy_out(value: Any) -> Any:
+    """A fresh copy of stored state (which holds only dicts, lists and immutable values)."""
+    kind = type(value)
+    if kind is dict:
+        return {key: _copy_out(item) for key, item in value.items()}
+    if kind is list:
+        return [_copy_out(item) for item in value]
+    return value
+
+
+# BSON's order between types, for the few fields sorted on (MongoDB sorts mixed types so).
+_TYPE_RANK = ((type(None), 1), (bool, 8), (int, 2), (float, 2), (str, 3), (dict, 4), (list, 5),
+              (bytes, 6), (ObjectId, 7), (datetime, 9))
+
+
+def _order(value: Any) -> tuple[int, Any]:
+    for kind, rank in _TYPE_RANK:
+        if isinstance(value, kind):
+            return (rank, value) if rank not in (4, 5) else (rank, repr(value))
+    return 10, repr(value)
+
+
+Key = Any  # a flow's key inside this store: see _key
+
+
+def _key(flow_id: Any) -> Key:
+    """The internal key of a flow id: an ObjectId's 12 bytes, which hash and compare in C
+    (ObjectId's own __hash__ and __eq__ are Python code) in the same order as the ids."""
+    return flow_id.binary if type(flow_id) is ObjectId else flow_id
+
+
+def _hashable(value: Any) -> Any:
+    try:
+        hash(value)
+    except TypeError:
+        return repr(value)
+    return value
+
+
+class _Sorted:
+    """Index entries ``(order key, id)`` kept in ascending order."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[Any, Key]] = []
+
+    def add(self, entry: tuple[Any, Key]) -> None:
+        bisect.insort(self.entries, entry)
+
+    def remove(self, entry: tuple[Any, Key]) -> None:
+        position = bisect.bisect_left(self.entries, entry)
+        if position < len(self.entries) and self.entries[position] == entry:
+            del self.entries[position]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+def _entries(document: Mapping[str, Any]) -> dict[str, Any]:
+    """The key each index holds for ``document`` (absent: the document is not in it)."""
+    flow_id = _key(document["_id"])
+    keys: dict[str, Any] = {}
+    outbox = document.get("outbox")
+    if isinstance(outbox, list) and outbox and isinstance(outbox[0], Mapping) \
+            and "storedAt" in outbox[0]:
+        keys["pending"] = (_order(outbox[0]["storedAt"]), flow_id)
+    if document.get("deletedAt") is not None:
+        return keys  # a tombstone is only ever looked for by the relay
+    owners = document.get("owners")
+    keys["owners"] = frozenset(
+        _hashable(owner.get("id")) for owner in owners if isinstance(owner, Mapping)
+    ) if isinstance(owners, list) else frozenset()
+    for field in _EQUALITY_FIELDS:
+        keys[field] = _hashable(document.get(field))
+    for field in SORT_FIELDS:
+        keys[field] = (_order(document.get(field)), flow_id)
+    keys["lifecycle"] = ((_hashable(document.get("status")),
+                          _hashable(document.get("statusRetries"))),
+                         (_order(document.get("statusChangedAt")), flow_id))
+    return keys
+
+
+class MemoryFlowStore:
+    """Owner-scoped flows in this process's memory; the same contract as the MongoDB store."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self.history = MemoryHistoryStore()
+        self._reset()
+
+    def _reset(self) -> None:
+        self._documents: dict[Key, dict[str, Any]] = {}
+        self._keys: dict[Key, dict[str, Any]] = {}
+        self._owners: dict[Any, set[Key]] = {}
+        self._equal: dict[str, dict[Any, set[Key]]] = {f: {} for f in _EQUALITY_FIELDS}
+        self._sorted = {field: _Sorted() for field in SORT_FIELDS}
+        self._lifecycle: dict[tuple[Any, Any], _Sorted] = {}
+        self._pending = _Sorted()
+
+    # ------------------------------------------------------------------------- indexing
+
+    def _index(self, flow_id: Key, keys: Mapping[str, Any], add: bool) -> None:
+        for name, key in keys.items():
+            if name == "pending":
+                (self._pending.add if add else self._pending.remove)(key)
+            elif name == "owners":
+                for owner in key:
+                    self._member(self._owners, owner, flow_id, add)
+            elif name in self._equal:
+                self._member(self._equal[name], key, flow_id, add)
+            elif name in self._sorted:
+                (self._sorted[name].add if add else self._sorted[name].remove)(key)
+            else:  # lifecycle
+                group, entry = key
+                ordered = self._lifecycle.setdefault(group, _Sorted())
+                (ordered.add if add else ordered.remove)(entry)
+                if not ordered:
+                    del self._lifecycle[group]
+
+    @staticmethod
+    def _member(index: dict[Any, set[Key]], key: Any, flow_id: Key, add: bool) -> None:
+        if add:
+            index.setdefault(key, set()).add(flow_id)
+            return
+        members = index.get(key)
+        if members is not None:
+            members.discard(flow_id)
+            if not members:
+                del index[key]
+
+    def _store(self, document: dict[str, Any]) -> None:
+        """Put ``document`` in place of its previous version, touching only changed keys."""
+        flow_id = _key(document["_id"])
+        old = self._keys.get(flow_id, {})
+        new = _entries(document)
+        self._index(flow_id, {n: k for n, k in old.items() if new.get(n) != k}, add=False)
+        self._index(flow_id, {n: k for n, k in new.items() if old.get(n) != k}, add=True)
+        self._documents[flow_id] = document
+        self._keys[flow_id] = new
+
+    def _remove(self, flow_id: Key) -> None:
+        self._index(flow_id, self._keys.pop(flow_id, {}), add=False)
+        del self._documents[flow_id]
+
+    # ------------------------------------------------------------------------- housekeeping
+
+    def ensure_indexes(self) -> None:
+        """Nothing to do: the indexes are kept up to date with every write."""
+
+    def ping(self) -> None:
+        """The process's own memory always answers."""
+
+    # ------------------------------------------------------------------------- reads
+
+    def _live(self, flow_id: Key) -> dict[str, Any] | None:
+        document = self._documents.get(flow_id)
+        return document if document is not None and document.get("deletedAt") is None else None
+
+    def get(self, flow_id: ObjectId, owner_ids: Sequence[str] | None = None) -> dict | None:
+        """The live flow, if it exists and (when ``owner_ids`` is given) one of them owns it."""
+        flow_id = _key(flow_id)
+        with self._lock:
+            document = self._live(flow_id)
+            if document is None or (owner_ids is not None
+                                    and not owned_by_any(document, owner_ids)):
+                return None
+            return _copy_out(document)
+
+    def _candidates(self, query: ListQuery, owner_ids: Sequence[str] | None
+                    ) -> set[Key] | None:
+        """Ids satisfying the indexed conditions; None when there are none (every live flow)."""
+        sets: list[set[Key]] = []
+        if owner_ids is not None:
+            sets.append(set().union(*(self._owners.get(owner, ()) for owner in owner_ids)))
+        if query.user:
+            sets.append(self._owners.get(query.user, set()))
+        for field, value in (("status", query.status), ("type", query.type),
+                             ("fromTemplate", query.from_template)):
+            if value:
+                sets.append(self._equal[field].get(value, set()))
+        if not sets:
+            return None
+        sets.sort(key=len)
+        found = set(sets[0])
+        for other in sets[1:]:
+            found &= other
+        return found
+
+    def list(self, query: ListQuery, owner_ids: Sequence[str] | None) -> tuple[list[dict], int]:
+        """One page of live flows matching ``query`` within the caller's scope, and the total."""
+        with self._lock:
+            candidates = self._candidates(query, owner_ids)
+            if query.search:
+                pattern = re.compile(re.escape(query.search), re.IGNORECASE)
+                pool = self._documents if candidates is None else candidates
+                candidates = {flow_id for flow_id in pool
+                              if self._live(flow_id) is not None
+                              and _mentions(self._documents[flow_id], pattern)}
+            index = self._sorted[query.sort_field]
+            total = len(index) if candidates is None else len(candidates)
+            skip = (query.page_number - 1) * query.page_size
+            wanted = skip + query.page_size
+            if candidates is None:
+                entries = index.entries
+                if query.sort_descending:
+                    end = len(entries) - skip
+                    window = entries[max(0, end - query.page_size):max(0, end)][::-1]
+                else:
+                    window = entries[skip:wanted]
+                page = [flow_id for _, flow_id in window]
+            elif len(candidates) < _WALK_SHARE * len(index):
+                keys = self._keys
+                field = query.sort_field
+                pick = heapq.nlargest if query.sort_descending else heapq.nsmallest
+                page = pick(wanted, candidates, key=lambda flow_id: keys[flow_id][field])[skip:]
+            else:
+                walk = reversed(index.entries) if query.sort_descending else iter(index.entries)
+                page = _first(walk, candidates, wanted)[skip:]
+            return [_copy_out(self._documents[flow_id]) for flow_id in page], total
+
+    def stuck(
+        self, status: str, changed_before: datetime, *, retries: int, limit: int = 100
+    ) -> list[dict]:
+        """Live flows in ``status`` since before ``changed_before``, re-sent ``retries`` times."""
+        with self._lock:
+            ordered = self._lifecycle.get((status, retries))
+            found = []
+            date_rank, _ = _order(changed_before)
+            for (rank, changed), flow_id in ordered.entries if ordered else ():
+                if rank < date_rank:
+                    continue  # not a date: MongoDB's $lt compares dates with dates only
+                if len(found) >= limit or rank > date_rank or changed >= changed_before:
+                    break
+                found.append(_copy_out(self._documents[flow_id]))
+            return found
+
+    def owned_by(self, owner_id: str) -> list[ObjectId]:
+        """Ids of every live flow that lists ``owner_id`` among its owners."""
+        with self._lock:
+            return [self._documents[key]["_id"] for key in self._owners.get(owner_id, ())]
+
+    def count_by_status(self, statuses: Sequence[str]) -> dict[str, int]:
+        """How many live flows are in each of ``statuses``."""
+        with self._lock:
+            return {status: len(self._equal["status"].get(status, ())) for status in statuses}
+
+    def outbox_backlog(self) -> tuple[int, datetime | None]:
+        """How many events wait for the relay, and when the oldest of them was stored."""
+        with self._lock:
+            entries = self._pending.entries
+            pending = sum(len(self._documents[flow_id]["outbox"]) for _, flow_id in entries)
+            oldest = None
+            if entries:
+                oldest = self._documents[entries[0][1]]["outbox"][0]["storedAt"]
+            return pending, oldest
+
+    # ------------------------------------------------------------------------- writes
+
+    def insert(self, document: Mapping[str, Any]) -> dict:
+        """Store a new flow (its pending events included) and return it as stored."""
+        stored = _copy(document)
+        stored.setdefault("_id", ObjectId())
+        with self._lock:
+            if _key(stored["_id"]) in self._documents:
+                raise ValueError(f"a flow with id {stored['_id']} is already stored")
+            self._store(stored)
+            return _copy_out(stored)
+
+    def update(
+        self,
+        flow_id: ObjectId,
+        *,
+        owner_ids: Sequence[str] | None = None,
+        owner_count: int | None = None,
+        statuses: Sequence[str] | None = None,
+        revision: int | Sequence[int] | None = None,
+        changes: Mapping[str, Any] | None = None,
+        remove_owner: str | None = None,
+        events: Sequence[Mapping[str, Any]] = (),
+        history: Mapping[str, Any],
+        returning: Sequence[str] | None = None,
+    ) -> dict | None:
+        """Apply one change atomically if every precondition holds; None when one does not.
+
+        The revision goes up by one, and the change's events and its ``history`` entry join
+        the outbox and the history outbox in the same step. Returns the flow as changed, or
+        only its ``_id`` and ``returning`` fields when they are given."""
+        flow_id = _key(flow_id)
+        with self._lock:
+            current = self._live(flow_id)
+            if current is None or not _holds(current, owner_ids, owner_count, statuses, revision):
+                return None
+            updated = {**current, "updatedAt": _copy(utcnow()), **_copy(dict(changes or {}))}
+            updated["revision"] = current.get("revision", 0) + 1
+            updated["historyOutbox"] = [*current.get("historyOutbox", []), _copy(dict(history))]
+            if events:
+                updated["outbox"] = [*current.get("outbox", []), *_copy(list(events))]
+            if remove_owner is not None and isinstance(current.get("owners"), list):
+                updated["owners"] = [
+                    owner for owner in current["owners"]
+                    if not (isinstance(owner, Mapping) and owner.get("id") == remove_owner)]
+            self._store(updated)
+            if returning is not None:
+                updated = {name: updated[name] for name in ("_id", *returning)
+                           if name in updated}
+            return _copy_out(updated)
+
+    def drop_pending_history(self, flow_id: ObjectId, entry_ids: Sequence[str]) -> None:
+        """Remove pending history entries once they are written to the history."""
+        flow_id = _key(flow_id)
+        with self._lock:
+            document = self._documents.get(flow_id)
+            if document is None or not isinstance(document.get("historyOutbox"), list):
+                return
+            kept = [entry for entry in document["historyOutbox"]
+                    if not (isinstance(entry, Mapping) and entry.get("entryId") in entry_ids)]
+            self._store({**document, "historyOutbox": kept})
+
+    # ------------------------------------------------------------------------- outbox relay
+
+    @staticmethod
+    def _leased(document: Mapping[str, Any], now: datetime) -> bool:
+        until = document.get("relayLeaseUntil")
+        return isinstance(until, datetime) and until >= now
+
+    def pending_flows(self, limit: int) -> list[ObjectId]:
+        """Ids of flows with events waiting and no live lease, oldest waiting event first."""
+        now = utcnow()
+        with self._lock:
+            found = []
+            for _, flow_id in self._pending.entries:
+                if len(found) >= limit:
+                    break
+                document = self._documents[flow_id]
+                if not self._leased(document, now):
+                    found.append(document["_id"])
+            return found
+
+    def claim(self, flow_id: ObjectId, relay_id: str, lease: timedelta) -> dict | None:
+        """Lease one flow to ``relay_id`` if it still has events and nobody else holds it."""
+        flow_id = _key(flow_id)
+        now = utcnow()
+        with self._lock:
+            document = self._documents.get(flow_id)
+            if document is None or "pending" not in self._keys[flow_id] \
+                    or self._leased(document, now):
+                return None
+            leased = {**document, "relayLeaseUntil": _copy(now + lease),
+                      "relayLeaseOwner": relay_id}
+            self._store(leased)
+            return _copy_out(leased)
+
+    def claim_batch(self, relay_id: str, lease: timedelta, limit: int) -> list[dict]:
+        """Lease up to ``limit`` claimable flows to ``relay_id`` at once, oldest waiting first."""
+        with self._lock:
+            leased = (self.claim(flow_id, relay_id, lease) for flow_id in self.pending_flows(limit))
+            return [flow for flow in leased if flow is not None]
+
+    def drop_published(self, flow_id: ObjectId, event_id: str) -> None:
+        """Remove one event from a flow's outbox once the broker has confirmed it."""
+        flow_id = _key(flow_id)
+        with self._lock:
+            document = self._documents.get(flow_id)
+            if document is None or not isinstance(document.get("outbox"), list):
+                return
+            outbox = [event for event in document["outbox"]
+                      if not (isinstance(event, Mapping) and event.get("eventId") == event_id)]
+            self._store({**document, "outbox": outbox})
+
+    def release(self, flow_id: ObjectId, relay_id: str, *, deleted: bool = False) -> None:
+        """Give the lease back; a ``deleted`` flow whose events are all out is removed for
+        good, its history with it."""
+        key = _key(flow_id)
+        with self._lock:
+            document = self._documents.get(key)
+            if document is None:
+                return
+            if document.get("relayLeaseOwner") == relay_id:
+                document = {name: value for name, value in document.items()
+                            if name not in ("relayLeaseUntil", "relayLeaseOwner")}
+                self._store(document)
+            if deleted and document.get("deletedAt") is not None \
+                    and document.get("outbox") == []:
+                self.history.drop(document["_id"])
+                self._remove(key)
+
+    def release_batch(self, relay_id: str, flow_ids: Sequence[ObjectId], *,
+                      deleted: Sequence[ObjectId] = ()) -> None:
+        """:meth:`release` for a batch of flows."""
+        with self._lock:
+            for flow_id in flow_ids:
+                self.release(flow_id, relay_id, deleted=flow_id in deleted)
+
+    # ------------------------------------------------------------------------- test support
+
+    def raw(self, flow_id: ObjectId) -> dict | None:
+        """The document with its internal fields, keys escaped as MongoDB would store them."""
+        flow_id = _key(flow_id)
+        with self._lock:
+            document = self._documents.get(flow_id)
+            return None if document is None else encode_keys(document)
+
+    def drop_all(self) -> None:
+        """Remove every flow."""
+        with self._lock:
+            self._reset()
+            self.history.drop_all()
+
+
+def _holds(document: Mapping[str, Any], owner_ids: Sequence[str] | None,
+           owner_count: int | None, statuses: Sequence[str] | None,
+           revision: int | Sequence[int] | None) -> bool:
+    """Whether every precondition of an update holds for ``document``."""
+    if owner_ids is not None and not owned_by_any(document, owner_ids):
+        return False
+    owners = document.get("owners")
+    if owner_count is not None and not (isinstance(owners, list) and len(owners) == owner_count):
+        return False
+    if statuses is not None and document.get("status") not in statuses:
+        return False
+    if isinstance(revision, int):
+        return document.get("revision") == revision
+    return revision is None or document.get("revision") in revision
+
+
+def _mentions(document: Mapping[str, Any], pattern: re.Pattern[str]) -> bool:
+    return any(isinstance(document.get(field), str) and pattern.search(document[field])
+               for field in ("name", "description"))
+
+
+def _first(walk: Iterable[tuple[Any, Key]], members: set[Key], count: int) -> list[Key]:
+    """The first ``count`` keys of an index walk that are among ``members``."""
+    found = []
+    for _, flow_id in walk:
+        if flow_id in members:
+            found.append(flow_id)
+            if len(found) == count:
+                break
+    return found

@@ -1,0 +1,451 @@
+"""The store contract: the same tests on every backend (embedded in-memory, mongomock, and the
+real server when --mongodb=secantus or --mongodb-url names one), plus key escaping."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pymongo
+import pytest
+from bson import ObjectId
+
+from flow_repository.domain import STATUSES, ListQuery
+from flow_repository.store import (
+    FlowStore,
+    Store,
+    StoreUnavailable,
+    decode_keys,
+    encode_keys,
+    utcnow,
+)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" in metafunc.fixturenames:
+        backends = ["embedded", "mongomock"]
+        config = metafunc.config
+        if config.getoption("--mongodb-url") or config.getoption("--mongodb") == "secantus":
+            backends.append("server")
+        metafunc.parametrize("backend", backends)
+
+
+@pytest.fixture
+def store(backend: str, store_of: Callable[[str], Store]) -> Store:
+    """This module's store: one of every backend in turn."""
+    return store_of(backend)
+
+UNSAFE_KEYS = {"$where": 1, "a.b": 2, "~": 3, "~d": 4, "nul\x00key": 5, "$": 6, ".": 7,
+               "plain": {"$in": [{"x.y": {"~t": "$value.stays"}}]}}
+MOMENT = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
+ENTRY = {"entryId": "h1", "kind": "definition", "change": "updated", "at": MOMENT}
+
+
+def document(owners: tuple[str, ...] = ("user-1",), **fields: Any) -> dict[str, Any]:
+    return {
+        "_id": ObjectId(), "name": "flow", "type": "ordinary", "status": "inactive",
+        "owners": [{"id": owner, "type": "user"} for owner in owners], "revision": 1,
+        "createdAt": MOMENT, "updatedAt": MOMENT, "graph": {"nodes": [], "edges": []},
+        **fields,
+    }
+
+
+def all_keys(value: Any) -> list[str]:
+    if isinstance(value, dict):
+        return [key for key, item in value.items() for key in [key, *all_keys(item)]]
+    if isinstance(value, list):
+        return [key for item in value for key in all_keys(item)]
+    return []
+
+
+# ----------------------------------------------------------------------------- key escaping
+
+
+def test_encoded_keys_hold_no_character_mongodb_refuses() -> None:
+    for key in all_keys(encode_keys(UNSAFE_KEYS)):
+        assert not key.startswith("$") and "." not in key and "\x00" not in key, key
+
+
+def test_key_escaping_round_trips_every_key() -> None:
+    assert decode_keys(encode_keys(UNSAFE_KEYS)) == UNSAFE_KEYS
+
+
+def test_key_escaping_keeps_distinct_keys_distinct() -> None:
+    encoded = encode_keys({"a.b": 1, "a~db": 2, "a~d": 3, "a.": 4})
+    assert len(set(encoded)) == 4
+
+
+def test_key_escaping_leaves_values_alone() -> None:
+    assert encode_keys({"k": "$a.b~\x00", "l": ["$x"]}) == {"k": "$a.b~\x00", "l": ["$x"]}
+
+
+def test_decoding_makes_naive_dates_utc() -> None:
+    assert decode_keys({"at": datetime(2024, 1, 1)})["at"] == datetime(2024, 1, 1, tzinfo=UTC)
+
+
+# ----------------------------------------------------------------------------- insert and read
+
+
+def test_insert_stores_escaped_keys_and_returns_the_original_ones(store: FlowStore) -> None:
+    stored = store.insert(document(flowSettings=UNSAFE_KEYS))
+    assert stored["flowSettings"] == UNSAFE_KEYS
+    assert store.get(stored["_id"])["flowSettings"] == UNSAFE_KEYS
+    raw = store.raw(stored["_id"])
+    assert raw["flowSettings"] != UNSAFE_KEYS
+    for key in all_keys(raw):
+        assert not key.startswith("$") and "." not in key and "\x00" not in key, key
+
+
+def test_get_is_limited_to_the_owner_scope(store: FlowStore) -> None:
+    flow = store.insert(document(owners=("user-1", "tenant-1")))
+    assert store.get(flow["_id"], ("user-1",))["_id"] == flow["_id"]
+    assert store.get(flow["_id"], ("someone", "tenant-1"))["_id"] == flow["_id"]
+    assert store.get(flow["_id"], ("someone", "other-tenant")) is None
+    assert store.get(flow["_id"], None)["_id"] == flow["_id"]  # None: no scope (admin)
+
+
+def test_get_of_an_unknown_id_is_none(store: FlowStore) -> None:
+    assert store.get(ObjectId()) is None
+
+
+def test_list_pages_within_scope_and_counts_the_total(store: FlowStore) -> None:
+    mine = [store.insert(document(name=f"n{i}")) for i in range(5)]
+    store.insert(document(owners=("user-2",), name="other"))
+    query = ListQuery(page_size=2, page_number=2, sort_field="name")
+    flows, total = store.list(query, ("user-1",))
+    assert total == 5
+    assert [flow["_id"] for flow in flows] == [mine[2]["_id"], mine[3]["_id"]]
+    everything, total_all = store.list(ListQuery(page_size=100), None)
+    assert total_all == 6 and len(everything) == 6
+
+
+def test_list_search_treats_metacharacters_literally(store: FlowStore) -> None:
+    store.insert(document(name="a.*b"))
+    store.insert(document(name="aXXb"))
+    store.insert(document(name="nul\x00name"))
+    names = [flow["name"] for flow in store.list(ListQuery(search=".*"), None)[0]]
+    assert names == ["a.*b"]
+    names = [flow["name"] for flow in store.list(ListQuery(search="\x00"), None)[0]]
+    assert names == ["nul\x00name"]
+
+
+# ----------------------------------------------------------------------------- atomic updates
+
+
+def test_update_applies_changes_bumps_revision_and_queues_events(store: FlowStore) -> None:
+    flow = store.insert(document())
+    before = utcnow()
+    updated = store.update(flow["_id"], owner_ids=("user-1",), statuses=("inactive",),
+                           revision=1, changes={"name": "renamed"},
+                           events=[{"eventId": "e1", "name": "x"}], history=ENTRY)
+    assert updated["name"] == "renamed"
+    assert updated["revision"] == 2
+    assert before <= updated["updatedAt"] <= utcnow()
+    assert updated["updatedAt"] != flow["updatedAt"]
+    assert [event["eventId"] for event in store.raw(flow["_id"])["outbox"]] == ["e1"]
+    assert store.raw(flow["_id"])["historyOutbox"] == [ENTRY]
+
+
+@pytest.mark.parametrize("precondition", [
+    {"owner_ids": ("user-2",)},
+    {"statuses": ("active", "starting")},
+    {"revision": 7},
+    {"owner_count": 2},
+])
+def test_update_changes_nothing_when_a_precondition_fails(
+    store: FlowStore, precondition: dict[str, Any]
+) -> None:
+    flow = store.insert(document())
+    before = store.raw(flow["_id"])
+    assert store.update(flow["_id"], changes={"name": "renamed"}, **precondition, history=ENTRY) is None
+    assert store.raw(flow["_id"]) == before
+
+
+def test_update_can_remove_one_owner(store: FlowStore) -> None:
+    flow = store.insert(document(owners=("user-1", "user-2")))
+    updated = store.update(flow["_id"], owner_ids=("user-2",), remove_owner="user-2", history=ENTRY)
+    assert updated["owners"] == [{"id": "user-1", "type": "user"}]
+
+
+def test_deleted_flows_are_invisible(store: FlowStore) -> None:
+    flow = store.insert(document())
+    store.update(flow["_id"], changes={"deletedAt": MOMENT}, history=ENTRY)
+    assert store.get(flow["_id"]) is None
+    assert store.list(ListQuery(), None) == ([], 0)
+    assert store.owned_by("user-1") == []
+    assert store.update(flow["_id"], changes={"name": "x"}, history=ENTRY) is None
+    assert store.raw(flow["_id"])["deletedAt"] == MOMENT
+
+
+def test_count_by_status_counts_live_flows(store: FlowStore) -> None:
+    store.insert(document())
+    store.insert(document(status="active"))
+    store.insert(document(status="active"))
+    gone = store.insert(document())
+    store.update(gone["_id"], changes={"deletedAt": MOMENT}, history=ENTRY)
+    assert store.count_by_status(STATUSES) == {"inactive": 1, "active": 2, "starting": 0,
+                                               "stopping": 0}
+
+
+# ----------------------------------------------------------------------------- housekeeping
+
+
+def test_ensure_indexes_is_idempotent(store: Store) -> None:
+    flow = store.insert(document())
+    store.ensure_indexes()
+    store.ensure_indexes()
+    assert store.get(flow["_id"])["_id"] == flow["_id"]
+
+
+def test_ping_succeeds_on_a_reachable_store(store: Store) -> None:
+    store.ping()
+
+
+def test_ping_tells_a_running_mongodb_from_a_stopped_one(secantus) -> None:
+    """A real server: ping passes while it runs and raises StoreUnavailable once it stops."""
+    url, server = secantus
+    client = pymongo.MongoClient(url, serverSelectionTimeoutMS=500, connectTimeoutMS=500)
+    store = FlowStore(client["ping-check"])
+    store.ping()
+    server.terminate()
+    server.wait(30)
+    with pytest.raises(StoreUnavailable):
+        store.ping()
+    client.close()
+
+
+def test_unreachable_mongodb_raises_store_unavailable(down_store: FlowStore) -> None:
+    with pytest.raises(StoreUnavailable):
+        down_store.get(ObjectId())
+    with pytest.raises(StoreUnavailable):
+        down_store.ping()
+    with pytest.raises(StoreUnavailable):
+        down_store.insert(document())
+
+
+def test_drop_all_empties_the_collection(store: FlowStore) -> None:
+    store.insert(document())
+    store.drop_all()
+    assert store.list(ListQuery(), None) == ([], 0)
+
+
+# ----------------------------------------------------------------------------- listing
+
+
+def listing_oracle(flows: list[dict], query: ListQuery, owner_ids: tuple[str, ...] | None
+                   ) -> tuple[list[ObjectId], int]:
+    """What GET /flows must answer, computed naively from the stored flows."""
+    def keep(flow: dict) -> bool:
+        ids = {owner["id"] for owner in flow["owners"]}
+        return ((owner_ids is None or bool(ids & set(owner_ids)))
+                and (not query.user or query.user in ids)
+                and (not query.status or flow["status"] == query.status)
+                and (not query.type or flow["type"] == query.type)
+                and (not query.from_template or flow.get("fromTemplate") == query.from_template)
+                and (not query.search or any(query.search.lower() in flow[field].lower()
+                                             for field in ("name", "description"))))
+
+    found = sorted((flow for flow in flows if keep(flow)),
+                   key=lambda flow: (flow[query.sort_field], flow["_id"]),
+                   reverse=query.sort_descending)
+    skip = (query.page_number - 1) * query.page_size
+    return [flow["_id"] for flow in found[skip:skip + query.page_size]], len(found)
+
+
+def seeded_flows(store: Store, count: int = 60) -> list[dict]:
+    """Flows with varied owners, statuses, types, templates, names and times (fixed seed)."""
+    chance = random.Random(7)
+    flows = []
+    for number in range(count):
+        owners = chance.sample(["alice", "bob", "acme", "globex"], chance.randint(1, 2))
+        moment = MOMENT + timedelta(minutes=chance.randint(0, 30))  # many equal times
+        flows.append(store.insert(document(
+            owners=tuple(owners), name=chance.choice(["alpha", "Beta", "gamma", "delta"])
+            + f" {number % 7}", description=chance.choice(["sync CRM", "nightly ERP", "x"]),
+            status=chance.choice(STATUSES), type=chance.choice(["ordinary", "realtime"]),
+            fromTemplate=chance.choice([None, "0" * 24, "1" * 24]),
+            createdAt=moment, updatedAt=moment + timedelta(seconds=number % 3))))
+    gone = store.insert(document(owners=("alice",), name="alpha gone"))
+    store.update(gone["_id"], changes={"deletedAt": MOMENT}, history=ENTRY)
+    return flows
+
+
+LIST_QUERIES = [
+    ListQuery(**options, sort_field=field, sort_descending=descending, page_number=page)
+    for field in ("createdAt", "updatedAt", "name")
+    for descending in (False, True)
+    for page in (1, 3)
+    for options in ({}, {"status": "active"}, {"type": "realtime"}, {"user": "bob"},
+                    {"from_template": "1" * 24}, {"search": "ALPHA"}, {"search": "crm"},
+                    {"status": "inactive", "user": "acme", "type": "ordinary"})
+]
+
+
+def test_list_answers_every_filter_and_sort_within_scope_and_as_admin(store: Store) -> None:
+    flows = seeded_flows(store)
+    for query in LIST_QUERIES:
+        for scope in (("alice", "acme"), ("globex",), ("nobody",), None):
+            page, total = store.list(query, scope)
+            assert ([flow["_id"] for flow in page], total) == listing_oracle(flows, query, scope), (
+                query, scope)
+
+
+def test_list_pages_through_every_flow_exactly_once(store: Store) -> None:
+    flows = seeded_flows(store, 45)
+    for descending in (False, True):
+        seen = []
+        for page in range(1, 7):
+            query = ListQuery(page_size=10, page_number=page, sort_field="name",
+                              sort_descending=descending)
+            seen += [flow["_id"] for flow in store.list(query, None)[0]]
+        assert sorted(seen) == sorted(flow["_id"] for flow in flows)
+
+
+# ----------------------------------------------------------------------------- copies
+
+
+def test_callers_never_hold_stored_state(store: Store) -> None:
+    source = document(flowSettings={"nested": {"list": [1, 2]}})
+    flow = store.insert(source)
+    source["flowSettings"]["nested"]["list"].append(3)
+    flow["flowSettings"]["nested"]["list"].append(4)
+    fetched = store.get(flow["_id"])
+    fetched["owners"].append({"id": "intruder", "type": "user"})
+    store.list(ListQuery(), None)[0][0]["graph"]["nodes"].append({})
+    store.raw(flow["_id"])["flowSettings"]["nested"]["list"].append(5)
+    changes = {"flowSettings": {"k": ["v"]}}
+    updated = store.update(flow["_id"], changes=changes, history=ENTRY)
+    changes["flowSettings"]["k"].append("w")
+    updated["flowSettings"]["k"].append("x")
+    again = store.get(flow["_id"])
+    assert again["flowSettings"] == {"k": ["v"]}
+    assert again["owners"] == [{"id": "user-1", "type": "user"}]
+    assert again["graph"] == {"nodes": [], "edges": []}
+    assert store.owned_by("intruder") == []
+
+
+def test_dates_come_back_utc_at_millisecond_precision(store: Store) -> None:
+    precise = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
+    flow = store.insert(document(createdAt=precise, cron_at=datetime(2024, 1, 1, 0, 0, 0, 999)))
+    stored = store.get(flow["_id"])
+    assert stored["createdAt"] == datetime(2024, 5, 6, 7, 8, 9, 123000, tzinfo=UTC)
+    assert stored["cron_at"] == datetime(2024, 1, 1, tzinfo=UTC)
+
+
+def test_update_of_a_flow_without_revision_starts_counting_at_one(store: Store) -> None:
+    flow = store.insert({"name": "bare", "owners": []})
+    assert store.update(flow["_id"], changes={"name": "b"}, history=ENTRY)["revision"] == 1
+    assert store.update(flow["_id"], changes={"name": "c"}, revision=(1, 5), history=ENTRY)["revision"] == 2
+
+
+# ----------------------------------------------------------------------------- background scans
+
+
+def test_stuck_finds_only_overdue_live_flows_with_that_retry_count(store: Store) -> None:
+    def flow(status: str, minutes_ago: int, retries: int = 0, **extra: Any) -> ObjectId:
+        return store.insert(document(status=status, statusRetries=retries,
+                                     statusChangedAt=MOMENT - timedelta(minutes=minutes_ago),
+                                     **extra))["_id"]
+
+    overdue = [flow("starting", 10), flow("starting", 5)]
+    flow("starting", 1)                      # not overdue yet
+    flow("starting", 10, retries=1)          # other retry count
+    flow("stopping", 10)                     # other status
+    flow("active", 10)
+    flow("starting", 10, deletedAt=MOMENT)   # deleted
+    cutoff = MOMENT - timedelta(minutes=2)
+    found = store.stuck("starting", cutoff, retries=0)
+    assert sorted(f["_id"] for f in found) == sorted(overdue)
+    assert len(store.stuck("starting", cutoff, retries=0, limit=1)) == 1
+
+
+def test_owned_by_names_live_flows_of_that_owner(store: Store) -> None:
+    mine = store.insert(document(owners=("alice", "acme")))
+    store.insert(document(owners=("bob",)))
+    gone = store.insert(document(owners=("alice",)))
+    store.update(gone["_id"], changes={"deletedAt": MOMENT}, history=ENTRY)
+    assert store.owned_by("alice") == [mine["_id"]]
+    assert store.owned_by("nobody") == []
+
+
+def event(event_id: str, stored_at: datetime) -> dict[str, Any]:
+    return {"eventId": event_id, "name": "flowrepo.flow.modified", "storedAt": stored_at}
+
+
+def test_outbox_backlog_counts_every_pending_event_and_the_oldest(store: Store) -> None:
+    assert store.outbox_backlog() == (0, None)
+    store.insert(document(outbox=[event("a", MOMENT + timedelta(seconds=5)),
+                                  event("b", MOMENT + timedelta(seconds=9))]))
+    store.insert(document(outbox=[event("c", MOMENT)]))
+    store.insert(document(outbox=[]))
+    assert store.outbox_backlog() == (3, MOMENT)
+
+
+def test_pending_flows_come_oldest_event_first_and_skip_live_leases(store: Store) -> None:
+    now = utcnow()
+    late = store.insert(document(outbox=[event("late", now - timedelta(seconds=1))]))["_id"]
+    early = store.insert(document(outbox=[event("early", now - timedelta(seconds=9))]))["_id"]
+    held = store.insert(document(outbox=[event("held", now - timedelta(seconds=20))]))["_id"]
+    expired = store.insert(document(outbox=[event("old", now - timedelta(seconds=30))],
+                                    relayLeaseUntil=now - timedelta(seconds=1)))["_id"]
+    store.insert(document(outbox=[]))
+    assert store.claim(held, "relay-a", timedelta(minutes=1)) is not None
+    assert store.pending_flows(10) == [expired, early, late]
+    assert store.pending_flows(2) == [expired, early]
+
+
+def test_a_lease_excludes_other_relays_until_it_ends_or_is_released(store: Store) -> None:
+    flow_id = store.insert(document(outbox=[event("e", MOMENT)]))["_id"]
+    claimed = store.claim(flow_id, "relay-a", timedelta(minutes=1))
+    assert claimed["relayLeaseOwner"] == "relay-a"
+    assert claimed["relayLeaseUntil"] > utcnow()
+    assert store.claim(flow_id, "relay-b", timedelta(minutes=1)) is None
+    store.release(flow_id, "relay-b")  # not its lease: nothing happens
+    assert store.raw(flow_id)["relayLeaseOwner"] == "relay-a"
+    store.release(flow_id, "relay-a")
+    assert "relayLeaseOwner" not in store.raw(flow_id)
+    assert store.claim(flow_id, "relay-b", timedelta(seconds=-1)) is not None  # ends at once
+    assert store.claim(flow_id, "relay-c", timedelta(minutes=1))["relayLeaseOwner"] == "relay-c"
+
+
+def test_a_flow_with_nothing_pending_cannot_be_claimed(store: Store) -> None:
+    flow_id = store.insert(document(outbox=[event("e", MOMENT)]))["_id"]
+    store.drop_published(flow_id, "e")
+    assert store.raw(flow_id)["outbox"] == []
+    assert store.claim(flow_id, "relay-a", timedelta(minutes=1)) is None
+    assert store.pending_flows(10) == []
+
+
+def test_release_keeps_a_deleted_flow_while_events_are_pending(store: Store) -> None:
+    flow_id = store.insert(document(outbox=[event("modified", MOMENT)]))["_id"]
+    store.update(flow_id, changes={"deletedAt": MOMENT},
+                 events=[event("deleted", MOMENT + timedelta(seconds=1))], history=ENTRY)
+    assert store.claim(flow_id, "relay-a", timedelta(minutes=1)) is not None
+    store.drop_published(flow_id, "modified")
+    store.release(flow_id, "relay-a", deleted=True)
+    assert [e["eventId"] for e in store.raw(flow_id)["outbox"]] == ["deleted"]
+    assert store.pending_flows(10) == [flow_id]
+    assert store.claim(flow_id, "relay-a", timedelta(minutes=1)) is not None
+    store.drop_published(flow_id, "deleted")
+    store.release(flow_id, "relay-a", deleted=True)
+    assert store.raw(flow_id) is None  # its last event is out: removed for good
+
+
+def test_release_never_removes_a_live_flow(store: Store) -> None:
+    flow_id = store.insert(document(outbox=[event("e", MOMENT)]))["_id"]
+    store.claim(flow_id, "relay-a", timedelta(minutes=1))
+    store.drop_published(flow_id, "e")
+    store.release(flow_id, "relay-a", deleted=True)  # a wrong flag does not remove it either
+    assert store.get(flow_id)["outbox"] == []
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("mongodb://127.0.0.1:1/flows", "majority"),  # the service's choice
+    ("mongodb://127.0.0.1:1/flows?w=1", 1),  # an operator's explicit choice wins
+])
+def test_writes_wait_for_a_majority_unless_the_url_says_otherwise(
+        settings, url: str, expected: Any) -> None:
+    store = FlowStore.from_settings(settings.replace(mongodb_url=url))  # connects lazily
+    assert store._flows.write_concern.document == {"w": expected}

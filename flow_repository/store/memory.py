@@ -333,7 +333,11 @@ class MemoryFlowStore:
             current = self._live(flow_id)
             if current is None or not _holds(current, owner_ids, owner_count, statuses, revision):
                 return None
-            updated = {**current, "updatedAt": _copy(utcnow()), **_copy(dict(changes or {}))}
+            fields = _copy(dict(changes or {}))
+            # a change may name its own time (so that its history entry carries the same one)
+            if "updatedAt" not in fields:
+                fields["updatedAt"] = _copy(utcnow())
+            updated = {**current, **fields}
             updated["revision"] = current.get("revision", 0) + 1
             updated["historyOutbox"] = [*current.get("historyOutbox", []), _copy(dict(history))]
             if events:

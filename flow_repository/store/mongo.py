@@ -262,7 +262,8 @@ class FlowStore:
             conditions["revision"] = {"$in": list(revision)}
         fields = dict(changes or {})
         # a change may name its own time (so that its history entry carries the same one)
-        fields.setdefault("updatedAt", utcnow())
+        if "updatedAt" not in fields:
+            fields["updatedAt"] = utcnow()
         update: dict[str, Any] = {
             "$set": encode_keys(fields),
             "$inc": {"revision": 1},

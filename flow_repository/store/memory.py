@@ -383,7 +383,7 @@ class MemoryFlowStore:
                     found.append(document["_id"])
             return found
 
-    def claim(self, flow_id: ObjectId, relay_id: str, lease: timedelta) -> dict | None:
+    def _claim(self, flow_id: ObjectId, relay_id: str, lease: timedelta) -> dict | None:
         """Lease one flow to ``relay_id`` if it still has events and nobody else holds it."""
         flow_id = _key(flow_id)
         now = utcnow()
@@ -400,7 +400,7 @@ class MemoryFlowStore:
     def claim_batch(self, relay_id: str, lease: timedelta, limit: int) -> list[dict]:
         """Lease up to ``limit`` claimable flows to ``relay_id`` at once, oldest waiting first."""
         with self._lock:
-            leased = (self.claim(flow_id, relay_id, lease) for flow_id in self.pending_flows(limit))
+            leased = (self._claim(flow_id, relay_id, lease) for flow_id in self.pending_flows(limit))
             return [flow for flow in leased if flow is not None]
 
     def drop_published(self, flow_id: ObjectId, event_id: str) -> None:

@@ -640,7 +640,7 @@ def test_internal_fields_never_appear_in_responses(
 ) -> None:
     flow = create()
     start_flow(flow["id"])  # stores startedBy and queues an event
-    store.claim(ObjectId(flow["id"]), "relay-test", timedelta(minutes=1))  # stores a lease
+    store.claim_batch("relay-test", timedelta(minutes=1), 100)  # stores a lease
     raw = store.raw(ObjectId(flow["id"]))
     assert {"_id", "outbox", "startedBy", "statusRetries", "relayLeaseUntil"} <= set(raw)
     other = create(name="other")

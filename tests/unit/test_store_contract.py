@@ -387,34 +387,35 @@ def test_pending_flows_come_oldest_event_first_and_skip_live_leases(store: Store
     now = utcnow()
     late = store.insert(document(outbox=[event("late", now - timedelta(seconds=1))]))["_id"]
     early = store.insert(document(outbox=[event("early", now - timedelta(seconds=9))]))["_id"]
-    held = store.insert(document(outbox=[event("held", now - timedelta(seconds=20))]))["_id"]
+    store.insert(document(outbox=[event("held", now - timedelta(seconds=20))],
+                          relayLeaseUntil=now + timedelta(minutes=1), relayLeaseOwner="relay-a"))
     expired = store.insert(document(outbox=[event("old", now - timedelta(seconds=30))],
                                     relayLeaseUntil=now - timedelta(seconds=1)))["_id"]
     store.insert(document(outbox=[]))
-    assert store.claim(held, "relay-a", timedelta(minutes=1)) is not None
     assert store.pending_flows(10) == [expired, early, late]
     assert store.pending_flows(2) == [expired, early]
 
 
 def test_a_lease_excludes_other_relays_until_it_ends_or_is_released(store: Store) -> None:
     flow_id = store.insert(document(outbox=[event("e", MOMENT)]))["_id"]
-    claimed = store.claim(flow_id, "relay-a", timedelta(minutes=1))
-    assert claimed["relayLeaseOwner"] == "relay-a"
+    [claimed] = store.claim_batch("relay-a", timedelta(minutes=1), 10)
+    assert claimed["_id"] == flow_id and claimed["relayLeaseOwner"] == "relay-a"
     assert claimed["relayLeaseUntil"] > utcnow()
-    assert store.claim(flow_id, "relay-b", timedelta(minutes=1)) is None
+    assert store.claim_batch("relay-b", timedelta(minutes=1), 10) == []
     store.release(flow_id, "relay-b")  # not its lease: nothing happens
     assert store.raw(flow_id)["relayLeaseOwner"] == "relay-a"
     store.release(flow_id, "relay-a")
     assert "relayLeaseOwner" not in store.raw(flow_id)
-    assert store.claim(flow_id, "relay-b", timedelta(seconds=-1)) is not None  # ends at once
-    assert store.claim(flow_id, "relay-c", timedelta(minutes=1))["relayLeaseOwner"] == "relay-c"
+    assert len(store.claim_batch("relay-b", timedelta(seconds=-1), 10)) == 1  # ends at once
+    [claimed] = store.claim_batch("relay-c", timedelta(minutes=1), 10)
+    assert claimed["relayLeaseOwner"] == "relay-c"
 
 
 def test_a_flow_with_nothing_pending_cannot_be_claimed(store: Store) -> None:
     flow_id = store.insert(document(outbox=[event("e", MOMENT)]))["_id"]
     store.drop_published(flow_id, "e")
     assert store.raw(flow_id)["outbox"] == []
-    assert store.claim(flow_id, "relay-a", timedelta(minutes=1)) is None
+    assert store.claim_batch("relay-a", timedelta(minutes=1), 10) == []
     assert store.pending_flows(10) == []
 
 
@@ -422,12 +423,12 @@ def test_release_keeps_a_deleted_flow_while_events_are_pending(store: Store) -> 
     flow_id = store.insert(document(outbox=[event("modified", MOMENT)]))["_id"]
     store.update(flow_id, changes={"deletedAt": MOMENT},
                  events=[event("deleted", MOMENT + timedelta(seconds=1))], history=ENTRY)
-    assert store.claim(flow_id, "relay-a", timedelta(minutes=1)) is not None
+    assert store.claim_batch("relay-a", timedelta(minutes=1), 10) != []
     store.drop_published(flow_id, "modified")
     store.release(flow_id, "relay-a", deleted=True)
     assert [e["eventId"] for e in store.raw(flow_id)["outbox"]] == ["deleted"]
     assert store.pending_flows(10) == [flow_id]
-    assert store.claim(flow_id, "relay-a", timedelta(minutes=1)) is not None
+    assert store.claim_batch("relay-a", timedelta(minutes=1), 10) != []
     store.drop_published(flow_id, "deleted")
     store.release(flow_id, "relay-a", deleted=True)
     assert store.raw(flow_id) is None  # its last event is out: removed for good
@@ -435,7 +436,7 @@ def test_release_keeps_a_deleted_flow_while_events_are_pending(store: Store) -> 
 
 def test_release_never_removes_a_live_flow(store: Store) -> None:
     flow_id = store.insert(document(outbox=[event("e", MOMENT)]))["_id"]
-    store.claim(flow_id, "relay-a", timedelta(minutes=1))
+    store.claim_batch("relay-a", timedelta(minutes=1), 10)
     store.drop_published(flow_id, "e")
     store.release(flow_id, "relay-a", deleted=True)  # a wrong flag does not remove it either
     assert store.get(flow_id)["outbox"] == []
@@ -449,3 +450,15 @@ def test_writes_wait_for_a_majority_unless_the_url_says_otherwise(
         settings, url: str, expected: Any) -> None:
     store = FlowStore.from_settings(settings.replace(mongodb_url=url))  # connects lazily
     assert store._flows.write_concern.document == {"w": expected}
+
+
+def test_release_batch_gives_back_only_its_own_leases(store: Store) -> None:
+    mine = store.insert(document(outbox=[event("a", MOMENT)]))["_id"]
+    theirs = store.insert(document(outbox=[event("b", MOMENT + timedelta(seconds=1))]))["_id"]
+    assert [flow["_id"] for flow in store.claim_batch("relay-a", timedelta(minutes=1), 1)] \
+        == [mine]
+    assert [flow["_id"] for flow in store.claim_batch("relay-b", timedelta(minutes=1), 5)] \
+        == [theirs]
+    store.release_batch("relay-a", [mine, theirs])
+    assert "relayLeaseOwner" not in store.raw(mine)
+    assert store.raw(theirs)["relayLeaseOwner"] == "relay-b"

@@ -140,8 +140,9 @@ def test_a_lease_left_by_a_crashed_relay_expires(make_app, settings, drive, list
     driver = drive(make_app(background=False))
     orphan = driver.create()
     other = driver.create()
-    claimed = store.claim(ObjectId(orphan), "relay-that-crashed", timedelta(seconds=1))
-    assert claimed is not None
+    # the oldest pending flow (created first) is the one the crashed relay leased
+    claimed = store.claim_batch("relay-that-crashed", timedelta(seconds=1), 1)
+    assert [flow["_id"] for flow in claimed] == [ObjectId(orphan)]
     stuck, free = orphan, other
 
     relay = relay_for(store, settings)

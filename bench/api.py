@@ -18,8 +18,8 @@ from urllib.parse import urlsplit
 import harness
 import requests
 
-sys.path.insert(0, str(harness.ROOT))
-from tests.conftest import TcpProxy  # the suite's broker cut-off proxy
+sys.path.insert(0, str(harness.ROOT / "tests"))
+from conftest import TcpProxy  # the suite's broker cut-off proxy
 
 DONE_LUA = """
 done = function(summary, latency, requests)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 from bson import ObjectId
+from pymongo.errors import ConnectionFailure
 
 from ..domain import ListQuery
 
@@ -29,6 +32,20 @@ class StoreUnavailable(Exception):
         # The class name only: pymongo's text names hosts and topology, which /healthcheck
         # would otherwise show to anyone.
         super().__init__(f"MongoDB is unavailable: {type(cause).__name__}")
+
+
+@contextlib.contextmanager
+def database_call(lock: threading.RLock | None) -> Iterator[None]:
+    """Run one database call under ``lock`` (mongomock is not thread-safe; a server needs
+    none), turning a lost connection into StoreUnavailable."""
+    try:
+        if lock is None:
+            yield
+        else:
+            with lock:
+                yield
+    except ConnectionFailure as error:
+        raise StoreUnavailable(error) from error
 
 
 def utcnow() -> datetime:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import pymongo
 from bson import ObjectId
-from pymongo.errors import ConnectionFailure, DuplicateKeyError
+from pymongo.errors import DuplicateKeyError
 
-from .base import StoreUnavailable, decode_keys, encode_keys
+from .base import database_call, decode_keys, encode_keys
 
 COLLECTION = "flow_history"
 # Serves every read: one flow's entries by revision, newest first.
@@ -71,16 +71,8 @@ class MongoHistoryStore:
         self._entries = database[COLLECTION]
         self._lock = lock  # mongomock is not thread-safe: share the flow store's lock
 
-    @contextlib.contextmanager
-    def _call(self) -> Iterator[None]:
-        try:
-            if self._lock is None:
-                yield
-            else:
-                with self._lock:
-                    yield
-        except ConnectionFailure as error:
-            raise StoreUnavailable(error) from error
+    def _call(self) -> contextlib.AbstractContextManager[None]:
+        return database_call(self._lock)
 
     def ensure_indexes(self) -> None:
         with self._call():

@@ -13,13 +13,13 @@ from urllib.parse import parse_qs, urlparse
 import pymongo
 from bson import ObjectId
 from pymongo import ReturnDocument
-from pymongo.errors import ConnectionFailure, PyMongoError
+from pymongo.errors import PyMongoError
 from pymongo.read_concern import ReadConcern
 
 from ..domain import ListQuery
 from ..settings import Settings
 from . import queries
-from .base import StoreUnavailable, decode_keys, encode_keys, owned_by_any, utcnow
+from .base import StoreUnavailable, database_call, decode_keys, encode_keys, owned_by_any, utcnow
 from .history import HistoryStore, MemoryHistoryStore, MongoHistoryStore
 
 log = logging.getLogger(__name__)
@@ -115,16 +115,8 @@ class FlowStore:
         _look_up_ids_directly(store._committed)
         return store
 
-    @contextlib.contextmanager
-    def _call(self) -> Iterator[None]:
-        try:
-            if self._lock is None:
-                yield
-            else:
-                with self._lock:
-                    yield
-        except ConnectionFailure as error:
-            raise StoreUnavailable(error) from error
+    def _call(self) -> contextlib.AbstractContextManager[None]:
+        return database_call(self._lock)
 
     # ------------------------------------------------------------------------- housekeeping
 

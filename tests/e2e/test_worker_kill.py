@@ -8,6 +8,7 @@ import signal
 import pytest
 from bson import ObjectId
 
+from flow_repository.domain import STATUSES
 from support import Bus, Driver, Listener, bearer, eventually
 
 from .conftest import FakeIam
@@ -19,7 +20,7 @@ BATCH = 100  # BULK_MAX_ITEMS
 
 
 def all_in(store, status: str, count: int = FLOWS) -> bool:
-    return store.count_by_status().get(status, 0) == count
+    return store.count_by_status(STATUSES).get(status, 0) == count
 
 
 def distinct_commands(events: Listener, flow_id: str) -> list[tuple[str, str]]:
@@ -64,13 +65,13 @@ def test_a_worker_killed_mid_stream_loses_nothing_and_applies_nothing_twice(
     # queues a flow.stopping, which the relays (two API workers, two workers) publish.
     for flow_id in flows:
         driver.report("flow.failed", flow_id)
-    eventually(lambda: store.count_by_status().get("stopping", 0) > 0, 60, interval=0.01,
+    eventually(lambda: store.count_by_status(STATUSES).get("stopping", 0) > 0, 60, interval=0.01,
                message="the workers consuming flow.failed")
     assert bus.consumers() == 2
     victim.process.send_signal(signal.SIGKILL)
     assert victim.process.wait(10) == -signal.SIGKILL
     # counted after the kill: reports still unapplied then prove it came mid-stream
-    applied_at_kill = store.count_by_status().get("stopping", 0)
+    applied_at_kill = store.count_by_status(STATUSES).get("stopping", 0)
     assert applied_at_kill < FLOWS, "the kill must come mid-stream"
 
     eventually(lambda: all_in(store, "stopping"), 120, interval=0.2,

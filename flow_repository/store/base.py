@@ -54,6 +54,33 @@ def utcnow() -> datetime:
     return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
+def stored_copy(value: Any) -> Any:
+    """A stored copy, with MongoDB's value rules: lists for tuples, dates in UTC milliseconds."""
+    kind = type(value)
+    if kind is str or kind is int or kind is ObjectId or value is None:
+        return value  # the common leaves first: isinstance on an ABC is slow
+    if kind is dict:
+        return {key: stored_copy(item) for key, item in value.items()}
+    if isinstance(value, Mapping):
+        return {key: stored_copy(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [stored_copy(item) for item in value]
+    if isinstance(value, datetime):
+        moment = value if value.tzinfo else value.replace(tzinfo=UTC)
+        return moment.astimezone(UTC).replace(microsecond=moment.microsecond // 1000 * 1000)
+    return value
+
+
+def fresh_copy(value: Any) -> Any:
+    """A fresh copy of stored state (which holds only dicts, lists and immutable values)."""
+    kind = type(value)
+    if kind is dict:
+        return {key: fresh_copy(item) for key, item in value.items()}
+    if kind is list:
+        return [fresh_copy(item) for item in value]
+    return value
+
+
 def encode_keys(value: Any) -> Any:
     """Escape user-supplied keys so that MongoDB stores them verbatim."""
     if isinstance(value, Mapping):

@@ -12,7 +12,7 @@ import pymongo
 from bson import ObjectId
 from pymongo.errors import DuplicateKeyError
 
-from .base import database_call, decode_keys, encode_keys
+from .base import database_call, decode_keys, encode_keys, fresh_copy, stored_copy
 
 COLLECTION = "flow_history"
 # Serves every read: one flow's entries by revision, newest first.
@@ -170,7 +170,7 @@ class MemoryHistoryStore:
         with self._lock:
             for entry in entries:
                 revisions = self._flows.setdefault(entry["flowId"], {})
-                revisions.setdefault(entry["revision"], copy.deepcopy(dict(entry)))
+                revisions.setdefault(entry["revision"], stored_copy(entry))
 
     def _sorted(self, flow_id: ObjectId) -> list[dict]:
         revisions = self._flows.get(flow_id, {})
@@ -181,17 +181,17 @@ class MemoryHistoryStore:
         with self._lock:
             entries = self._sorted(flow_id)
             start = (page_number - 1) * page_size
-            return copy.deepcopy(entries[start:start + page_size]), len(entries)
+            return fresh_copy(entries[start:start + page_size]), len(entries)
 
     def get(self, flow_id: ObjectId, revision: int) -> dict | None:
         with self._lock:
-            return copy.deepcopy(self._flows.get(flow_id, {}).get(revision))
+            return fresh_copy(self._flows.get(flow_id, {}).get(revision))
 
     def definition_at(self, flow_id: ObjectId, revision: int) -> dict | None:
         with self._lock:
             for entry in self._sorted(flow_id):
                 if entry["revision"] <= revision and entry["kind"] == "definition":
-                    return copy.deepcopy(entry)
+                    return fresh_copy(entry)
         return None
 
     def trim(self, flow_id: ObjectId, below_revision: int) -> None:

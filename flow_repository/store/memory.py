@@ -14,13 +14,13 @@ import heapq
 import re
 import threading
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from bson import ObjectId
 
 from ..domain import ListQuery
-from .base import encode_keys, owned_by_any, utcnow
+from .base import encode_keys, fresh_copy, owned_by_any, stored_copy, utcnow
 from .history import MemoryHistoryStore
 
 SORT_FIELDS = ("createdAt", "updatedAt", "name")
@@ -28,28 +28,6 @@ _EQUALITY_FIELDS = ("status", "type", "fromTemplate")
 # Below this share of the live flows, a page is cut from the candidates sorted on their own;
 # above it, walking the sort index and skipping non-candidates is cheaper.
 _WALK_SHARE = 0.125
-
-
-def _copy(value: Any) -> Any:
-    """A stored copy, with MongoDB's value rules: lists for tuples, dates in UTC milliseconds."""
-    if isinstance(value, Mapping):
-        return {key: _copy(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_copy(item) for item in value]
-    if isinstance(value, datetime):
-        moment = value if value.tzinfo else value.replace(tzinfo=UTC)
-        return moment.astimezone(UTC).replace(microsecond=moment.microsecond // 1000 * 1000)
-    return value
-
-
-def _copy_out(value: Any) -> Any:
-    """A fresh copy of stored state (which holds only dicts, lists and immutable values)."""
-    kind = type(value)
-    if kind is dict:
-        return {key: _copy_out(item) for key, item in value.items()}
-    if kind is list:
-        return [_copy_out(item) for item in value]
-    return value
 
 
 # BSON's order between types, for the few fields sorted on (MongoDB sorts mixed types so).
@@ -207,7 +185,7 @@ class MemoryFlowStore:
             if document is None or (owner_ids is not None
                                     and not owned_by_any(document, owner_ids)):
                 return None
-            return _copy_out(document)
+            return fresh_copy(document)
 
     def _candidates(self, query: ListQuery, owner_ids: Sequence[str] | None
                     ) -> set[Key] | None:
@@ -259,7 +237,7 @@ class MemoryFlowStore:
             else:
                 walk = reversed(index.entries) if query.sort_descending else iter(index.entries)
                 page = _first(walk, candidates, wanted)[skip:]
-            return [_copy_out(self._documents[flow_id]) for flow_id in page], total
+            return [fresh_copy(self._documents[flow_id]) for flow_id in page], total
 
     def stuck(
         self, status: str, changed_before: datetime, *, retries: int, limit: int = 100
@@ -274,7 +252,7 @@ class MemoryFlowStore:
                     continue  # not a date: MongoDB's $lt compares dates with dates only
                 if len(found) >= limit or rank > date_rank or changed >= changed_before:
                     break
-                found.append(_copy_out(self._documents[flow_id]))
+                found.append(fresh_copy(self._documents[flow_id]))
             return found
 
     def owned_by(self, owner_id: str) -> list[ObjectId]:
@@ -301,13 +279,13 @@ class MemoryFlowStore:
 
     def insert(self, document: Mapping[str, Any]) -> dict:
         """Store a new flow (its pending events included) and return it as stored."""
-        stored = _copy(document)
+        stored = stored_copy(document)
         stored.setdefault("_id", ObjectId())
         with self._lock:
             if _key(stored["_id"]) in self._documents:
                 raise ValueError(f"a flow with id {stored['_id']} is already stored")
             self._store(stored)
-            return _copy_out(stored)
+            return fresh_copy(stored)
 
     def update(
         self,
@@ -333,15 +311,16 @@ class MemoryFlowStore:
             current = self._live(flow_id)
             if current is None or not _holds(current, owner_ids, owner_count, statuses, revision):
                 return None
-            fields = _copy(dict(changes or {}))
+            fields = stored_copy(dict(changes or {}))
             # a change may name its own time (so that its history entry carries the same one)
             if "updatedAt" not in fields:
-                fields["updatedAt"] = _copy(utcnow())
+                fields["updatedAt"] = stored_copy(utcnow())
             updated = {**current, **fields}
             updated["revision"] = current.get("revision", 0) + 1
-            updated["historyOutbox"] = [*current.get("historyOutbox", []), _copy(dict(history))]
+            updated["historyOutbox"] = [*current.get("historyOutbox", []),
+                                        stored_copy(dict(history))]
             if events:
-                updated["outbox"] = [*current.get("outbox", []), *_copy(list(events))]
+                updated["outbox"] = [*current.get("outbox", []), *stored_copy(list(events))]
             if remove_owner is not None and isinstance(current.get("owners"), list):
                 updated["owners"] = [
                     owner for owner in current["owners"]
@@ -350,7 +329,7 @@ class MemoryFlowStore:
             if returning is not None:
                 updated = {name: updated[name] for name in ("_id", *returning)
                            if name in updated}
-            return _copy_out(updated)
+            return fresh_copy(updated)
 
     def drop_pending_history(self, flow_id: ObjectId, entry_ids: Sequence[str]) -> None:
         """Remove pending history entries once they are written to the history."""
@@ -361,7 +340,8 @@ class MemoryFlowStore:
                 return
             kept = [entry for entry in document["historyOutbox"]
                     if not (isinstance(entry, Mapping) and entry.get("entryId") in entry_ids)]
-            self._store({**document, "historyOutbox": kept})
+            # No index holds the history outbox, so the index keys stay as they are.
+            self._documents[flow_id] = {**document, "historyOutbox": kept}
 
     # ------------------------------------------------------------------------- outbox relay
 
@@ -392,10 +372,10 @@ class MemoryFlowStore:
             if document is None or "pending" not in self._keys[flow_id] \
                     or self._leased(document, now):
                 return None
-            leased = {**document, "relayLeaseUntil": _copy(now + lease),
+            leased = {**document, "relayLeaseUntil": stored_copy(now + lease),
                       "relayLeaseOwner": relay_id}
             self._store(leased)
-            return _copy_out(leased)
+            return fresh_copy(leased)
 
     def claim_batch(self, relay_id: str, lease: timedelta, limit: int) -> list[dict]:
         """Lease up to ``limit`` claimable flows to ``relay_id`` at once, oldest waiting first."""

@@ -159,6 +159,11 @@ class MemoryFlowStore:
         self._documents[flow_id] = document
         self._keys[flow_id] = new
 
+    def _store_unindexed(self, document: dict[str, Any]) -> None:
+        """Put ``document`` in place of its previous version when the change touched only
+        fields no index holds (the relay lease, the history outbox)."""
+        self._documents[_key(document["_id"])] = document
+
     def _remove(self, flow_id: Key) -> None:
         self._index(flow_id, self._keys.pop(flow_id, {}), add=False)
         del self._documents[flow_id]
@@ -340,8 +345,7 @@ class MemoryFlowStore:
                 return
             kept = [entry for entry in document["historyOutbox"]
                     if not (isinstance(entry, Mapping) and entry.get("entryId") in entry_ids)]
-            # No index holds the history outbox, so the index keys stay as they are.
-            self._documents[flow_id] = {**document, "historyOutbox": kept}
+            self._store_unindexed({**document, "historyOutbox": kept})
 
     # ------------------------------------------------------------------------- outbox relay
 
@@ -374,7 +378,7 @@ class MemoryFlowStore:
                 return None
             leased = {**document, "relayLeaseUntil": stored_copy(now + lease),
                       "relayLeaseOwner": relay_id}
-            self._store(leased)
+            self._store_unindexed(leased)
             return fresh_copy(leased)
 
     def claim_batch(self, relay_id: str, lease: timedelta, limit: int) -> list[dict]:
@@ -405,7 +409,7 @@ class MemoryFlowStore:
             if document.get("relayLeaseOwner") == relay_id:
                 document = {name: value for name, value in document.items()
                             if name not in ("relayLeaseUntil", "relayLeaseOwner")}
-                self._store(document)
+                self._store_unindexed(document)
             if deleted and document.get("deletedAt") is not None \
                     and document.get("outbox") == []:
                 self.history.drop(document["_id"])

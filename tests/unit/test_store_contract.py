@@ -292,6 +292,30 @@ def test_list_answers_every_filter_and_sort_within_scope_and_as_admin(store: Sto
                 query, scope)
 
 
+def test_owner_scoped_lists_follow_changes_to_sort_keys_owners_and_deletion(
+        store: Store) -> None:
+    flows = seeded_flows(store)
+    chance = random.Random(11)
+    for flow in chance.sample(flows, 20):
+        store.update(flow["_id"], changes={"name": chance.choice(["aa", "zz", "mm"])},
+                     history=ENTRY)
+    for flow in chance.sample(flows, 10):
+        store.update(flow["_id"], remove_owner=flow["owners"][0]["id"], history=ENTRY)
+    for flow in chance.sample(flows, 5):
+        store.update(flow["_id"], changes={"deletedAt": MOMENT}, history=ENTRY)
+    current = [store.get(flow["_id"]) for flow in flows]
+    current = [flow for flow in current if flow is not None]
+    for field in ("createdAt", "updatedAt", "name"):
+        for descending in (False, True):
+            for page in (1, 2, 4):
+                query = ListQuery(page_size=7, page_number=page, sort_field=field,
+                                  sort_descending=descending)
+                for scope in (("alice", "acme"), ("bob",), ("globex", "globex")):
+                    listed, total = store.list(query, scope)
+                    assert ([flow["_id"] for flow in listed], total) == listing_oracle(
+                        current, query, scope), (query, scope)
+
+
 def test_list_pages_through_every_flow_exactly_once(store: Store) -> None:
     flows = seeded_flows(store, 45)
     for descending in (False, True):

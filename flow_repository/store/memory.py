@@ -78,14 +78,22 @@ class _Sorted:
         return len(self.entries)
 
 
+def _pending_entry(document: Mapping[str, Any], flow_id: Key) -> tuple[Any, Key] | None:
+    """The relay's index key: the flow's oldest waiting event (None: nothing waits)."""
+    outbox = document.get("outbox")
+    if isinstance(outbox, list) and outbox and isinstance(outbox[0], Mapping) \
+            and "storedAt" in outbox[0]:
+        return _order(outbox[0]["storedAt"]), flow_id
+    return None
+
+
 def _entries(document: Mapping[str, Any]) -> dict[str, Any]:
     """The key each index holds for ``document`` (absent: the document is not in it)."""
     flow_id = _key(document["_id"])
     keys: dict[str, Any] = {}
-    outbox = document.get("outbox")
-    if isinstance(outbox, list) and outbox and isinstance(outbox[0], Mapping) \
-            and "storedAt" in outbox[0]:
-        keys["pending"] = (_order(outbox[0]["storedAt"]), flow_id)
+    pending = _pending_entry(document, flow_id)
+    if pending is not None:
+        keys["pending"] = pending
     if document.get("deletedAt") is not None:
         return keys  # a tombstone is only ever looked for by the relay
     owners = document.get("owners")
@@ -177,6 +185,21 @@ class MemoryFlowStore:
         """Put ``document`` in place of its previous version when the change touched only
         fields no index holds (the relay lease, the history outbox)."""
         self._documents[_key(document["_id"])] = document
+
+    def _store_outbox(self, document: dict[str, Any]) -> None:
+        """Put ``document`` in place of its previous version when only its outbox changed."""
+        flow_id = _key(document["_id"])
+        keys = self._keys[flow_id]
+        old, new = keys.get("pending"), _pending_entry(document, flow_id)
+        if old != new:
+            keys = {name: key for name, key in keys.items() if name != "pending"}
+            if old is not None:
+                self._pending.remove(old)
+            if new is not None:
+                self._pending.add(new)
+                keys["pending"] = new
+            self._keys[flow_id] = keys
+        self._documents[flow_id] = document
 
     def _remove(self, flow_id: Key) -> None:
         self._index(flow_id, self._keys.pop(flow_id, {}), add=False)
@@ -442,7 +465,7 @@ class MemoryFlowStore:
                 return
             outbox = [event for event in document["outbox"]
                       if not (isinstance(event, Mapping) and event.get("eventId") == event_id)]
-            self._store({**document, "outbox": outbox})
+            self._store_outbox({**document, "outbox": outbox})
 
     def release(self, flow_id: ObjectId, relay_id: str, *, deleted: bool = False) -> None:
         """Give the lease back; a ``deleted`` flow whose events are all out is removed for

@@ -211,9 +211,8 @@ PUBLIC_FIELDS = (
 
 def iso(moment: datetime) -> str:
     """ISO 8601 in UTC with milliseconds, as JavaScript's Date#toISOString writes it."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + (
-        f"{moment.microsecond // 1000:03d}Z"
-    )
+    # isoformat ends a UTC time in "+00:00", which toISOString writes "Z"
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 def public_flow(document: Mapping[str, Any]) -> dict[str, Any]:

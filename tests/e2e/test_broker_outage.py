@@ -60,6 +60,10 @@ def test_broker_cut_and_restored(deploy, iam: FakeIam, bus: Bus, listener, broke
         return body if status == 200 and body["status"] == "warn" else None
 
     body = eventually(degraded, 20, message="/healthcheck to report the queue outage")
+    # Each gunicorn worker notices on its own (within its relay's poll): wait until ten
+    # answers in a row, from whichever workers answer, report it.
+    eventually(lambda: all(degraded() for _ in range(10)), 20,
+               message="every API worker to report the queue outage")
     assert body["details"]["queue"]["connected"] is False
     assert body["details"]["queue"]["status"] == "fail"
     assert body["details"]["mongoDB"]["status"] == "pass"

@@ -81,6 +81,7 @@ def measure_consumer(settings: Settings, count: int) -> dict[str, Any]:
     declare_queues(chan, settings)
     chan.confirm_delivery()
     preload(chan, settings.event_queue, bodies, settings.event_exchange, "flow.started")
+    chan.connection.close()  # an idle connection would miss its heartbeats meanwhile
 
     consumer = StatusConsumer(settings, runtime.service, runtime.metrics)
     started = time.perf_counter()
@@ -94,6 +95,7 @@ def measure_consumer(settings: Settings, count: int) -> dict[str, Any]:
         raise RuntimeError(f"{active} of {count} flows active after the consumer ran")
 
     raw_queue = harness.unique_name("raw-consume")
+    chan = channel(settings)
     chan.queue_declare(raw_queue, durable=True)
     preload(chan, raw_queue, bodies, "", raw_queue)
     raw_seconds = raw_consume(settings, raw_queue, count)

@@ -31,7 +31,11 @@ def test_user_deleted_leaves_every_flow_and_running_orphans_stop(driver, drive, 
         "tenant-owned inactive": shared.bring_to("inactive"),
         "someone else's": driver.bring_to("active"),
     }
-    eventually(lambda: all(not store.raw(ObjectId(f))["outbox"] for f in flows.values()))
+    def settled(flow_id: str) -> bool:  # events out and the relay's lease given back
+        raw = store.raw(ObjectId(flow_id))
+        return not raw["outbox"] and "relayLeaseOwner" not in raw
+
+    eventually(lambda: all(settled(f) for f in flows.values()))
     before = {label: store.raw(ObjectId(f)) for label, f in flows.items()}
 
     driver.bus.publish("iam.user.deleted", "doomed-user")

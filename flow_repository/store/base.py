@@ -59,9 +59,7 @@ def stored_copy(value: Any) -> Any:
     kind = type(value)
     if kind is str or kind is int or kind is ObjectId or value is None:
         return value  # the common leaves first: isinstance on an ABC is slow
-    if kind is dict:
-        return {key: stored_copy(item) for key, item in value.items()}
-    if isinstance(value, Mapping):
+    if kind is dict or isinstance(value, Mapping):
         return {key: stored_copy(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
         return [stored_copy(item) for item in value]

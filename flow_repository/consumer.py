@@ -24,28 +24,38 @@ OWNER_EVENTS = ("iam.user.deleted", "iam.tenant.deleted")
 BINDINGS = STATUS_EVENTS + OWNER_EVENTS
 ORIGINAL_KEY_HEADER = "x-original-routing-key"
 QUORUM = "quorum"
+SINGLE_ACTIVE_CONSUMER = "x-single-active-consumer"
+QUEUE_PROCEDURE = "README.rst, 'Moving an existing queue'"
 
 
 def dead_letter_queue(queue: str) -> str:
     return f"{queue}.dead-letter"
 
 
-def queue_arguments(settings: Settings) -> dict[str, Any] | None:
+class QueueMismatch(RuntimeError):
+    """The service's queue exists with other arguments than this version declares."""
+
+
+def queue_arguments(settings: Settings) -> dict[str, Any]:
     """The declaration arguments of the service's queue for EVENT_QUEUE_TYPE.
 
-    Classic: none (the queue OIH declares). Quorum: the broker counts deliveries, so a
-    message that keeps failing (or keeps crashing its worker) is dead-lettered by the
-    broker itself after CONSUMER_MAX_ATTEMPTS deliveries, whatever happens to the workers.
-    The broker's limit counts returns, not deliveries: a limit of N allows N + 1 deliveries.
+    Both types: a single active consumer. However many workers consume the queue, the
+    broker delivers to one of them at a time (the others stand by and take over when it
+    goes), so the reports of one flow are applied in the order the broker received them.
+    Quorum, in addition: the broker counts deliveries, so a message that keeps failing (or
+    keeps crashing its worker) is dead-lettered by the broker itself after
+    CONSUMER_MAX_ATTEMPTS deliveries, whatever happens to the workers. The broker's limit
+    counts returns, not deliveries: a limit of N allows N + 1 deliveries.
     """
-    if settings.event_queue_type != QUORUM:
-        return None
-    return {
-        "x-queue-type": QUORUM,
-        "x-delivery-limit": settings.consumer_max_attempts - 1,
-        "x-dead-letter-exchange": "",
-        "x-dead-letter-routing-key": dead_letter_queue(settings.event_queue),
-    }
+    arguments: dict[str, Any] = {SINGLE_ACTIVE_CONSUMER: True}
+    if settings.event_queue_type == QUORUM:
+        arguments.update({
+            "x-queue-type": QUORUM,
+            "x-delivery-limit": settings.consumer_max_attempts - 1,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": dead_letter_queue(settings.event_queue),
+        })
+    return arguments
 
 
 def declare_queues(channel: Any, settings: Settings) -> None:
@@ -53,10 +63,33 @@ def declare_queues(channel: Any, settings: Settings) -> None:
     channel.exchange_declare(settings.event_exchange, "topic", durable=True)
     extra = {"x-queue-type": QUORUM} if settings.event_queue_type == QUORUM else None
     channel.queue_declare(dead_letter_queue(settings.event_queue), durable=True, arguments=extra)
-    channel.queue_declare(settings.event_queue, durable=True,
-                          arguments=queue_arguments(settings))
+    try:
+        channel.queue_declare(settings.event_queue, durable=True,
+                              arguments=queue_arguments(settings))
+    except pika.exceptions.ChannelClosedByBroker as error:
+        if error.reply_code != 406:  # PRECONDITION_FAILED: declared before with other arguments
+            raise
+        raise QueueMismatch(
+            f"RabbitMQ refused to declare queue {settings.event_queue!r} with "
+            f"{queue_arguments(settings)} (EVENT_QUEUE_TYPE={settings.event_queue_type}): it "
+            f"exists with other arguments ({error.reply_text}). An existing queue cannot be "
+            f"changed in place; recreate it as described in {QUEUE_PROCEDURE}."
+        ) from None
     for name in BINDINGS:
         channel.queue_bind(settings.event_queue, settings.event_exchange, routing_key=name)
+
+
+def abandon(connection: Any) -> None:
+    """Drop a connection at once, as a crashed worker's would be (no cancel, no close)."""
+    transport = getattr(getattr(connection, "_impl", None), "_transport", None)
+    if transport is None:  # not connected, or another pika version: close as usual
+        close_quietly(connection)
+        return
+    try:
+        transport.abort()
+        connection.process_data_events(0)  # completes the abort
+    except (pika.exceptions.AMQPError, OSError):
+        pass
 
 
 def delivery_count(properties: Any) -> int:
@@ -109,10 +142,18 @@ class StatusConsumer:
         # Set when the message in hand cannot be settled before shutdown: the messages
         # behind it must not overtake it, so they are left unacked too.
         self._halted = False
+        # Set when consuming cannot work until an operator acts (the queue's arguments).
+        self.failure: QueueMismatch | None = None
+        self._consumer_tag: str | None = None
 
     @property
     def connected(self) -> bool:
         return bool(self._connection and self._connection.is_open)
+
+    @property
+    def consuming(self) -> bool:
+        """Registered with the broker (active, or standing by as a single active consumer)."""
+        return self._consumer_tag is not None and self.connected
 
     @property
     def alive(self) -> bool:
@@ -138,7 +179,15 @@ class StatusConsumer:
                 while not self._stop.is_set():
                     self._connection.process_data_events(time_limit=0.2)
                     self._ack_settled(channel)
-                channel.close()  # unacked prefetched messages go back to the queue, in order
+                # Not channel.close(): pika would cancel the consumer first, the broker would
+                # hand the queue to a standby consumer, and the messages held here would
+                # return only afterwards, behind later reports of the same flows. Dropping
+                # the connection returns them and removes the consumer in one step, in order.
+                abandon(self._connection)
+            except QueueMismatch as error:
+                self.failure = error
+                log.error("cannot consume", extra={"queue": self._queue, "error": str(error)})
+                return
             except (pika.exceptions.AMQPError, OSError) as error:
                 delay = back_off(delay, 0.5)
                 log.warning("consumer disconnected", extra={"error": repr(error),
@@ -146,6 +195,7 @@ class StatusConsumer:
                 self._stop.wait(delay)
             finally:
                 connection, self._connection = self._connection, None
+                self._consumer_tag = None
                 close_quietly(connection)
 
     def _open(self) -> Any:
@@ -156,7 +206,8 @@ class StatusConsumer:
         declare_queues(channel, self._settings)
         channel.confirm_delivery()  # so a dead-lettered copy is safe before the original is acked
         channel.basic_qos(prefetch_count=self._settings.consumer_prefetch)
-        channel.basic_consume(self._queue, on_message_callback=self._on_message)
+        self._consumer_tag = channel.basic_consume(self._queue,
+                                                   on_message_callback=self._on_message)
         return channel
 
     def _ack_settled(self, channel: Any) -> None:
@@ -185,8 +236,11 @@ class StatusConsumer:
     # ------------------------------------------------------------------------- messages
 
     def _on_message(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
-        if self._halted:
-            return  # left unacked: it goes back to the queue behind the one that halted
+        if self._halted or self._stop.is_set():
+            # Left unacked: on close it goes back to the queue, in order, for the next
+            # consumer (a standby one takes over at once), rather than finished here first.
+            self._halted = True
+            return
         name = event_name(method, properties)
         # Deliveries a quorum queue has already counted: earlier workers' attempts.
         attempts = delivery_count(properties)

@@ -64,9 +64,15 @@ def main(settings: Settings | None = None) -> int:
     runtime.start()
     log.info("worker started", extra={"queue": settings.event_queue,
                                       "healthPort": settings.worker_health_port})
-    stopping.wait()
+    while not stopping.wait(0.5):
+        if runtime.consumer.failure is not None:  # logged by the consumer; it names the fix
+            break
     log.info("worker stopping")
     runtime.stop()
     server.shutdown()
+    if runtime.consumer.failure is not None:
+        log.error("worker stopped: it cannot consume", extra={
+            "error": str(runtime.consumer.failure)})
+        return 3
     log.info("worker stopped")
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
 from typing import Any
@@ -82,12 +83,13 @@ def declare_queues(channel: Any, settings: Settings) -> None:
 def abandon(connection: Any) -> None:
     """Drop a connection at once, as a crashed worker's would be (no cancel, no close)."""
     transport = getattr(getattr(connection, "_impl", None), "_transport", None)
-    if transport is None:  # not connected, or another pika version: close as usual
+    sock = getattr(transport, "_sock", None)
+    if sock is None:  # not connected, or another pika version: close as usual
         close_quietly(connection)
         return
     try:
-        transport.abort()
-        connection.process_data_events(0)  # completes the abort
+        sock.shutdown(socket.SHUT_RDWR)
+        connection.process_data_events(0)  # pika sees the stream end and lets go
     except (pika.exceptions.AMQPError, OSError):
         pass
 

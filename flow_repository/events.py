@@ -24,9 +24,14 @@ CLAIM_BATCH = 100  # flows the relay leases at once
 
 
 def pending_event(
-    name: str, payload: Mapping[str, Any] | None = None, **flow_overrides: Any
+    name: str, payload: Mapping[str, Any] | None = None, *, revision: int | None = None,
+    **flow_overrides: Any,
 ) -> dict[str, Any]:
-    """An outbox entry. Without ``payload`` the event carries the flow, with ``flow_overrides``."""
+    """An outbox entry. Without ``payload`` the event carries the flow, with ``flow_overrides``.
+
+    ``revision``, when the change's revision is known before it is written, goes out as the
+    ``revision`` header, so a subscriber can order a flow's changes.
+    """
     now = utcnow()
     event: dict[str, Any] = {
         "eventId": uuid.uuid4().hex,
@@ -34,6 +39,8 @@ def pending_event(
         "storedAt": now,
         "createdAt": int(now.timestamp() * 1000),
     }
+    if revision is not None:
+        event["revision"] = revision
     if payload is None:
         event["payloadKind"] = FLOW_PAYLOAD
         event["flowOverrides"] = dict(flow_overrides)
@@ -48,15 +55,15 @@ def envelope(event: Mapping[str, Any], flow: Mapping[str, Any]) -> dict[str, Any
         payload = {**public_flow(flow), **event.get("flowOverrides", {})}
     else:
         payload = dict(event.get("payload") or {})
-    return {
-        "headers": {
-            "name": event["name"],
-            "createdAt": event["createdAt"],
-            "serviceName": SERVICE_NAME,
-            "eventId": event["eventId"],
-        },
-        "payload": payload,
+    headers = {
+        "name": event["name"],
+        "createdAt": event["createdAt"],
+        "serviceName": SERVICE_NAME,
+        "eventId": event["eventId"],
     }
+    if "revision" in event:
+        headers["revision"] = event["revision"]
+    return {"headers": headers, "payload": payload}
 
 
 class BrokerUnavailable(Exception):

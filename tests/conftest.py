@@ -530,21 +530,24 @@ def launch(spawn: Callable[..., Served], bus: Bus) -> Callable[..., ServedDeploy
     served API is embedded and consumes itself; no worker process could share its data.
     """
 
-    def start(env: dict[str, str], workers: int | None = None) -> ServedDeployment:
+    def start(env: dict[str, str], workers: int | None = None,
+              apis: int = 1) -> ServedDeployment:
         embedded = not env.get("MONGODB_URL")
         workers = (0 if embedded else 1) if workers is None else workers
-        if embedded and workers:
-            pytest.fail("worker processes need a real MongoDB to share with the API")
-        port, *health_ports = free_ports(1 + workers)
-        api = spawn(["serve"], {**env, "PORT": str(port), "WEB_CONCURRENCY": "2"}, port)
+        if embedded and (workers or apis > 1):
+            pytest.fail("more processes need a real MongoDB to share with the API")
+        ports = free_ports(apis + workers)
+        api_ports, health_ports = ports[:apis], ports[apis:]
+        servers = [spawn(["serve"], {**env, "PORT": str(port), "WEB_CONCURRENCY": "2"}, port)
+                   for port in api_ports]
         crew = [spawn(["worker"], {**env, "WORKER_HEALTH_PORT": str(health_port)}, health_port)
                 for health_port in health_ports]
-        api.wait_ready("/healthcheck")
-        for worker in crew:
-            worker.wait_ready("/healthcheck")
+        for served in servers + crew:
+            served.wait_ready("/healthcheck")
         bus.wait_consumers(workers or 1, timeout=START_DEADLINE)
-        eventually(lambda: api.get("/healthcheck").json()["status"] == "pass", START_DEADLINE,
-                   message="the served API to connect to RabbitMQ")
-        return ServedDeployment(api, crew)
+        for served in servers:
+            eventually(lambda: served.get("/healthcheck").json()["status"] == "pass",
+                       START_DEADLINE, message="the served API to connect to RabbitMQ")
+        return ServedDeployment(servers, crew)
 
     return start

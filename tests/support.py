@@ -419,10 +419,12 @@ class InProcessDeployment:
 class ServedDeployment:
     """The production topology: ``serve`` (its gunicorn workers) plus ``worker`` processes."""
 
-    def __init__(self, api: Served, workers: list[Served]) -> None:
-        self.api = api
+    def __init__(self, apis: list[Served], workers: list[Served]) -> None:
+        self.apis = apis
+        self.api = apis[0]
         self.workers = workers
-        self.client = HttpClient(api.base_url)
+        self.clients = [HttpClient(api.base_url) for api in apis]
+        self.client = self.clients[0]
 
     def consumer_metrics(self) -> str:
         """The Prometheus text of every worker process, one after the other."""
@@ -432,7 +434,8 @@ class ServedDeployment:
         return all(worker.get("/livez").status_code == 200 for worker in self.workers)
 
     def stop(self) -> None:
-        self.client.close()
+        for client in self.clients:
+            client.close()
 
 
 class Driver:

@@ -221,8 +221,10 @@ class UseCases:
             self._notify()
 
     @staticmethod
-    def _change_event(name: str, principal: Principal, flow_id: ObjectId) -> dict[str, Any]:
+    def _change_event(name: str, principal: Principal, flow_id: ObjectId,
+                      revision: int | None = None) -> dict[str, Any]:
         return pending_event(
-            name, {"tenant": principal.tenant, "user": principal.sub, "flowId": str(flow_id)}
+            name, {"tenant": principal.tenant, "user": principal.sub, "flowId": str(flow_id)},
+            revision=revision,
         )
 

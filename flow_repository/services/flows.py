@@ -91,7 +91,7 @@ class FlowUseCases(HistoryRecorder):
             "statusChangedAt": now,
             "statusReason": "created",
             "statusRetries": 0,
-            "outbox": [self._change_event("flowrepo.flow.created", principal, flow_id)],
+            "outbox": [self._change_event("flowrepo.flow.created", principal, flow_id, 1)],
         }
         document["historyOutbox"] = [definition_entry(principal.sub, "created", document)]
         return document, ignored
@@ -149,7 +149,9 @@ class FlowUseCases(HistoryRecorder):
             if merged_validated is None:
                 return None, ignored
             checks.run(self._check_references, token, merged_validated[0])
-            events = [self._change_event("flowrepo.flow.modified", principal, flow_id)]
+            # the write below applies only at this revision, so it makes the next one
+            events = [self._change_event("flowrepo.flow.modified", principal, flow_id,
+                                         current["revision"] + 1)]
             changes = {**patch, "updatedAt": utcnow()}
             changes["owners"] = domain.with_owner(
                 patch.get("owners", current.get("owners", [])), principal.sub, "user"

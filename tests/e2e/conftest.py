@@ -153,14 +153,15 @@ def serve(spawn: Callable[..., Served], service_env: dict[str, str]) -> Callable
 
 @pytest.fixture
 def deploy(launch, service_env: dict[str, str]) -> Callable[..., ServedDeployment]:
-    """deploy(workers=None, **env): the whole service as processes, connected and consuming.
+    """deploy(workers=None, apis=1, **env): the whole service as processes, connected and
+    consuming (``apis`` ``serve`` processes, each with two gunicorn workers).
 
     On a real MongoDB the production topology (``serve`` with two gunicorn workers plus
     ``worker`` processes); embedded, the one ``serve`` process that also consumes.
     """
 
-    def start(workers: int | None = None, **overrides: str) -> ServedDeployment:
-        return launch({**service_env, **overrides}, workers)
+    def start(workers: int | None = None, apis: int = 1, **overrides: str) -> ServedDeployment:
+        return launch({**service_env, **overrides}, workers, apis)
 
     return start
 

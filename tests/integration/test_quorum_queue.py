@@ -26,10 +26,12 @@ def crash_while_handling(settings, bus) -> int:
     connection = pika.BlockingConnection(pika.URLParameters(settings.queue_url))
     try:
         channel = connection.channel()
-        _, properties, _ = eventually(
-            lambda: (got := channel.basic_get(settings.event_queue))[0] is not None and got,
-            message="a message to take")
-        return (properties.headers or {}).get("x-delivery-count", 0)
+        channel.basic_qos(prefetch_count=1)
+        # A consumer, as a worker is: a single-active-consumer quorum queue refuses basic.get.
+        for method, properties, _ in channel.consume(settings.event_queue,
+                                                     inactivity_timeout=15):
+            assert method is not None, "a message to take"
+            return (properties.headers or {}).get("x-delivery-count", 0)
     finally:
         connection.close()  # unacked: the broker returns the message and counts it
 
@@ -42,11 +44,12 @@ def test_the_service_declares_a_quorum_queue_and_applies_events_from_it(
     assert driver.wait_status(flow_id, "active")["statusReason"] == "orchestrator reported started"
     # Redeclaring with exactly these arguments succeeds only if the queue has them all.
     broker.queue_declare(quorum.event_queue, durable=True, arguments={
-        "x-queue-type": "quorum", "x-delivery-limit": 2,  # 3 deliveries = 2 returns
+        "x-queue-type": "quorum", "x-delivery-limit": 2, "x-single-active-consumer": True,  # 3 deliveries = 2 returns
         "x-dead-letter-exchange": "", "x-dead-letter-routing-key": bus.dead_letter_queue})
     with pytest.raises(pika.exceptions.ChannelClosedByBroker, match="x-queue-type"):
         broker.connection.channel().queue_declare(quorum.event_queue, durable=True, arguments={
-            "x-queue-type": "classic", "x-dead-letter-exchange": "",
+            "x-queue-type": "classic", "x-single-active-consumer": True,
+            "x-dead-letter-exchange": "",
             "x-dead-letter-routing-key": bus.dead_letter_queue})
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import threading
 import time
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 import pika
 import pika.exceptions
 
-from .events import back_off, broker_parameters, close_quietly
+from .events import abandon, back_off, broker_parameters, close_quietly
 from .metrics import Metrics
 from .services import FlowService, InvalidEvent
 from .settings import Settings
@@ -78,20 +77,6 @@ def declare_queues(channel: Any, settings: Settings) -> None:
         ) from None
     for name in BINDINGS:
         channel.queue_bind(settings.event_queue, settings.event_exchange, routing_key=name)
-
-
-def abandon(connection: Any) -> None:
-    """Drop a connection at once, as a crashed worker's would be (no cancel, no close)."""
-    transport = getattr(getattr(connection, "_impl", None), "_transport", None)
-    sock = getattr(transport, "_sock", None)
-    if sock is None:  # not connected, or another pika version: close as usual
-        close_quietly(connection)
-        return
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-        connection.process_data_events(0)  # pika sees the stream end and lets go
-    except (pika.exceptions.AMQPError, OSError):
-        pass
 
 
 def delivery_count(properties: Any) -> int:

@@ -89,6 +89,8 @@ class Runtime:
                 poll_seconds=settings.relay_poll_seconds,
                 lease_seconds=settings.relay_lease_seconds,
                 on_published=metrics.event_published,
+                # the history rules live in the service, built next
+                record_history=lambda flows: service.record_pending_history(flows),
             )
         service = FlowService(
             store,
@@ -96,7 +98,7 @@ class Runtime:
             bulk_max_items=settings.bulk_max_items,
             history_max_revisions=settings.history_max_revisions,
             references=ReferenceChecker(settings),
-            notify=outbox.wake if outbox else lambda: None,
+            relay=outbox,
             step_logs=StepLogClient(settings.logging_service_base_url, settings.iam_token,
                                     settings.logging_service_timeout_seconds)
             if settings.logging_service_base_url else None,

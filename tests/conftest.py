@@ -546,7 +546,7 @@ def launch(spawn: Callable[..., Served], bus: Bus) -> Callable[..., ServedDeploy
             served.wait_ready("/healthcheck")
         bus.wait_consumers(workers or 1, timeout=START_DEADLINE)
         for served in servers:
-            eventually(lambda: served.get("/healthcheck").json()["status"] == "pass",
+            eventually(lambda api=served: api.get("/healthcheck").json()["status"] == "pass",
                        START_DEADLINE, message="the served API to connect to RabbitMQ")
         return ServedDeployment(servers, crew)
 

@@ -6,7 +6,7 @@ import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from bson import ObjectId
 
@@ -22,7 +22,7 @@ from ..domain import (
 from ..events import pending_event
 from ..references import ReferenceChecker, ReferencesUnavailable
 from ..step_logs import StepLogClient
-from ..store import Store
+from ..store import Lease, Store
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,14 @@ def parse_if_match(header: str | None) -> tuple[int, ...] | None:
 
 
 
+class RelayLink(Protocol):
+    """What a use case needs of this process's outbox relay."""
+
+    def lease(self) -> Lease: ...
+
+    def hand_off(self, flow: Mapping[str, Any], lease: Lease | None) -> None: ...
+
+
 class UseCases:
     """The store, settings and helpers that the flow and lifecycle use cases share."""
 
@@ -140,7 +148,7 @@ class UseCases:
         bulk_max_items: int = 100,
         history_max_revisions: int = 100,
         references: ReferenceChecker | None = None,
-        notify: Callable[[], None] = lambda: None,
+        relay: RelayLink | None = None,
         step_logs: StepLogClient | None = None,
         ownership_policy: str = ownership.STRICT,
         max_list_bytes: int = 4 * 1024 * 1024,
@@ -153,7 +161,7 @@ class UseCases:
         self._step_logs = step_logs  # None when no logging service is configured
         self._history_max_revisions = history_max_revisions  # 0 keeps every revision
         self._references = references
-        self._notify = notify  # wakes the outbox relay after a write that queued events
+        self._relay = relay  # this process's outbox relay, when it runs one
 
     def _each(
         self,
@@ -216,9 +224,9 @@ class UseCases:
             raise InvalidFlow(f"at most {self._bulk_max_items} items per request "
                               f"(got {len(items)})")
 
-    def _notify_if(self, events: Sequence[Any]) -> None:
-        if events:
-            self._notify()
+    def _lease(self) -> Lease | None:
+        """The relay lease a write takes along (None when this process runs no relay)."""
+        return None if self._relay is None else self._relay.lease()
 
     @staticmethod
     def _change_event(name: str, principal: Principal, flow_id: ObjectId,

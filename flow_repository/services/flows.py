@@ -49,9 +49,11 @@ class FlowUseCases(HistoryRecorder):
     def create(self, principal: Principal, body: Any, *, token: str | None = None) -> Saved:
         """Store a new, inactive flow; unknown fields of the body are dropped and named."""
         document, ignored = self._new_flow(principal, body, token, Checks())
+        lease = self._lease()
+        if lease is not None:  # a new flow: no relay can hold it yet
+            document["relayLeaseOwner"], document["relayLeaseUntil"] = lease
         flow = self._store.insert(document)
-        self._record_history_after_write(flow)
-        self._notify()
+        self._after_write(flow, lease)
         log.info("flow created", extra={"flowId": str(flow["_id"])})
         return self._saved(public_flow(flow), ignored)
 
@@ -169,10 +171,10 @@ class FlowUseCases(HistoryRecorder):
                 changes=changes,
                 events=events,
                 history=entry,
+                lease=(lease := self._lease()),
             )
             if updated is not None:
-                self._record_history_after_write(updated)
-                self._notify()
+                self._after_write(updated, lease)
                 return public_flow(updated), ignored
         raise domain.Conflict(f"flow {raw_id} keeps changing; retry the update")
 
@@ -212,13 +214,14 @@ class FlowUseCases(HistoryRecorder):
             changes={"deletedAt": utcnow()},
             events=[self._change_event("flowrepo.flow.deleted", principal, flow_id)],
             history=deleted_entry(principal.sub),
+            lease=(lease := self._lease()),
         )
         if deleted is None:
             current = self._visible(principal, flow_id, raw_id)
             self._require_inactive(current, "deleted")
             self._require_revision(current, if_match)
             raise domain.Conflict(f"flow {raw_id} changed while it was being deleted; retry")
-        self._notify()
+        self._after_write(deleted, lease)
 
     def step_logs(self, principal: Principal, raw_id: Any, step_id: str, query: str) -> StepLogs:
         """The logs of one step of a flow the caller may see, from OIH's logging service."""

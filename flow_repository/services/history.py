@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -16,7 +16,7 @@ from .. import domain
 from ..auth import Principal
 from ..domain import FlowNotFound, InvalidFlow, iso
 from ..schemas import EDITABLE_FIELDS
-from ..store import StoreUnavailable, utcnow
+from ..store import Lease, StoreUnavailable, utcnow
 from .common import Saved, UseCases, parse_flow_id
 
 log = logging.getLogger(__name__)
@@ -94,20 +94,40 @@ class HistoryRecorder(UseCases):
     always has its entry and a refused one (no write) never has one.
     """
 
-    def _record_history(self, flow: Mapping[str, Any]) -> None:
-        pending = flow.get("historyOutbox") or []
-        if not pending or flow.get("deletedAt") is not None:
-            return  # a deleted flow's history is dropped with it
-        newest = flow["revision"]
-        first = newest - len(pending) + 1
-        entries = [{**entry, "flowId": flow["_id"], "revision": first + offset}
-                   for offset, entry in enumerate(pending)]
+    def record_pending_history(self, flows: Sequence[Mapping[str, Any]]
+                               ) -> dict[ObjectId, list[str]]:
+        """Write the pending history entries of ``flows`` in one call (old ones trimmed);
+        returns the entry ids written, per flow, for the caller to drop from the flows."""
+        entries = []
+        recorded: dict[ObjectId, list[str]] = {}
+        for flow in flows:
+            pending = flow.get("historyOutbox") or []
+            if not pending or flow.get("deletedAt") is not None:
+                continue  # a deleted flow's history is dropped with it
+            first = flow["revision"] - len(pending) + 1
+            entries += [{**entry, "flowId": flow["_id"], "revision": first + offset}
+                        for offset, entry in enumerate(pending)]
+            recorded[flow["_id"]] = [entry["entryId"] for entry in pending]
         history = self._store.history
         history.record(entries)
         keep = self._history_max_revisions
-        if keep and newest > keep:
-            history.trim(flow["_id"], newest - keep + 1)
-        self._store.drop_pending_history(flow["_id"], [entry["entryId"] for entry in pending])
+        for flow in flows:
+            if keep and flow["_id"] in recorded and flow["revision"] > keep:
+                history.trim(flow["_id"], flow["revision"] - keep + 1)
+        return recorded
+
+    def _record_history(self, flow: Mapping[str, Any]) -> None:
+        for flow_id, entry_ids in self.record_pending_history([flow]).items():
+            self._store.drop_pending_history(flow_id, entry_ids)
+
+    def _after_write(self, flow: Mapping[str, Any], lease: Lease | None) -> None:
+        """Hand a flow just written (asking for ``lease``) to this process's relay, which
+        records its history and publishes its events; with no relay here, record its
+        history now."""
+        if self._relay is not None:
+            self._relay.hand_off(flow, lease)
+        else:
+            self._record_history_after_write(flow)
 
     def _record_history_after_write(self, flow: Mapping[str, Any]) -> None:
         """Record right after a change; a failure here loses nothing (the entry waits)."""

@@ -57,7 +57,6 @@ class LifecycleUseCases(HistoryRecorder):
         changes, events = self._status_change(transition)
         updated = self._transit(flow_id, transition, changes, events, returning=REPORT_FIELDS)
         if updated is not None:
-            self._notify_if(events)
             return f"{transition.name}: flow is now {updated['status']}"
         current = self._store.get(flow_id)
         if current is None:
@@ -77,14 +76,13 @@ class LifecycleUseCases(HistoryRecorder):
             changes, events = self._status_change(orphaned)
             stopped = self._transit(flow_id, orphaned, changes, events, owner_ids=(owner_id,),
                                     owner_count=1, remove_owner=owner_id)
-            if stopped is not None:
-                self._notify()
-            else:
+            if stopped is None:
+                lease = self._lease()
                 removed = self._store.update(flow_id, owner_ids=(owner_id,),
                                              remove_owner=owner_id,
-                                             history=owner_removed_entry())
+                                             history=owner_removed_entry(), lease=lease)
                 if removed is not None:
-                    self._record_history_after_write(removed)
+                    self._after_write(removed, lease)
             changed += 1
         return changed
 
@@ -110,7 +108,6 @@ class LifecycleUseCases(HistoryRecorder):
             return 0
         log.warning("flow reconciled", extra={"flowId": str(flow["_id"]),
                                               "reason": transition.reason})
-        self._notify_if(events)
         return 1
 
     def _command(
@@ -129,7 +126,6 @@ class LifecycleUseCases(HistoryRecorder):
             raise domain.Conflict(
                 f"cannot {transition.name} flow {raw_id}: its status is {current['status']}"
             )
-        self._notify()
         return {"id": str(flow_id), "status": updated["status"]}
 
     def _transit(
@@ -147,15 +143,18 @@ class LifecycleUseCases(HistoryRecorder):
         """Apply a status change atomically; the flow after it, or None when refused.
 
         One attempt per allowed source status (the usual one first), so that the history
-        entry written with the change knows the status it left.
+        entry written with the change knows the status it left. With a relay in this
+        process the whole flow comes back: the relay renders the events from it.
         """
+        lease = self._lease()
         for source in sources or transition.sources:
             entry = status_entry(transition, source, changes["statusChangedAt"], sub)
             updated = self._store.update(flow_id, statuses=(source,), changes=changes,
-                                         events=events, history=entry, returning=returning,
-                                         **preconditions)
+                                         events=events, history=entry,
+                                         returning=returning if lease is None else None,
+                                         lease=lease, **preconditions)
             if updated is not None:
-                self._record_history_after_write(updated)
+                self._after_write(updated, lease)
                 return updated
         return None
 

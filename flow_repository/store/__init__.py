@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..settings import Settings
 from . import queries
-from .base import Store, StoreUnavailable, decode_keys, encode_keys, utcnow
+from .base import Lease, Store, StoreUnavailable, decode_keys, encode_keys, utcnow
 from .memory import MemoryFlowStore
 from .mongo import FlowStore
 
@@ -18,6 +18,7 @@ def open_store(settings: Settings) -> Store:
 
 __all__ = [
     "FlowStore",
+    "Lease",
     "MemoryFlowStore",
     "Store",
     "StoreUnavailable",

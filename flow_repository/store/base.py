@@ -6,11 +6,13 @@ import contextlib
 import re
 import threading
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 from bson import ObjectId
-from pymongo.errors import ConnectionFailure
+from pymongo import DeleteOne, UpdateOne
+from pymongo.errors import BulkWriteError, ConnectionFailure, DuplicateKeyError
 
 from ..domain import ListQuery
 
@@ -23,6 +25,11 @@ _KEY_ESCAPES = {"~": "~t", ".": "~d", "$": "~s", "\x00": "~0"}
 _KEY_UNESCAPES = {escaped[1]: raw for raw, escaped in _KEY_ESCAPES.items()}
 _NEEDS_ESCAPE = re.compile(r"[~.$\x00]")
 _ESCAPED = re.compile(r"~(.)", re.DOTALL)
+DUPLICATE_KEY = 11000
+
+
+# A relay lease a write may take along: the relay's id and when the lease ends.
+Lease = tuple[str, datetime]
 
 
 class StoreUnavailable(Exception):
@@ -46,6 +53,43 @@ def database_call(lock: threading.RLock | None) -> Iterator[None]:
                 yield
     except ConnectionFailure as error:
         raise StoreUnavailable(error) from error
+
+
+@dataclass(frozen=True)
+class Write:
+    """One write of a batch: an update (``change``; ``upsert``) or, without ``change``, a
+    delete of the one document ``filter`` matches."""
+
+    filter: Mapping[str, Any]
+    change: Mapping[str, Any] | None = None
+    upsert: bool = False
+
+
+def write_all(collection: Any, writes: Sequence[Write], *, real: bool) -> None:
+    """Apply ``writes`` in one round trip (``bulk_write``, unordered) on a real server; one
+    by one on mongomock, whose bulk API lags pymongo's. A duplicate key of an upsert is
+    not an error: a concurrent writer stored the same document first."""
+    if not writes:
+        return
+    if not real:
+        for write in writes:
+            try:
+                if write.change is None:
+                    collection.delete_one(write.filter)
+                else:
+                    collection.update_one(write.filter, write.change, upsert=write.upsert)
+            except DuplicateKeyError:
+                pass
+        return
+    try:
+        collection.bulk_write([
+            DeleteOne(write.filter) if write.change is None
+            else UpdateOne(write.filter, write.change, upsert=write.upsert)
+            for write in writes], ordered=False)
+    except BulkWriteError as error:
+        if any(failure.get("code") != DUPLICATE_KEY
+               for failure in error.details.get("writeErrors", [])):
+            raise
 
 
 def utcnow() -> datetime:
@@ -142,12 +186,17 @@ class Store(Protocol):
                changes: Mapping[str, Any] | None = None, remove_owner: str | None = None,
                events: Sequence[Mapping[str, Any]] = (),
                history: Mapping[str, Any],
-               returning: Sequence[str] | None = None) -> dict | None: ...
+               returning: Sequence[str] | None = None,
+               lease: Lease | None = None) -> dict | None: ...
     def drop_pending_history(self, flow_id: ObjectId, entry_ids: Sequence[str]) -> None: ...
     def pending_flows(self, limit: int) -> list[ObjectId]: ...
     def drop_published(self, flow_id: ObjectId, event_id: str) -> None: ...
     def release(self, flow_id: ObjectId, relay_id: str, *, deleted: bool = False) -> None: ...
-    def claim_batch(self, relay_id: str, lease: timedelta, limit: int) -> list[dict]: ...
+    def claim_batch(self, relay_id: str, lease: timedelta, limit: int,
+                    flow_ids: Sequence[ObjectId] | None = None) -> list[dict]: ...
+    def finish_batch(self, relay_id: str, *, published: Mapping[ObjectId, Sequence[str]],
+                     recorded: Mapping[ObjectId, Sequence[str]] | None = None,
+                     deleted: Sequence[ObjectId] = ()) -> None: ...
     def release_batch(self, relay_id: str, flow_ids: Sequence[ObjectId], *,
                       deleted: Sequence[ObjectId] = ()) -> None: ...
     def raw(self, flow_id: ObjectId) -> dict | None: ...

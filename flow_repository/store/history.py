@@ -10,9 +10,8 @@ from typing import Any, Protocol
 
 import pymongo
 from bson import ObjectId
-from pymongo.errors import DuplicateKeyError
 
-from .base import database_call, decode_keys, encode_keys, fresh_copy, stored_copy
+from .base import Write, database_call, decode_keys, encode_keys, fresh_copy, stored_copy, write_all
 
 COLLECTION = "flow_history"
 # Serves every read: one flow's entries by revision, newest first.
@@ -57,6 +56,8 @@ class HistoryStore(Protocol):
 
     def drop(self, flow_id: ObjectId) -> None: ...
 
+    def drop_flows(self, flow_ids: Sequence[ObjectId]) -> None: ...
+
     def pseudonymise(self, flow_id: ObjectId, real_id: str, pseudonym: str) -> int: ...
 
 
@@ -70,6 +71,7 @@ class MongoHistoryStore:
     def __init__(self, database: Any, lock: threading.RLock | None = None) -> None:
         self._entries = database[COLLECTION]
         self._lock = lock  # mongomock is not thread-safe: share the flow store's lock
+        self._real = isinstance(database, pymongo.database.Database)
 
     def _call(self) -> contextlib.AbstractContextManager[None]:
         return database_call(self._lock)
@@ -79,14 +81,12 @@ class MongoHistoryStore:
             self._entries.create_index(BY_FLOW_AND_REVISION, unique=True)
 
     def record(self, entries: Sequence[Mapping[str, Any]]) -> None:
+        """Write entries whose key is free, all in one round trip."""
+        writes = [Write({"flowId": entry["flowId"], "revision": entry["revision"]},
+                        {"$setOnInsert": encode_keys(dict(entry))}, upsert=True)
+                  for entry in entries]
         with self._call():
-            for entry in entries:
-                key = {"flowId": entry["flowId"], "revision": entry["revision"]}
-                try:
-                    self._entries.update_one(key, {"$setOnInsert": encode_keys(dict(entry))},
-                                             upsert=True)
-                except DuplicateKeyError:
-                    pass  # a concurrent writer stored the same entry first
+            write_all(self._entries, writes, real=self._real)
 
     def page(self, flow_id: ObjectId, page_number: int, page_size: int
              ) -> tuple[list[dict], int]:
@@ -134,8 +134,11 @@ class MongoHistoryStore:
             self._entries.delete_many({"flowId": flow_id, "revision": {"$lt": below_revision}})
 
     def drop(self, flow_id: ObjectId) -> None:
+        self.drop_flows([flow_id])
+
+    def drop_flows(self, flow_ids: Sequence[ObjectId]) -> None:
         with self._call():
-            self._entries.delete_many({"flowId": flow_id})
+            self._entries.delete_many({"flowId": {"$in": list(flow_ids)}})
 
     def pseudonymise(self, flow_id: ObjectId, real_id: str, pseudonym: str) -> int:
         # Read and replace entry by entry: array filters (owners.$[o]) are not in mongomock.
@@ -201,8 +204,12 @@ class MemoryHistoryStore:
                 del revisions[number]
 
     def drop(self, flow_id: ObjectId) -> None:
+        self.drop_flows([flow_id])
+
+    def drop_flows(self, flow_ids: Sequence[ObjectId]) -> None:
         with self._lock:
-            self._flows.pop(flow_id, None)
+            for flow_id in flow_ids:
+                self._flows.pop(flow_id, None)
 
     def pseudonymise(self, flow_id: ObjectId, real_id: str, pseudonym: str) -> int:
         changed = 0

@@ -20,7 +20,7 @@ from typing import Any
 from bson import ObjectId
 
 from ..domain import ListQuery
-from .base import encode_keys, fresh_copy, owned_by_any, stored_copy, utcnow
+from .base import Lease, encode_keys, fresh_copy, owned_by_any, stored_copy, utcnow
 from .history import MemoryHistoryStore
 
 SORT_FIELDS = ("createdAt", "updatedAt", "name")
@@ -374,6 +374,7 @@ class MemoryFlowStore:
         events: Sequence[Mapping[str, Any]] = (),
         history: Mapping[str, Any],
         returning: Sequence[str] | None = None,
+        lease: Lease | None = None,
     ) -> dict | None:
         """Apply one change atomically if every precondition holds; None when one does not.
 
@@ -395,6 +396,9 @@ class MemoryFlowStore:
                                         stored_copy(dict(history))]
             if events:
                 updated["outbox"] = [*current.get("outbox", []), *stored_copy(list(events))]
+            if lease is not None and not self._leased(current, utcnow()):
+                updated["relayLeaseOwner"] = lease[0]
+                updated["relayLeaseUntil"] = stored_copy(lease[1])
             if remove_owner is not None and isinstance(current.get("owners"), list):
                 updated["owners"] = [
                     owner for owner in current["owners"]
@@ -450,11 +454,37 @@ class MemoryFlowStore:
             self._store_unindexed(leased)
             return fresh_copy(leased)
 
-    def claim_batch(self, relay_id: str, lease: timedelta, limit: int) -> list[dict]:
-        """Lease up to ``limit`` claimable flows to ``relay_id`` at once, oldest waiting first."""
+    def claim_batch(self, relay_id: str, lease: timedelta, limit: int,
+                    flow_ids: Sequence[ObjectId] | None = None) -> list[dict]:
+        """Lease up to ``limit`` claimable flows to ``relay_id`` at once, oldest waiting first
+        (or those of ``flow_ids`` that are claimable, in that order)."""
         with self._lock:
-            leased = (self._claim(flow_id, relay_id, lease) for flow_id in self.pending_flows(limit))
+            candidates = self.pending_flows(limit) if flow_ids is None else flow_ids[:limit]
+            leased = (self._claim(flow_id, relay_id, lease) for flow_id in candidates)
             return [flow for flow in leased if flow is not None]
+
+    def finish_batch(self, relay_id: str, *, published: Mapping[ObjectId, Sequence[str]],
+                     recorded: Mapping[ObjectId, Sequence[str]] | None = None,
+                     deleted: Sequence[ObjectId] = ()) -> None:
+        """Drop published events and recorded history entries, give the leases back and
+        remove the ``deleted`` tombstones (see the MongoDB store)."""
+        with self._lock:
+            for flow_id, event_ids in published.items():
+                document = self._documents.get(_key(flow_id))
+                if document is None or document.get("relayLeaseOwner") != relay_id:
+                    continue  # the lease went to another relay: its events stay for it
+                if flow_id in deleted:
+                    self.history.drop(flow_id)
+                    self._remove(_key(flow_id))
+                    continue
+                outbox = [event for event in document.get("outbox", [])
+                          if not (isinstance(event, Mapping) and event.get("eventId") in event_ids)]
+                released = {name: value for name, value in document.items()
+                            if name not in ("relayLeaseUntil", "relayLeaseOwner")}
+                self._store_outbox({**released, "outbox": outbox})
+            for flow_id, entry_ids in (recorded or {}).items():
+                if flow_id not in deleted:
+                    self.drop_pending_history(flow_id, entry_ids)
 
     def drop_published(self, flow_id: ObjectId, event_id: str) -> None:
         """Remove one event from a flow's outbox once the broker has confirmed it."""

@@ -19,7 +19,17 @@ from pymongo.read_concern import ReadConcern
 from ..domain import ListQuery
 from ..settings import Settings
 from . import queries
-from .base import StoreUnavailable, database_call, decode_keys, encode_keys, owned_by_any, utcnow
+from .base import (
+    Lease,
+    StoreUnavailable,
+    Write,
+    database_call,
+    decode_keys,
+    encode_keys,
+    owned_by_any,
+    utcnow,
+    write_all,
+)
 from .history import HistoryStore, MemoryHistoryStore, MongoHistoryStore
 
 log = logging.getLogger(__name__)
@@ -230,6 +240,7 @@ class FlowStore:
         events: Sequence[Mapping[str, Any]] = (),
         history: Mapping[str, Any],
         returning: Sequence[str] | None = None,
+        lease: Lease | None = None,
     ) -> dict | None:
         """Apply one change atomically if every precondition holds; None when one does not.
 
@@ -240,6 +251,11 @@ class FlowStore:
         filter, so a concurrent change can never slip between a check and the write. The
         revision is incremented, and the change's events and its ``history`` entry are
         appended to the outbox and the history outbox, in the same write.
+
+        With ``lease`` (relay id, until) the write also leases the flow to that relay when
+        no relay holds it, so the writer's own relay publishes the events without claiming
+        them first (``relayLeaseOwner`` in the answer tells). When another relay holds the
+        lease (or a precondition fails) this costs a second attempt, without the lease.
         """
         conditions: dict[str, Any] = {"deletedAt": None}
         if owner_ids is not None:
@@ -265,10 +281,19 @@ class FlowStore:
             update["$push"]["outbox"] = {"$each": [encode_keys(dict(e)) for e in events]}
         if remove_owner is not None:
             update["$pull"] = {"owners": {"id": remove_owner}}
+        projection = None if returning is None else dict.fromkeys(returning, 1)
         with self._call():
-            return self._out(self._modify(
-                queries.by_id(flow_id, **conditions), update,
-                projection=None if returning is None else dict.fromkeys(returning, 1)))
+            if lease is not None:
+                relay_id, until = lease
+                leased_update = {**update, "$set": {**update["$set"], "relayLeaseOwner": relay_id,
+                                                    "relayLeaseUntil": until}}
+                lease_free = queries.by_id(flow_id, **conditions,
+                                           **queries.lease_free(utcnow()))
+                written = self._modify(lease_free, leased_update, projection=projection)
+                if written is not None:
+                    return self._out(written)
+            return self._out(self._modify(queries.by_id(flow_id, **conditions), update,
+                                          projection=projection))
 
     def drop_pending_history(self, flow_id: ObjectId, entry_ids: Sequence[str]) -> None:
         """Remove pending history entries once they are written to the history."""
@@ -285,13 +310,16 @@ class FlowStore:
             cursor = self._find(queries.claimable(utcnow()), {"_id": 1}).limit(limit)
             return [document["_id"] for document in cursor]
 
-    def claim_batch(self, relay_id: str, lease: timedelta, limit: int) -> list[dict]:
-        """Lease up to ``limit`` claimable flows to ``relay_id`` at once, oldest waiting first.
+    def claim_batch(self, relay_id: str, lease: timedelta, limit: int,
+                    flow_ids: Sequence[ObjectId] | None = None) -> list[dict]:
+        """Lease up to ``limit`` claimable flows to ``relay_id`` at once, oldest waiting first
+        (or those of ``flow_ids`` that are claimable, in that order).
 
         Three round trips for the whole batch (find the candidates, lease those still free,
-        read back the ones leased now), where claiming one flow at a time costs one each.
+        read back the ones leased now), where claiming one flow at a time costs one each;
+        two with ``flow_ids``.
         """
-        candidates = self.pending_flows(limit)
+        candidates = self.pending_flows(limit) if flow_ids is None else list(flow_ids)[:limit]
         if not candidates:
             return []
         now = utcnow()
@@ -336,6 +364,38 @@ class FlowStore:
                 if self._flows.find_one(done.filter, {"_id": 1}, **self._hint(done)) is not None:
                     self.history.drop(flow_id)
                     self._flows.find_one_and_delete(done.filter, {"_id": 1}, **self._hint(done))
+
+    def finish_batch(self, relay_id: str, *, published: Mapping[ObjectId, Sequence[str]],
+                     recorded: Mapping[ObjectId, Sequence[str]] | None = None,
+                     deleted: Sequence[ObjectId] = ()) -> None:
+        """What a relay does after a batch, in one round trip (two with ``deleted`` flows).
+
+        ``published``: the flows it held leases on, each with the events the broker has
+        confirmed; those events leave the outbox and the lease is given back, unless the
+        lease has gone to another relay meanwhile. ``recorded``: pending history entries
+        now written to the history, which leave the history outbox. ``deleted``: tombstones
+        whose events are all out; they are removed for good, their history first (a crash
+        in between leaves a hidden tombstone, never history that no flow answers for).
+        """
+        writes: list[Write] = []
+        for flow_id, event_ids in published.items():
+            if flow_id in deleted:
+                continue
+            change: dict[str, Any] = {"$unset": {"relayLeaseUntil": "", "relayLeaseOwner": ""}}
+            if event_ids:
+                change["$pull"] = {"outbox": {"eventId": {"$in": list(event_ids)}}}
+            writes.append(Write({"_id": flow_id, "relayLeaseOwner": relay_id}, change))
+        for flow_id, entry_ids in (recorded or {}).items():
+            if entry_ids and flow_id not in deleted:
+                writes.append(Write(
+                    {"_id": flow_id},
+                    {"$pull": {"historyOutbox": {"entryId": {"$in": list(entry_ids)}}}}))
+        if deleted:
+            self.history.drop_flows(deleted)
+        writes += [Write({"_id": flow_id, "relayLeaseOwner": relay_id,
+                          "deletedAt": {"$ne": None}}) for flow_id in deleted]
+        with self._call():
+            write_all(self._flows, writes, real=self._real)
 
     # ------------------------------------------------------------------------- test support
 

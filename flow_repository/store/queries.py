@@ -137,7 +137,12 @@ def pending() -> Find:
     return Find({PENDING_KEY: {"$exists": True}}, [(PENDING_KEY, ASC)], "outbox_pending")
 
 
+def lease_free(now: datetime) -> dict[str, Any]:
+    """The condition that no relay holds a live lease on a flow (missing, null or expired)."""
+    return {"relayLeaseUntil": {"$not": {"$gte": now}}}
+
+
 def claimable(now: datetime) -> Find:
     """Pending flows no relay holds a live lease on (missing, null or expired)."""
     scan = pending()
-    return Find({**scan.filter, "relayLeaseUntil": {"$not": {"$gte": now}}}, scan.sort, scan.hint)
+    return Find({**scan.filter, **lease_free(now)}, scan.sort, scan.hint)

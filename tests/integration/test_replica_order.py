@@ -14,7 +14,6 @@ import pytest
 from bson import ObjectId
 
 from flow_repository.consumer import QueueMismatch, StatusConsumer
-from flow_repository.domain import STATUSES
 from flow_repository.metrics import Metrics
 from support import eventually
 
@@ -94,7 +93,7 @@ def statuses(store, flows: list[str]) -> dict[str, int]:
                                             ("flow.failed", "stopping")])
 def test_back_to_back_reports_apply_in_order_with_three_consumers(
         make_app, drive, queue_settings, replicas, bus, store, last, expected) -> None:
-    deployment, driver, flows = started_flows(make_app, drive, queue_settings)
+    deployment, _, flows = started_flows(make_app, drive, queue_settings)
     consumers = [deployment.runtime.consumer]
     consumers += [replicas(deployment.runtime.service) for _ in range(REPLICAS - 1)]
     wait_registered(consumers)
@@ -115,7 +114,7 @@ def test_back_to_back_reports_apply_in_order_with_three_consumers(
 
 def test_a_failover_mid_stream_keeps_each_flows_order(
         make_app, drive, queue_settings, replicas, bus, store) -> None:
-    deployment, driver, flows = started_flows(make_app, drive, queue_settings)
+    deployment, _, flows = started_flows(make_app, drive, queue_settings)
     # The app's own consumer registered first and is the active one; stop it mid-stream.
     active = deployment.runtime.consumer
     standby = [replicas(deployment.runtime.service) for _ in range(REPLICAS - 1)]

@@ -64,6 +64,14 @@ class RecordingPublisher:
     def publish(self, message) -> None:
         self.names.append(message["headers"]["name"])
 
+    def publish_batch(self, messages, deadline: float) -> int:
+        for confirmed, message in enumerate(messages):
+            try:
+                self.publish(message)
+            except BrokerUnavailable as error:
+                raise BrokerUnavailable(error, confirmed) from error
+        return len(messages)
+
 
 def flow_with_two_pending_events(store: FlowStore) -> ObjectId:
     first = pending_event("flow.starting", status="starting")

@@ -228,6 +228,9 @@ class Settings:
             raise SettingsError("OWNERSHIP_POLICY must be strict or oih")
         if self.event_queue_type not in ("classic", "quorum"):
             raise SettingsError("EVENT_QUEUE_TYPE must be classic or quorum")
+        if self.health_port and self.health_port in (self.port, self.worker_health_port):
+            raise SettingsError(f"HEALTH_PORT={self.health_port} must differ from PORT and "
+                                "WORKER_HEALTH_PORT")
         if self.dev_tokens not in ("allow", "deny"):
             raise SettingsError(f"DEV_TOKENS must be allow or deny, got {self.dev_tokens!r}")
         for item in dataclasses.fields(self):

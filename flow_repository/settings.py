@@ -202,8 +202,9 @@ class Settings:
 
     @classmethod
     def env_names(cls) -> frozenset[str]:
-        """The environment variables this object reads."""
-        return frozenset(item.metadata["env"] for item in dataclasses.fields(cls))
+        """The environment variables this object reads (``*_FILE`` variants included)."""
+        return frozenset(item.metadata["env"] for item in dataclasses.fields(cls)) | \
+            cls.secret_file_names()
 
     @classmethod
     def secret_file_names(cls) -> frozenset[str]:

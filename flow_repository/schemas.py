@@ -12,6 +12,7 @@ from . import paging
 from .domain import (
     ACTIVE,
     INACTIVE,
+    INT64_MAX,
     MAX_NODE_ID_LENGTH,
     STATUSES,
     InvalidFlow,
@@ -72,7 +73,8 @@ class ObjectIdString(fields.String):
 class StrictInteger(fields.Field):
     """A number from a query string: ASCII digits only, parsed by domain.parse_number."""
 
-    def __init__(self, *, minimum: int = 0, maximum: int | None = None, **kwargs: Any) -> None:
+    def __init__(self, *, minimum: int = 0, maximum: int | None = INT64_MAX,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.minimum, self.maximum = minimum, maximum
         # The OpenAPI document shows an integer with its range.
@@ -273,7 +275,7 @@ class PageArgumentsSchema(Schema):
         unknown = EXCLUDE
 
     # No upper bound here: sizes above the configured maximum are clamped, not refused.
-    page_size = StrictInteger(data_key="page[size]", load_default=10, minimum=1)
+    page_size = StrictInteger(data_key="page[size]", load_default=10, minimum=1, maximum=None)
     page_number = StrictInteger(data_key="page[number]", load_default=1, minimum=1,
                                 maximum=1_000_000)
 

@@ -45,11 +45,14 @@ def flow_id(create: Callable[..., dict[str, Any]]) -> str:
     return create()["id"]
 
 
-@pytest.mark.parametrize("raw", ["\u00b9", "\u0663", "1_0", " 1", "+1", "9" * 19, ""])
+@pytest.mark.parametrize("raw", ["\u00b9", "\u0663", "1_0", " 1", "+1", "9" * 101, ""])
 def test_the_parser_takes_ascii_digits_only(raw: str) -> None:
     with pytest.raises(InvalidFlow, match="ASCII digits"):
         parse_number(raw, "page[size]")
     assert parse_number("0042", "page[size]") == 42
+    with pytest.raises(InvalidFlow, match="revision: must be 1 to 9223372036854775807"):
+        parse_number("9" * 19, "revision", minimum=1)  # more than MongoDB can compare
+    assert parse_number("9" * 20, "page[size]", maximum=None) == int("9" * 20)  # clamped later
 
 
 @pytest.mark.parametrize("path", ["/flows/{id}/revisions/%C2%B9", "/flows/{id}/revisions/%D9%A3",

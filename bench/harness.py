@@ -43,6 +43,7 @@ def base_env(secret_file: Path, mongodb_url: str | None, exchange: str, queue: s
     env = {key: value for key, value in os.environ.items() if key != "MONGODB_URL"}
     env.update(
         DEV_TOKEN_SECRET_FILE=str(secret_file),
+        DEV_TOKENS="allow",  # on a real MongoDB the served API refuses dev tokens otherwise
         LOG_LEVEL="WARNING",
         QUEUE_URL=queue_url,
         EVENT_EXCHANGE=exchange,

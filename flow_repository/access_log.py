@@ -8,19 +8,27 @@ from typing import Any
 
 from gunicorn.glogging import Logger
 
+from .redaction import redact
+
 
 def _text(value: Any) -> str | None:
-    """A WSGI string (bytes decoded as latin-1) as the UTF-8 text the client meant."""
+    """A WSGI string (bytes decoded as latin-1) as the UTF-8 text the client meant, with any
+    credential it holds (``?access_token=``, userinfo in a URL) redacted."""
     if value is None:
         return None
     try:
-        return str(value).encode("latin-1").decode("utf-8", "replace")
+        text = str(value).encode("latin-1").decode("utf-8", "replace")
     except UnicodeEncodeError:
-        return str(value)
+        text = str(value)
+    return redact(text)
 
 
 class JsonAccessLogger(Logger):
-    """Writes one JSON object per request; json.dumps escapes newlines, quotes and controls."""
+    """Writes one JSON object per request; json.dumps escapes newlines, quotes and controls.
+
+    Query, path, referer and user agent are redacted (flow_repository/redaction.py): clients
+    and proxies do put tokens in URLs.
+    """
 
     def access(self, resp: Any, req: Any, environ: dict, request_time: Any) -> None:
         if not self.access_log_enabled:

@@ -99,7 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
     if getattr(arguments, "handler", None) is not None:
         return client_cli.run(arguments)
-    settings = Settings.from_env()
+    try:
+        settings = Settings.from_env()
+    except SettingsError as error:  # names the setting, its value and its range
+        print(f"flow-repository {arguments.command}: {error}", file=sys.stderr)
+        return 2
     if arguments.command == "serve":
         return serve(settings)
     if arguments.command == "worker":

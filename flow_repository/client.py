@@ -18,7 +18,9 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 USER_AGENT = f"flow-repository-client/{_VERSION} python-requests/{requests.__version__}"
 MAX_PAGE_SIZE = 100  # today's maximum; a larger server maximum is used only if asked for
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+# DELETE is not here: a retried DELETE may remove a flow re-created meanwhile, so it is
+# retried only with If-Match (then it can remove nothing but the revision it names).
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT"})
 
 
 # ----------------------------------------------------------------------------- errors
@@ -217,7 +219,10 @@ class FlowRepositoryClient:
             headers["Authorization"] = f"Bearer {token}"
         if if_match is not None:
             headers["If-Match"] = if_match if isinstance(if_match, str) else f'"{if_match}"'
-        retry = method.upper() in IDEMPOTENT if idempotent is None else idempotent
+        if idempotent is None:
+            idempotent = method.upper() in IDEMPOTENT or (
+                method.upper() == "DELETE" and if_match is not None)
+        retry = idempotent
         attempts = 1 + (self.retries if retry else 0)
         for attempt in range(attempts):
             try:
@@ -307,8 +312,10 @@ class FlowRepositoryClient:
         return self._stored(response)
 
     def delete(self, flow_id: str, if_match: int | str | None = None) -> None:
-        """Delete an inactive flow; with ``if_match``, only at that revision."""
-        self.request("DELETE", f"/flows/{flow_id}", if_match=if_match)
+        """Delete an inactive flow; with ``if_match``, only at that revision. Retried only
+        with ``if_match``."""
+        self.request("DELETE", f"/flows/{flow_id}", if_match=if_match,
+                     idempotent=if_match is not None)
 
     def start(self, flow_id: str) -> dict[str, Any]:
         """Ask for a start; answers ``{id, status}`` (status ``starting``)."""

@@ -156,7 +156,14 @@ def register(commands: argparse._SubParsersAction) -> None:
                           help="a flow file or a folder of them")
     applying.add_argument("--dry-run", action="store_true", help="show the plan and stop")
     applying.add_argument("--prune", action="store_true",
-                          help="delete your flows that carry a sourceKey but have no file")
+                          help="delete your flows (you are among their owners as a user) "
+                               "that carry a sourceKey but have no file")
+    applying.add_argument("--all-visible", action="store_true",
+                          help="with --prune: consider every flow you can see, not only "
+                               "yours (for an administrator: the whole installation); asks "
+                               "for confirmation unless --yes")
+    applying.add_argument("-y", "--yes", action="store_true",
+                          help="do not ask before pruning with --all-visible")
     applying.add_argument("--restart", action="store_true",
                           help="stop a running flow that must change, change it, start it")
     applying.add_argument("--wait-timeout", type=float, default=120.0,
@@ -335,8 +342,12 @@ def _exit_code(changes: Sequence[Change]) -> int:
 
 
 def apply_files(client: FlowRepositoryClient, arguments: argparse.Namespace) -> int:
+    if arguments.all_visible and not arguments.prune:
+        _error("--all-visible only applies with --prune")
+        return USAGE
     manifests = load_manifests(arguments.filename)
-    plan = make_plan(client, manifests, prune=arguments.prune)
+    plan = make_plan(client, manifests, prune=arguments.prune,
+                     prune_all_visible=arguments.all_visible)
     as_json = arguments.output == "json"
     if not as_json:
         print_plan(plan, sys.stdout)
@@ -345,6 +356,12 @@ def apply_files(client: FlowRepositoryClient, arguments: argparse.Namespace) -> 
             _print_json({"plan": [c.summary() for c in plan.changes], "applied": False})
         _error("the plan has problems; nothing was applied")
         return INVALID
+    if (arguments.all_visible and plan.count("delete") and not arguments.dry_run
+            and not arguments.yes and not _confirmed(plan)):
+        if as_json:
+            _print_json({"plan": [c.summary() for c in plan.changes], "applied": False})
+        _error("not confirmed: nothing was applied (--yes confirms without asking)")
+        return USAGE
     if not arguments.dry_run:
         progress = Progress()
         options = ApplyOptions(
@@ -369,6 +386,18 @@ def apply_files(client: FlowRepositoryClient, arguments: argparse.Namespace) -> 
                        if change.outcome in ("created", "updated", "deleted"))
             print(f"Applied: {done} of {wanted} changes.")
     return _exit_code(plan.changes)
+
+
+def _confirmed(plan: Plan) -> bool:
+    """Ask on the terminal before pruning flows that may be other people's; no terminal: no."""
+    if not sys.stdin.isatty():
+        return False
+    deleted = [change for change in plan.changes if change.action == "delete"]
+    print(f"--all-visible: delete these {len(deleted)} flows, whoever owns them?",
+          file=sys.stderr)
+    for change in deleted:
+        print(f"  {change.flow_id} {change.name or ''} ({change.status})", file=sys.stderr)
+    return input("Type yes to go on: ").strip().lower() == "yes"
 
 
 def export_to(client: FlowRepositoryClient, arguments: argparse.Namespace) -> int:

@@ -72,6 +72,29 @@ def describe(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+# ASCII digits only (str.isdigit and int() also take "¹", "٣", "1_0", " 1"); at most 100,
+# so that int() stays cheap and never meets its digit limit.
+ASCII_NUMBER = re.compile(r"[0-9]{1,100}")
+INT64_MAX = 2**63 - 1  # what MongoDB can compare a number with
+
+
+def parse_number(raw: Any, what: str, minimum: int = 0,
+                 maximum: int | None = INT64_MAX) -> int:
+    """The one parser of numbers a client writes in a path, a query or a header.
+
+    InvalidFlow (400) names ``what`` when ``raw`` is anything but ASCII digits within
+    ``minimum``..``maximum`` (``None``: no upper bound, for values the caller clamps).
+    """
+    if not isinstance(raw, str) or not ASCII_NUMBER.fullmatch(raw):
+        raise InvalidFlow(f"{what}: must be a whole number written in ASCII digits, at most "
+                          f"100 of them (got {describe(raw)})")
+    value = int(raw)
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"at least {minimum}" if maximum is None else f"{minimum} to {maximum}"
+        raise InvalidFlow(f"{what}: must be {bound} (got {value})")
+    return value
+
+
 def is_object_id(value: Any) -> bool:
     return isinstance(value, str) and bool(OBJECT_ID.fullmatch(value))
 

@@ -297,9 +297,37 @@ class DryRunner:
         return DryRun(merged)
 
 
+# Validated (never stored) to learn who the caller is: the service adds the caller to the
+# owners of every flow it would create, as an owner of type user.
+WHOAMI_FLOW = {"name": "flow-repository apply: who am I", "graph": {
+    "nodes": [{"id": "probe", "componentId": "0" * 24, "function": "probe"}], "edges": []}}
+
+
+def caller_user_ids(client: FlowRepositoryClient) -> frozenset[str]:
+    """The caller's user id as the service sees it (empty when the service cannot say)."""
+    try:
+        flow = client.validate(WHOAMI_FLOW).flow or {}
+    except FlowRepositoryError:
+        return frozenset()
+    return frozenset(owner["id"] for owner in flow.get("owners") or []
+                     if isinstance(owner, Mapping) and owner.get("type") == "user"
+                     and isinstance(owner.get("id"), str))
+
+
+def owned_as_user(flow: Mapping[str, Any], user_ids: frozenset[str]) -> bool:
+    """True when one of ``user_ids`` is among the flow's owners as a user (not a tenant)."""
+    return any(isinstance(owner, Mapping) and owner.get("type") == "user"
+               and owner.get("id") in user_ids for owner in flow.get("owners") or [])
+
+
 def make_plan(client: FlowRepositoryClient, manifests: Sequence[Manifest],
-              prune: bool = False) -> Plan:
-    """Match files with stored flows (one list pass) and find what must change."""
+              prune: bool = False, prune_all_visible: bool = False) -> Plan:
+    """Match files with stored flows (one list pass) and find what must change.
+
+    ``prune`` deletes the labelled flows that have no file among those the caller owns as a
+    user; ``prune_all_visible`` among every flow the caller can see (an administrator sees
+    the whole installation: the CLI asks for confirmation first).
+    """
     stored_flows = list(client.list())
     by_id = {flow["id"]: flow for flow in stored_flows}
     by_key: dict[str, list[dict[str, Any]]] = {}
@@ -333,9 +361,15 @@ def make_plan(client: FlowRepositoryClient, manifests: Sequence[Manifest],
     if problems:
         raise ManifestError(problems)
     if prune:
+        user_ids = frozenset() if prune_all_visible else caller_user_ids(client)
+        if not prune_all_visible and not user_ids:
+            raise ManifestError([("--prune: the service did not say who you are (it has no "
+                                 "POST /flows/validate), so your flows cannot be told from "
+                                 "others'; use --all-visible to prune every flow you can see")])
         for flow in stored_flows:
             key = (flow.get("flowSettings") or {}).get(SOURCE_KEY)
-            if isinstance(key, str) and flow["id"] not in matched:
+            mine = prune_all_visible or owned_as_user(flow, user_ids)
+            if isinstance(key, str) and flow["id"] not in matched and mine:
                 changes.append(Change("delete", flow_id=flow["id"], name=flow.get("name"),
                                       key=key, revision=flow.get("revision"),
                                       status=flow.get("status", INACTIVE), stored=flow))

@@ -12,7 +12,11 @@ from flow_repository.settings import Settings
 
 _settings = Settings.from_env()
 
-bind = f"0.0.0.0:{_settings.port}"
+bind = [f"0.0.0.0:{_settings.port}"]
+if _settings.health_port:
+    # The kubelet's probes get a listener of their own (see gunicorn_worker.py): slow clients
+    # filling the API's connection slots cannot make /livez go unanswered.
+    bind.append(f"0.0.0.0:{_settings.health_port}")
 # The worker is gthread (threads, so pika's connections stay with the one relay thread that
 # uses each and nothing is monkey-patched) whose event loop reads every request in full before
 # a thread serves it, so slow or idle clients hold no thread; it also answers the errors

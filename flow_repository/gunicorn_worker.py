@@ -13,10 +13,17 @@ bounded too: a head may take ``MAX_HEAD_BYTES`` (431 beyond), a body ``MAX_BODY_
 worth together (503 for the connection that would go beyond). Everything else (threads,
 keep-alive, graceful shutdown, the relay and pika threads of the process) is gthread's,
 unchanged: nothing is monkey-patched.
+
+Connection slots (issue 16): ``worker_connections`` bounds the API's connections, but the
+listeners stay open when they are all taken, and a new connection then gets a quick 503 with
+Retry-After instead of waiting unanswered in the kernel's backlog. With ``HEALTH_PORT`` set,
+a second listener serves /livez, /readyz and /healthcheck only, from slots of its own
+(``HEALTH_CONNECTIONS``), so slow clients of the API port can never starve the kubelet's probes.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import selectors
@@ -37,6 +44,8 @@ MAX_CHUNK_LINE = 1024  # a chunk-size line, extensions included
 CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}")  # int(..., 16) alone would take "-1", "0x1"
 BUFFER_BUDGET_BODIES = 64  # requests being received by one worker hold at most this many bodies
 REFUSED = "refused by the HTTP server before reaching the application"
+HEALTH_CONNECTIONS = 16  # connections the health listener holds at once, beside the API's
+HEALTH_PATHS = frozenset({b"/livez", b"/readyz", b"/healthcheck"})
 
 
 def error_bytes(status: int, reason: str, message: str, extra_headers: str = "") -> bytes:
@@ -216,6 +225,29 @@ class RequestBuffer:
         return b"\r\n".join(kept) + b"\r\n\r\n" + bytes(self.data[self.head_end:])
 
 
+class HealthConn(TConn):
+    """A connection of the health listener; tells the worker once when it is closed."""
+
+    def __init__(self, *args: Any, closed: Any) -> None:
+        super().__init__(*args)
+        self._closed = closed
+
+    def close(self, graceful: bool = False) -> None:
+        super().close(graceful)
+        closed, self._closed = self._closed, None
+        if closed is not None:
+            closed()
+
+
+def health_request(head: bytes) -> bool:
+    """True for a GET or HEAD of a health route (query and trailing slash allowed)."""
+    parts = head.split(b"\r\n", 1)[0].split(b" ")
+    if len(parts) != 3 or parts[0] not in (b"GET", b"HEAD"):
+        return False
+    path = parts[1].split(b"?", 1)[0]
+    return path.rstrip(b"/") in HEALTH_PATHS
+
+
 @dataclass
 class Reading:
     """A connection whose request is still arriving."""
@@ -233,6 +265,66 @@ class BufferedThreadWorker(JsonErrorWorker):
         # Touched by the event loop thread only.
         self._reading: dict[TConn, Reading] = {}
         self._buffered = 0  # bytes held by all of self._reading
+        self._health_open = 0  # connections of the health listener, counted in nr_conns too
+
+    def _health_port(self) -> int:
+        runtime = getattr(self.wsgi, "extensions", {}).get("flow_repository")
+        return runtime.settings.health_port if runtime is not None else 0
+
+    def _is_health(self, listener: Any) -> bool:
+        port = self._health_port()
+        try:
+            return bool(port) and listener.getsockname()[1] == port
+        except (OSError, IndexError, TypeError):
+            return False
+
+    def set_accept_enabled(self, enabled: bool) -> None:
+        """Listeners stay registered while the worker runs: past the bound, accept() answers
+        503 at once rather than leaving connections (and the health port) unanswered."""
+        super().set_accept_enabled(enabled or self.alive)
+
+    def accept(self, listener: Any) -> None:
+        health = self._is_health(listener)
+        if health:
+            full = self._health_open >= HEALTH_CONNECTIONS
+        else:
+            full = self.nr_conns - self._health_open >= self.worker_connections
+        try:
+            client_sock, client_addr = listener.accept()
+        except OSError as error:
+            if error.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                raise
+            return
+        if full:
+            self._refuse(client_sock)
+            return
+        self.nr_conns += 1
+        client_sock.setblocking(True)
+        if health:
+            self._health_open += 1
+            conn: TConn = HealthConn(self.cfg, client_sock, client_addr,
+                                     listener.getsockname(), closed=self._health_closed)
+        else:
+            conn = TConn(self.cfg, client_sock, client_addr, listener.getsockname())
+        self.enqueue_req(conn)
+
+    def _health_closed(self) -> None:
+        self._health_open -= 1
+
+    @staticmethod
+    def _refuse(sock: socket.socket) -> None:
+        """Every slot is taken: a quick 503, then close (no thread, no buffer, no wait)."""
+        try:
+            sock.setblocking(False)
+            sock.send(error_bytes(503, "Service Unavailable",
+                                  "Every connection slot is busy; retry.", "Retry-After: 1\r\n"))
+            # What the client already sent is read, so that closing does not reset the
+            # connection before the client has read the answer.
+            sock.recv(RECV_SIZE)
+        except OSError:
+            pass
+        finally:
+            sock.close()
 
     def _limits(self) -> tuple[float, int]:
         runtime = getattr(self.wsgi, "extensions", {}).get("flow_repository")
@@ -312,6 +404,11 @@ class BufferedThreadWorker(JsonErrorWorker):
         return False
 
     def _hand_over(self, conn: TConn, reading: Reading, registered: bool) -> None:
+        if isinstance(conn, HealthConn) and not health_request(bytes(reading.buffer.data[:512])):
+            self._answer(conn, registered, error_bytes(
+                404, "Not Found", "The health port serves /livez, /readyz and /healthcheck "
+                                  "only."))
+            return
         if registered:
             self.poller.unregister(conn.sock)
         del self._reading[conn]

@@ -8,17 +8,21 @@ import logging
 import sys
 from datetime import UTC, datetime
 
+from .redaction import redact, redact_value
+
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "request_id", default=None
 )
 # Attributes every LogRecord has; anything else was passed through ``extra=`` and is logged.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
-# Never let a credential reach the log, whatever a caller passes in ``extra``.
-_SECRET_KEYS = {"authorization", "token", "password", "secret", "iam_token", "access_token"}
 
 
 class JsonFormatter(logging.Formatter):
-    """Render a record as a single JSON line."""
+    """Render a record as a single JSON line, with every credential in it redacted.
+
+    Message, ``extra`` fields and tracebacks all pass through redaction.redact: a token in a
+    query string, an Authorization value or a password in a URL never reaches the log.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -27,16 +31,16 @@ class JsonFormatter(logging.Formatter):
             ),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": redact(record.getMessage()),
         }
         request_id = REQUEST_ID.get()
         if request_id:
             entry["requestId"] = request_id
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
-                entry[key] = "[redacted]" if key.lower() in _SECRET_KEYS else value
+                entry[key] = redact_value(value, key)
         if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+            entry["exception"] = redact(self.formatException(record.exc_info))
         return json.dumps(entry, default=str)
 
 

@@ -6,6 +6,12 @@ import math
 from collections.abc import Sequence
 
 
+def clamp_page_size(requested: int, maximum: int) -> int:
+    """``page[size]`` above the configured maximum is clamped to it, never refused (OIH's
+    clients ask for 1000); meta.perPage then tells the size used. Every list uses this."""
+    return min(requested, maximum)
+
+
 def page_size_within(sizes: Sequence[int], offset: int, page_size: int, budget: int) -> int:
     """The page size to answer with so that the page's items fit in ``budget`` bytes.
 

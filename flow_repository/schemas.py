@@ -8,9 +8,11 @@ from typing import Any, ClassVar
 from croniter import croniter
 from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, validate
 
+from . import paging
 from .domain import (
     ACTIVE,
     INACTIVE,
+    INT64_MAX,
     MAX_NODE_ID_LENGTH,
     STATUSES,
     InvalidFlow,
@@ -19,6 +21,7 @@ from .domain import (
     describe,
     graph_problems,
     is_object_id,
+    parse_number,
 )
 
 SEARCH_MAX_LENGTH = 200
@@ -65,6 +68,27 @@ class ObjectIdString(fields.String):
         if not is_object_id(text):
             raise self.make_error("invalid_object_id")
         return text
+
+
+class StrictInteger(fields.Field):
+    """A number from a query string: ASCII digits only, parsed by domain.parse_number."""
+
+    def __init__(self, *, minimum: int = 0, maximum: int | None = INT64_MAX,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.minimum, self.maximum = minimum, maximum
+        # The OpenAPI document shows an integer with its range.
+        self.metadata = {**self.metadata, "type": "integer", "minimum": minimum,
+                         **({"maximum": maximum} if maximum is not None else {})}
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> int:
+        try:
+            return parse_number(value, "", self.minimum, self.maximum)
+        except InvalidFlow as error:
+            raise ValidationError(error.message.removeprefix(": ")) from None
+
+    def _serialize(self, value: Any, attr: Any, obj: Any, **kwargs: Any) -> Any:
+        return value
 
 
 class CronString(fields.String):
@@ -251,10 +275,9 @@ class PageArgumentsSchema(Schema):
         unknown = EXCLUDE
 
     # No upper bound here: sizes above the configured maximum are clamped, not refused.
-    page_size = fields.Integer(data_key="page[size]", load_default=10,
-                               validate=validate.Range(min=1))
-    page_number = fields.Integer(data_key="page[number]", load_default=1,
-                                 validate=validate.Range(1, 1_000_000))
+    page_size = StrictInteger(data_key="page[size]", load_default=10, minimum=1, maximum=None)
+    page_number = StrictInteger(data_key="page[number]", load_default=1, minimum=1,
+                                maximum=1_000_000)
 
 
 class ListArgumentsSchema(PageArgumentsSchema):
@@ -274,8 +297,8 @@ class DiffArgumentsSchema(Schema):
     class Meta:
         unknown = EXCLUDE
 
-    source = fields.Integer(data_key="from", required=True, validate=validate.Range(min=1))
-    target = fields.Integer(data_key="to", validate=validate.Range(min=1))
+    source = StrictInteger(data_key="from", required=True, minimum=1)
+    target = StrictInteger(data_key="to", minimum=1)
 
 
 class RestoreInputSchema(Schema):
@@ -350,7 +373,7 @@ def list_query(arguments: Mapping[str, Any], max_page_size: int) -> ListQuery:
     sort = arguments.get("sort") or "createdAt"
     status = arguments.get("status")
     return ListQuery(
-        page_size=min(arguments["page_size"], max_page_size),
+        page_size=paging.clamp_page_size(arguments["page_size"], max_page_size),
         page_number=arguments["page_number"],
         status=STATUS_CODES.get(status, status),
         type=arguments.get("type"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,17 +14,26 @@ class SettingsError(ValueError):
     """An environment variable holds a value the service cannot use."""
 
 
+ASCII_INTEGER = re.compile(r"[+-]?[0-9]{1,18}")  # int() alone takes "٣", "1_0", " 1 "
+
+
 def _text(raw: str) -> str | None:
     value = raw.strip()
     return value or None
 
 
 def _integer(raw: str) -> int:
-    return int(raw.strip())
+    value = raw.strip()
+    if not ASCII_INTEGER.fullmatch(value):
+        raise ValueError(f"expected an integer in ASCII digits, got {raw!r}")
+    return int(value)
 
 
 def _number(raw: str) -> float:
-    return float(raw.strip())
+    value = raw.strip()
+    if not value.isascii():
+        raise ValueError(f"expected a number in ASCII digits, got {raw!r}")
+    return float(value)
 
 
 def _flag(raw: str) -> bool:
@@ -43,18 +53,55 @@ def _names(raw: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in raw.split(",") if part.strip())
 
 
-def _setting(env: str, default: Any, parse: Callable[[str], Any] = _text) -> Any:
-    return field(default=default, metadata={"env": env, "parse": parse})
+@dataclass(frozen=True)
+class Bounds:
+    """The documented range of a number setting; ``above`` excludes the lower bound."""
+
+    low: float
+    high: float
+    above: bool = False
+
+    def admits(self, value: float) -> bool:
+        # Written so that NaN is refused: every comparison with it is false.
+        return (value > self.low if self.above else value >= self.low) and value <= self.high
+
+    def text(self) -> str:
+        high = f"{self.high:g}"
+        return f"> {self.low:g} and <= {high}" if self.above else f"{self.low:g} to {high}"
+
+
+def positive(high: float) -> Bounds:
+    return Bounds(0, high, above=True)
+
+
+MIB = 1024 * 1024
+
+
+def _setting(env: str, default: Any, parse: Callable[[str], Any] = _text,
+             bounds: Bounds | None = None, *, secret: bool = False) -> Any:
+    """A field read from ``env``; a ``secret`` one may instead be read from ``{env}_FILE``."""
+    return field(default=default, metadata={"env": env, "parse": parse, "bounds": bounds,
+                                            "secret": secret})
+
+
+def _read_secret_file(name: str, path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as error:
+        raise SettingsError(f"{name}_FILE: cannot read {path}: "
+                            f"{type(error).__name__}") from None
 
 
 @dataclass(frozen=True)
 class Settings:
     """Every knob of the service; field metadata names the environment variable."""
 
-    port: int = _setting("PORT", 3001, _integer)
-    mongodb_url: str | None = _setting("MONGODB_URL", None)
-    mongodb_timeout_ms: int = _setting("MONGODB_TIMEOUT_MS", 5000, _integer)
-    queue_url: str = _setting("QUEUE_URL", "amqp://guest:guest@localhost:5672")
+    port: int = _setting("PORT", 3001, _integer, Bounds(1, 65535))
+    health_port: int = _setting("HEALTH_PORT", 0, _integer, Bounds(0, 65535))
+    mongodb_url: str | None = _setting("MONGODB_URL", None, secret=True)
+    mongodb_timeout_ms: int = _setting("MONGODB_TIMEOUT_MS", 5000, _integer, Bounds(1, 600_000))
+    queue_url: str = _setting("QUEUE_URL", "amqp://guest:guest@localhost:5672", secret=True)
     event_exchange: str = _setting("EVENT_EXCHANGE", "event-bus")
     event_queue: str = _setting("EVENT_QUEUE", "flow-repository")
     event_queue_type: str = _setting("EVENT_QUEUE_TYPE", "classic", _lower)
@@ -62,58 +109,72 @@ class Settings:
     introspect_type: str | None = _setting("INTROSPECT_TYPE", None)
     introspect_endpoint_basic: str | None = _setting("INTROSPECT_ENDPOINT_BASIC", None)
     introspect_endpoint_oidc: str | None = _setting("INTROSPECT_ENDPOINT_OIDC", None)
-    iam_token: str | None = _setting("IAM_TOKEN", None)
+    iam_token: str | None = _setting("IAM_TOKEN", None, secret=True)
     oidc_client_id: str | None = _setting("OIDC_CLIENT_ID", None)
-    oidc_client_secret: str | None = _setting("OIDC_CLIENT_SECRET", None)
-    iam_token_cache_ttl: float = _setting("IAM_TOKEN_CACHE_TTL", 60.0, _number)
-    iam_timeout_seconds: float = _setting("IAM_TIMEOUT_SECONDS", 5.0, _number)
-    jwt_secret: str | None = _setting("JWT_SECRET", None)
-    jwt_public_key: str | None = _setting("JWT_PUBLIC_KEY", None)
+    oidc_client_secret: str | None = _setting("OIDC_CLIENT_SECRET", None, secret=True)
+    iam_token_cache_ttl: float = _setting("IAM_TOKEN_CACHE_TTL", 60.0, _number, Bounds(0, 86400))
+    iam_timeout_seconds: float = _setting("IAM_TIMEOUT_SECONDS", 5.0, _number, positive(300))
+    jwt_secret: str | None = _setting("JWT_SECRET", None, secret=True)
+    jwt_public_key: str | None = _setting("JWT_PUBLIC_KEY", None, secret=True)
     jwt_jwks_url: str | None = _setting("JWT_JWKS_URL", None)
     jwt_audience: str | None = _setting("JWT_AUDIENCE", None)
     jwt_issuer: str | None = _setting("JWT_ISSUER", None)
     dev_token_secret_file: str | None = _setting("DEV_TOKEN_SECRET_FILE", None)
+    # Outside embedded mode development tokens are refused unless this says "allow".
+    dev_tokens: str = _setting("DEV_TOKENS", "deny", _lower)
 
     flow_read_permission: str = _setting("FLOW_READ_PERMISSION", "flows.read")
     flow_write_permission: str = _setting("FLOW_WRITE_PERMISSION", "flows.write")
     flow_control_permission: str = _setting("FLOW_CONTROL_PERMISSION", "flows.control")
     flow_bulk_permission: str = _setting("FLOW_BULK_PERMISSION", "flows.bulk")
     origin_whitelist: tuple[str, ...] = _setting("ORIGINWHITELIST", (), _names)
-    ownership_policy: str = _setting("OWNERSHIP_POLICY", "strict", lambda raw: raw.strip().lower())
+    ownership_policy: str = _setting("OWNERSHIP_POLICY", "strict", _lower)
 
-    max_body_bytes: int = _setting("MAX_BODY_BYTES", 1024 * 1024, _integer)
-    max_page_size: int = _setting("MAX_PAGE_SIZE", 1000, _integer)
+    # 16 MiB: MongoDB's largest document, which a flow must fit in.
+    max_body_bytes: int = _setting("MAX_BODY_BYTES", MIB, _integer, Bounds(1, 16 * MIB))
+    max_page_size: int = _setting("MAX_PAGE_SIZE", 1000, _integer, Bounds(1, 10_000))
     logging_service_base_url: str | None = _setting("LOGGING_SERVICE_BASE_URL", None)
     logging_service_timeout_seconds: float = _setting("LOGGING_SERVICE_TIMEOUT_SECONDS",
-                                                      10.0, _number)
-    bulk_max_items: int = _setting("BULK_MAX_ITEMS", 100, _integer)
-    max_list_bytes: int = _setting("MAX_LIST_BYTES", 4 * 1024 * 1024, _integer)
+                                                      10.0, _number, positive(600))
+    bulk_max_items: int = _setting("BULK_MAX_ITEMS", 100, _integer, Bounds(1, 10_000))
+    max_list_bytes: int = _setting("MAX_LIST_BYTES", 4 * MIB, _integer, Bounds(1, 256 * MIB))
 
-    history_max_revisions: int = _setting("HISTORY_MAX_REVISIONS", 100, _integer)
+    history_max_revisions: int = _setting("HISTORY_MAX_REVISIONS", 100, _integer,
+                                          Bounds(0, 1_000_000))
     component_repository_url: str | None = _setting("COMPONENT_REPOSITORY_URL", None)
     secret_service_url: str | None = _setting("SECRET_SERVICE_URL", None)
     template_repository_url: str | None = _setting("TEMPLATE_REPOSITORY_URL", None)
-    reference_cache_seconds: float = _setting("REFERENCE_CACHE_SECONDS", 30.0, _number)
-    reference_timeout_seconds: float = _setting("REFERENCE_TIMEOUT_SECONDS", 5.0, _number)
+    reference_cache_seconds: float = _setting("REFERENCE_CACHE_SECONDS", 30.0, _number,
+                                              Bounds(0, 86400))
+    reference_timeout_seconds: float = _setting("REFERENCE_TIMEOUT_SECONDS", 5.0, _number,
+                                                positive(300))
 
-    start_timeout_seconds: float = _setting("START_TIMEOUT_SECONDS", 120.0, _number)
-    stop_timeout_seconds: float = _setting("STOP_TIMEOUT_SECONDS", 120.0, _number)
-    reconcile_interval_seconds: float = _setting("RECONCILE_INTERVAL_SECONDS", 10.0, _number)
-    relay_poll_seconds: float = _setting("RELAY_POLL_SECONDS", 1.0, _number)
-    relay_lease_seconds: float = _setting("RELAY_LEASE_SECONDS", 30.0, _number)
-    consumer_max_attempts: int = _setting("CONSUMER_MAX_ATTEMPTS", 5, _integer)
-    consumer_prefetch: int = _setting("CONSUMER_PREFETCH", 64, _integer)
+    start_timeout_seconds: float = _setting("START_TIMEOUT_SECONDS", 120.0, _number,
+                                            positive(86400))
+    stop_timeout_seconds: float = _setting("STOP_TIMEOUT_SECONDS", 120.0, _number,
+                                           positive(86400))
+    # Lower bounds keep the loops from spinning: 0 would busy-loop or publish nothing.
+    reconcile_interval_seconds: float = _setting("RECONCILE_INTERVAL_SECONDS", 10.0, _number,
+                                                 Bounds(0.05, 3600))
+    relay_poll_seconds: float = _setting("RELAY_POLL_SECONDS", 1.0, _number, Bounds(0.05, 60))
+    relay_lease_seconds: float = _setting("RELAY_LEASE_SECONDS", 30.0, _number, Bounds(1, 3600))
+    consumer_max_attempts: int = _setting("CONSUMER_MAX_ATTEMPTS", 5, _integer, Bounds(1, 1000))
+    consumer_prefetch: int = _setting("CONSUMER_PREFETCH", 64, _integer, Bounds(1, 65535))
     run_relay_in_api: bool = _setting("RUN_RELAY_IN_API", True, _flag)
-    worker_health_port: int = _setting("WORKER_HEALTH_PORT", 9102, _integer)
-    metrics_token: str | None = _setting("METRICS_TOKEN", None)
-    metrics_flow_count_seconds: float = _setting("METRICS_FLOW_COUNT_SECONDS", 15.0, _number)
+    worker_health_port: int = _setting("WORKER_HEALTH_PORT", 9102, _integer, Bounds(1, 65535))
+    metrics_token: str | None = _setting("METRICS_TOKEN", None, secret=True)
+    metrics_flow_count_seconds: float = _setting("METRICS_FLOW_COUNT_SECONDS", 15.0, _number,
+                                                 Bounds(0, 3600))
 
-    web_concurrency: int = _setting("WEB_CONCURRENCY", 2, _integer)
-    gunicorn_threads: int = _setting("GUNICORN_THREADS", 4, _integer)
-    gunicorn_timeout: int = _setting("GUNICORN_TIMEOUT", 30, _integer)
-    gunicorn_graceful_timeout: int = _setting("GUNICORN_GRACEFUL_TIMEOUT", 20, _integer)
-    gunicorn_request_timeout: float = _setting("GUNICORN_REQUEST_TIMEOUT", 30.0, _number)
-    gunicorn_max_connections: int = _setting("GUNICORN_MAX_CONNECTIONS", 1000, _integer)
+    web_concurrency: int = _setting("WEB_CONCURRENCY", 2, _integer, Bounds(1, 64))
+    gunicorn_threads: int = _setting("GUNICORN_THREADS", 4, _integer, Bounds(1, 256))
+    gunicorn_timeout: int = _setting("GUNICORN_TIMEOUT", 30, _integer, Bounds(1, 3600))
+    gunicorn_graceful_timeout: int = _setting("GUNICORN_GRACEFUL_TIMEOUT", 20, _integer,
+                                              Bounds(0, 3600))
+    gunicorn_request_timeout: float = _setting("GUNICORN_REQUEST_TIMEOUT", 30.0, _number,
+                                               positive(3600))
+    gunicorn_max_connections: int = _setting("GUNICORN_MAX_CONNECTIONS", 1000, _integer,
+                                             Bounds(1, 100_000))
     log_level: str = _setting("LOG_LEVEL", "INFO")
 
     @classmethod
@@ -123,9 +184,15 @@ class Settings:
         values: dict[str, Any] = {}
         for item in dataclasses.fields(cls):
             name = item.metadata["env"]
-            if name in environ:
+            raw = environ.get(name)
+            file_name = f"{name}_FILE"
+            if item.metadata["secret"] and environ.get(file_name):
+                if raw is not None:
+                    raise SettingsError(f"set {name} or {file_name}, not both")
+                raw = _read_secret_file(name, environ[file_name])
+            if raw is not None:
                 try:
-                    values[item.name] = item.metadata["parse"](environ[name])
+                    values[item.name] = item.metadata["parse"](raw)
                 except ValueError as error:
                     raise SettingsError(f"{name}: {error}") from None
         values.update(overrides)
@@ -135,8 +202,21 @@ class Settings:
 
     @classmethod
     def env_names(cls) -> frozenset[str]:
-        """The environment variables this object reads."""
-        return frozenset(item.metadata["env"] for item in dataclasses.fields(cls))
+        """The environment variables this object reads (``*_FILE`` variants included)."""
+        return frozenset(item.metadata["env"] for item in dataclasses.fields(cls)) | \
+            cls.secret_file_names()
+
+    @classmethod
+    def secret_file_names(cls) -> frozenset[str]:
+        """The ``*_FILE`` variables that may hold a secret setting's value instead."""
+        return frozenset(f"{item.metadata['env']}_FILE" for item in dataclasses.fields(cls)
+                         if item.metadata["secret"])
+
+    @classmethod
+    def bounds(cls) -> dict[str, Bounds]:
+        """The documented range of every number setting, by environment variable."""
+        return {item.metadata["env"]: item.metadata["bounds"] for item in dataclasses.fields(cls)
+                if item.metadata["bounds"] is not None}
 
     def check(self) -> None:
         """Refuse combinations that would leave the service misconfigured."""
@@ -149,31 +229,27 @@ class Settings:
             raise SettingsError("OWNERSHIP_POLICY must be strict or oih")
         if self.event_queue_type not in ("classic", "quorum"):
             raise SettingsError("EVENT_QUEUE_TYPE must be classic or quorum")
-        positive = {
-            "PORT": self.port,
-            "MAX_BODY_BYTES": self.max_body_bytes,
-            "MAX_PAGE_SIZE": self.max_page_size,
-            "LOGGING_SERVICE_TIMEOUT_SECONDS": self.logging_service_timeout_seconds,
-            "BULK_MAX_ITEMS": self.bulk_max_items,
-            "MAX_LIST_BYTES": self.max_list_bytes,
-            "CONSUMER_MAX_ATTEMPTS": self.consumer_max_attempts,
-            "CONSUMER_PREFETCH": self.consumer_prefetch,
-            "WEB_CONCURRENCY": self.web_concurrency,
-            "GUNICORN_THREADS": self.gunicorn_threads,
-            "GUNICORN_REQUEST_TIMEOUT": self.gunicorn_request_timeout,
-            "GUNICORN_MAX_CONNECTIONS": self.gunicorn_max_connections,
-        }
-        for name, value in positive.items():
-            if value <= 0:
-                raise SettingsError(f"{name} must be positive, got {value}")
-        if self.history_max_revisions < 0:
-            raise SettingsError("HISTORY_MAX_REVISIONS must be 0 (keep all) or more, "
-                                f"got {self.history_max_revisions}")
+        if self.health_port and self.health_port in (self.port, self.worker_health_port):
+            raise SettingsError(f"HEALTH_PORT={self.health_port} must differ from PORT and "
+                                "WORKER_HEALTH_PORT")
+        if self.dev_tokens not in ("allow", "deny"):
+            raise SettingsError(f"DEV_TOKENS must be allow or deny, got {self.dev_tokens!r}")
+        for item in dataclasses.fields(self):
+            bounds = item.metadata["bounds"]
+            value = getattr(self, item.name)
+            if bounds is not None and not bounds.admits(value):
+                raise SettingsError(f"{item.metadata['env']}={value!r} is out of range: "
+                                    f"it must be {bounds.text()}")
 
     @property
     def embedded(self) -> bool:
         """True when no MongoDB is configured and the in-memory store is used."""
         return not self.mongodb_url
+
+    @property
+    def dev_tokens_allowed(self) -> bool:
+        """Whether development tokens may be the identity check (embedded, or DEV_TOKENS)."""
+        return self.embedded or self.dev_tokens == "allow"
 
     @property
     def auth_mode(self) -> str:

@@ -135,6 +135,7 @@ def settings(tmp_path, run_id: str, mongodb_url: str | None) -> Settings:
         event_exchange=f"test-event-bus-{run_id}",
         event_queue=f"test-flow-repository-{run_id}",
         dev_token_secret_file=str(tmp_path / "dev-secret"),
+        dev_tokens="allow",  # in-process apps on a real MongoDB use minted tokens
         log_level="WARNING",
     )
 
@@ -514,7 +515,7 @@ def process_env(settings: Settings, tmp_path: Path) -> dict[str, str]:
     return {
         **base_env(tmp_path / "home"),
         **settings_env(settings, "mongodb_url", "queue_url", "event_exchange", "event_queue",
-                       "dev_token_secret_file", "relay_poll_seconds"),
+                       "dev_token_secret_file", "dev_tokens", "relay_poll_seconds"),
         "GUNICORN_GRACEFUL_TIMEOUT": "5",
         "LOG_LEVEL": "INFO",
     }

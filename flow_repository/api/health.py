@@ -1,4 +1,5 @@
-"""Health and metrics routes: /healthcheck (dependencies), /livez (process alive), /metrics."""
+"""Health and metrics routes: /healthcheck and /readyz (dependencies), /livez (process alive),
+/metrics."""
 
 from __future__ import annotations
 
@@ -38,6 +39,15 @@ def healthcheck() -> Response:
 def livez() -> Response:
     """The process answers; touches neither MongoDB nor RabbitMQ (Kubernetes liveness)."""
     return jsonify({"status": "pass"})
+
+
+@blp.route("/readyz", methods=["GET"])
+@blp.doc(security=[], responses={
+    200: {"description": "Ready: MongoDB reachable", "content": HEALTH_BODY},
+    503: {"description": "Not ready: MongoDB unreachable", "content": HEALTH_BODY}})
+def readyz() -> Response:
+    """Kubernetes readiness: /healthcheck's answer (also served on HEALTH_PORT)."""
+    return healthcheck()
 
 
 @blp.route("/metrics", methods=["GET"])

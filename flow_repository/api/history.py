@@ -8,7 +8,8 @@ from flask import Response, request
 from flask_smorest import Blueprint
 
 from ..auth import Principal
-from ..domain import InvalidFlow, describe
+from ..domain import InvalidFlow, describe, parse_number
+from ..paging import clamp_page_size
 from ..schemas import (
     DiffArgumentsSchema,
     DiffResponseSchema,
@@ -46,8 +47,8 @@ def _errors(*codes: int) -> dict:
 @blp.doc(responses=_errors(400, 401, 403, 404, 503))
 def list_revisions(principal: Principal, arguments: dict[str, Any], flow_id: str) -> Response:
     """A flow's history, newest revision first, a page at a time."""
-    entries, meta = service().revisions(principal, flow_id, arguments["page_number"],
-                                        arguments["page_size"])
+    page_size = clamp_page_size(arguments["page_size"], settings().max_page_size)
+    entries, meta = service().revisions(principal, flow_id, arguments["page_number"], page_size)
     return envelope(entries, meta=meta)
 
 
@@ -57,9 +58,8 @@ def list_revisions(principal: Principal, arguments: dict[str, Any], flow_id: str
 def get_revision(flow_id: str, revision: str) -> Response:
     """One revision: who changed what and when, and the flow as it stood then."""
     principal = caller(settings().flow_read_permission)
-    if not revision.isdigit() or int(revision) < 1:
-        raise InvalidFlow(f"revision: must be a positive integer (got {describe(revision)})")
-    return envelope(service().revision(principal, flow_id, int(revision)), meta={})
+    number = parse_number(revision, "revision", minimum=1)
+    return envelope(service().revision(principal, flow_id, number), meta={})
 
 
 @blp.route("/flows/<flow_id>/diff", methods=["GET"])

@@ -40,6 +40,13 @@ __all__ = [
 ]
 
 
+DEV_TOKENS_REFUSED = (
+    "MONGODB_URL is set (production) but no identity is configured: set IAM introspection "
+    "(INTROSPECT_TYPE with INTROSPECT_ENDPOINT_BASIC and IAM_TOKEN, or INTROSPECT_ENDPOINT_OIDC "
+    "with OIDC_CLIENT_ID and OIDC_CLIENT_SECRET) or JWT verification (JWT_SECRET, "
+    "JWT_PUBLIC_KEY or JWT_JWKS_URL); DEV_TOKENS=allow accepts development tokens instead")
+
+
 def build_authenticator(
     settings: Settings,
     session: requests.Session | None = None,
@@ -75,6 +82,8 @@ def build_authenticator(
                   extra={"identityMode": "jwt", "algorithms": list(verifier.algorithms)})
         return verifier
     if mode == "dev":
+        if not settings.dev_tokens_allowed:
+            raise SettingsError(DEV_TOKENS_REFUSED)
         verifier = JwtAuthenticator(
             secret=dev_secret(settings),
             audience=settings.jwt_audience,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -10,7 +11,7 @@ from typing import Any, Protocol, TypeVar
 
 from bson import ObjectId
 
-from .. import domain, ownership
+from .. import domain, ownership, paging
 from ..auth import Principal
 from ..domain import (
     FlowError,
@@ -23,6 +24,7 @@ from ..events import pending_event
 from ..references import ReferenceChecker, ReferencesUnavailable
 from ..step_logs import StepLogClient
 from ..store import Lease, Store
+from ..store.base import Fits
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +106,7 @@ def parse_flow_id(raw: Any) -> ObjectId:
 
 
 
-REVISION_TAG = re.compile(r'"([0-9]{1,18})"')  # ASCII digits only: str.isdigit takes "²"
+REVISION_TAG = re.compile(r'"([^"]*)"')  # the number inside goes through parse_number
 
 
 def parse_if_match(header: str | None) -> tuple[int, ...] | None:
@@ -121,7 +123,10 @@ def parse_if_match(header: str | None) -> tuple[int, ...] | None:
     for tag in header.split(","):
         matched = REVISION_TAG.fullmatch(tag.strip())
         if matched:
-            revisions.append(int(matched.group(1)))
+            try:
+                revisions.append(domain.parse_number(matched.group(1), "If-Match"))
+            except InvalidFlow:
+                continue  # a tag that is no revision number matches nothing
     if not revisions:
         raise domain.PreconditionFailed(f"If-Match {describe(header)} names no revision "
                                         "of this flow")
@@ -162,6 +167,29 @@ class UseCases:
         self._history_max_revisions = history_max_revisions  # 0 keeps every revision
         self._references = references
         self._relay = relay  # this process's outbox relay, when it runs one
+
+    def _bounded_page(self, read: Callable[[Fits], tuple[list[dict], int]],
+                      public: Callable[[dict], dict], page_number: int, page_size: int
+                      ) -> tuple[list[dict], dict[str, Any]]:
+        """One page of any list, read no further than MAX_LIST_BYTES of answer.
+
+        ``read(fits)`` is the store call; ``fits`` turns each stored document into its public
+        form as it is read, keeps it and measures it, and stops the read once the budget is
+        spent, so the page is never held whole before it is cut (paging.page_size_within).
+        """
+        kept: list[dict] = []
+        sizes: list[int] = []
+
+        def fits(document: dict) -> bool:
+            item = public(document)
+            kept.append(item)
+            sizes.append(len(json.dumps(item, default=str)))
+            return len(sizes) == 1 or sum(sizes) <= self._max_list_bytes
+
+        _, total = read(fits)
+        offset = (page_number - 1) * page_size
+        size = paging.page_size_within(sizes, offset, page_size, self._max_list_bytes)
+        return kept[:size], paging.page_meta(total, offset, size, page_size)
 
     def _each(
         self,

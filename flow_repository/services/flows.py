@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 from bson import ObjectId
 
-from .. import domain, paging
+from .. import domain
 from ..auth import Principal
 from ..domain import (
     FlowNotFound,
@@ -39,12 +38,9 @@ class FlowUseCases(HistoryRecorder):
         return public_flow(flow)
 
     def list(self, principal: Principal, query: ListQuery) -> tuple[list[dict], dict[str, Any]]:
-        flows, total = self._store.list(query, self._scope(principal))
-        page = [public_flow(flow) for flow in flows]
-        offset = (query.page_number - 1) * query.page_size
-        sizes = [len(json.dumps(flow, default=str)) for flow in page]
-        size = paging.page_size_within(sizes, offset, query.page_size, self._max_list_bytes)
-        return page[:size], paging.page_meta(total, offset, size, query.page_size)
+        scope = self._scope(principal)
+        return self._bounded_page(lambda fits: self._store.list(query, scope, fits=fits),
+                                  public_flow, query.page_number, query.page_size)
 
     def create(self, principal: Principal, body: Any, *, token: str | None = None) -> Saved:
         """Store a new, inactive flow; unknown fields of the body are dropped and named."""

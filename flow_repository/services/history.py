@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
@@ -157,15 +156,18 @@ class HistoryUseCases(HistoryRecorder):
         return flow
 
     def revisions(self, principal: Principal, raw_id: Any, page_number: int, page_size: int
-                  ) -> tuple[list[dict], dict[str, int]]:
-        """One page of a flow's history, newest revision first."""
+                  ) -> tuple[list[dict], dict[str, Any]]:
+        """One page of a flow's history, newest revision first, bounded as GET /flows is
+        (``page_size`` already clamped to MAX_PAGE_SIZE, the answer to MAX_LIST_BYTES)."""
         flow = self._visible_with_history(principal, raw_id)
-        entries, total = self._store.history.page(flow["_id"], page_number, page_size)
-        meta = {"total": total, "page": page_number, "perPage": page_size,
-                "totalPages": math.ceil(total / page_size)}
-        return [public_entry(flow["_id"], entry,
-                             entry if entry["kind"] == DEFINITION else None)
-                for entry in entries], meta
+        flow_id = flow["_id"]
+
+        def public(entry: dict) -> dict:
+            return public_entry(flow_id, entry, entry if entry["kind"] == DEFINITION else None)
+
+        return self._bounded_page(
+            lambda fits: self._store.history.page(flow_id, page_number, page_size, fits=fits),
+            public, page_number, page_size)
 
     def revision(self, principal: Principal, raw_id: Any, revision: int) -> dict[str, Any]:
         """One revision: its entry and the flow as it stood then (the definition in force)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import re
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
@@ -158,6 +158,22 @@ def owned_by_any(document: Mapping[str, Any], owner_ids: Sequence[str]) -> bool:
     return any(isinstance(owner, Mapping) and owner.get("id") in owner_ids for owner in owners)
 
 
+# Called with each document of a page as it is read; reading stops after the first one for
+# which it answers False (that one is still returned), so a page is read no further than the
+# caller's byte budget reaches (issue 16: bounded in memory, not only in the answer).
+Fits = Callable[[dict], bool]
+
+
+def read_until(documents: Iterable[dict], fits: Fits | None) -> list[dict]:
+    """The documents of a page, read one at a time until ``fits`` says the budget is spent."""
+    kept = []
+    for document in documents:
+        kept.append(document)
+        if fits is not None and not fits(document):
+            break
+    return kept
+
+
 class Store(Protocol):
     """The contract every backend keeps (MongoDB in mongo.py, in-memory in memory.py).
 
@@ -172,8 +188,8 @@ class Store(Protocol):
     def ensure_indexes(self) -> None: ...
     def ping(self) -> None: ...
     def get(self, flow_id: ObjectId, owner_ids: Sequence[str] | None = None) -> dict | None: ...
-    def list(self, query: ListQuery, owner_ids: Sequence[str] | None
-             ) -> tuple[list[dict], int]: ...
+    def list(self, query: ListQuery, owner_ids: Sequence[str] | None, *,
+             fits: Fits | None = None) -> tuple[list[dict], int]: ...
     def stuck(self, status: str, changed_before: datetime, *, retries: int,
               limit: int = 100) -> list[dict]: ...
     def owned_by(self, owner_id: str) -> list[ObjectId]: ...

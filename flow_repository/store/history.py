@@ -11,7 +11,17 @@ from typing import Any, Protocol
 import pymongo
 from bson import ObjectId
 
-from .base import Write, database_call, decode_keys, encode_keys, fresh_copy, stored_copy, write_all
+from .base import (
+    Fits,
+    Write,
+    database_call,
+    decode_keys,
+    encode_keys,
+    fresh_copy,
+    read_until,
+    stored_copy,
+    write_all,
+)
 
 COLLECTION = "flow_history"
 # Serves every read: one flow's entries by revision, newest first.
@@ -38,6 +48,9 @@ def pseudonymised(entry: Mapping[str, Any], real_id: str, pseudonym: str) -> dic
     return result if changed else None
 
 
+READ_BATCH = 32  # entries fetched per round trip (a page stops at its byte budget)
+
+
 class HistoryStore(Protocol):
     """What the use cases need of a history backend (MongoDB/mongomock, or memory)."""
 
@@ -45,8 +58,8 @@ class HistoryStore(Protocol):
 
     def record(self, entries: Sequence[Mapping[str, Any]]) -> None: ...
 
-    def page(self, flow_id: ObjectId, page_number: int, page_size: int
-             ) -> tuple[list[dict], int]: ...
+    def page(self, flow_id: ObjectId, page_number: int, page_size: int, *,
+             fits: Fits | None = None) -> tuple[list[dict], int]: ...
 
     def get(self, flow_id: ObjectId, revision: int) -> dict | None: ...
 
@@ -88,12 +101,17 @@ class MongoHistoryStore:
         with self._call():
             write_all(self._entries, writes, real=self._real)
 
-    def page(self, flow_id: ObjectId, page_number: int, page_size: int
-             ) -> tuple[list[dict], int]:
+    def page(self, flow_id: ObjectId, page_number: int, page_size: int, *,
+             fits: Fits | None = None) -> tuple[list[dict], int]:
+        """Newest first; the cursor is read in small batches, no further than ``fits`` allows."""
         with self._call():
             total = self._entries.count_documents({"flowId": flow_id})
-            cursor = self._page_cursor(flow_id, page_number, page_size)
-            return [decode_keys(entry) for entry in cursor], total
+            cursor = self._page_cursor(flow_id, page_number, page_size).batch_size(
+                min(page_size, READ_BATCH))
+            try:
+                return read_until((decode_keys(entry) for entry in cursor), fits), total
+            finally:
+                cursor.close()
 
     def _page_cursor(self, flow_id: ObjectId, page_number: int, page_size: int) -> Any:
         return (self._entries.find({"flowId": flow_id}, {"_id": 0})
@@ -179,12 +197,13 @@ class MemoryHistoryStore:
         revisions = self._flows.get(flow_id, {})
         return [revisions[number] for number in sorted(revisions, reverse=True)]
 
-    def page(self, flow_id: ObjectId, page_number: int, page_size: int
-             ) -> tuple[list[dict], int]:
+    def page(self, flow_id: ObjectId, page_number: int, page_size: int, *,
+             fits: Fits | None = None) -> tuple[list[dict], int]:
         with self._lock:
             entries = self._sorted(flow_id)
             start = (page_number - 1) * page_size
-            return fresh_copy(entries[start:start + page_size]), len(entries)
+            window = entries[start:start + page_size]
+            return read_until((fresh_copy(entry) for entry in window), fits), len(entries)
 
     def get(self, flow_id: ObjectId, revision: int) -> dict | None:
         with self._lock:

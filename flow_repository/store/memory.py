@@ -20,7 +20,16 @@ from typing import Any
 from bson import ObjectId
 
 from ..domain import ListQuery
-from .base import Lease, encode_keys, fresh_copy, owned_by_any, stored_copy, utcnow
+from .base import (
+    Fits,
+    Lease,
+    encode_keys,
+    fresh_copy,
+    owned_by_any,
+    read_until,
+    stored_copy,
+    utcnow,
+)
 from .history import MemoryHistoryStore
 
 SORT_FIELDS = ("createdAt", "updatedAt", "name")
@@ -277,13 +286,17 @@ class MemoryFlowStore:
         total = len(owned[0]) if len(owned) == 1 else len(set().union(*owned))
         return page, total
 
-    def list(self, query: ListQuery, owner_ids: Sequence[str] | None) -> tuple[list[dict], int]:
-        """One page of live flows matching ``query`` within the caller's scope, and the total."""
+    def list(self, query: ListQuery, owner_ids: Sequence[str] | None, *,
+             fits: Fits | None = None) -> tuple[list[dict], int]:
+        """One page of live flows matching ``query`` within the caller's scope, and the total.
+
+        Copies are made one at a time and no further than ``fits`` allows.
+        """
         with self._lock:
             if owner_ids is not None and not (query.user or query.status or query.type
                                               or query.from_template or query.search):
                 page, total = self._owner_page(query, owner_ids)
-                return [fresh_copy(self._documents[flow_id]) for flow_id in page], total
+                return self._copies(page, fits), total
             candidates = self._candidates(query, owner_ids)
             if query.search:
                 pattern = re.compile(re.escape(query.search), re.IGNORECASE)
@@ -311,7 +324,10 @@ class MemoryFlowStore:
             else:
                 walk = reversed(index.entries) if query.sort_descending else iter(index.entries)
                 page = _first(walk, candidates, wanted)[skip:]
-            return [fresh_copy(self._documents[flow_id]) for flow_id in page], total
+            return self._copies(page, fits), total
+
+    def _copies(self, page: Iterable[Key], fits: Fits | None) -> list[dict]:
+        return read_until((fresh_copy(self._documents[flow_id]) for flow_id in page), fits)
 
     def stuck(
         self, status: str, changed_before: datetime, *, retries: int, limit: int = 100

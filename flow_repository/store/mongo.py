@@ -20,6 +20,7 @@ from ..domain import ListQuery
 from ..settings import Settings
 from . import queries
 from .base import (
+    Fits,
     Lease,
     StoreUnavailable,
     Write,
@@ -27,12 +28,16 @@ from .base import (
     decode_keys,
     encode_keys,
     owned_by_any,
+    read_until,
     utcnow,
     write_all,
 )
 from .history import HistoryStore, MemoryHistoryStore, MongoHistoryStore
 
 log = logging.getLogger(__name__)
+# Documents fetched per round trip when a page is read: a list page is read a batch at a time
+# and stops at its byte budget, so a page of 1,000 flows is never held whole before the cut.
+READ_BATCH = 32
 
 COLLECTION = "flows"
 DEFAULT_DATABASE = "flow-repository"
@@ -175,14 +180,21 @@ class FlowStore:
             return None
         return self._out(document)
 
-    def list(self, query: ListQuery, owner_ids: Sequence[str] | None) -> tuple[list[dict], int]:
-        """One page of live flows matching ``query`` within the caller's scope, and the total."""
+    def list(self, query: ListQuery, owner_ids: Sequence[str] | None, *,
+             fits: Fits | None = None) -> tuple[list[dict], int]:
+        """One page of live flows matching ``query`` within the caller's scope, and the total.
+
+        The cursor is read in small batches and no further than ``fits`` allows.
+        """
         find = queries.listing(query, owner_ids)
         with self._call():
             total = self._flows.count_documents(find.filter, **self._hint(find))
             cursor = (self._find(find).skip((query.page_number - 1) * query.page_size)
-                      .limit(query.page_size))
-            return [self._out(doc) for doc in cursor], total
+                      .limit(query.page_size).batch_size(min(query.page_size, READ_BATCH)))
+            try:
+                return read_until((self._out(doc) for doc in cursor), fits), total
+            finally:
+                cursor.close()
 
     def stuck(
         self, status: str, changed_before: datetime, *, retries: int, limit: int = 100

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from collections.abc import Iterator
 
 import pytest
+import requests
 
-from support import Served, bearer
+from support import Served, bearer, eventually, free_port
 
 from .conftest import FakeIam
 
@@ -204,3 +206,38 @@ def test_a_head_over_64_kib_is_refused_431_while_it_arrives(
     head, _, body = read_to_close(sock).partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 431")
     assert json.loads(body)["errors"][0]["code"] == 431
+
+
+def test_health_checks_answer_while_slow_clients_hold_every_slot(
+    serve, stalled_sockets: list[socket.socket]
+) -> None:
+    """Issue 16: every API slot held by slow connections; the kubelet's port still answers,
+    and a new API connection is refused at once with 503 instead of waiting."""
+    slots = 30
+    health_port = free_port()
+    served = serve(GUNICORN_MAX_CONNECTIONS=str(slots), GUNICORN_THREADS="2",
+                   GUNICORN_REQUEST_TIMEOUT="600", HEALTH_PORT=str(health_port))
+    for index in range(slots):
+        sock = connect(served)
+        sock.sendall(PARTIAL_REQUESTS[index % len(PARTIAL_REQUESTS)])
+        stalled_sockets.append(sock)
+    health = f"http://127.0.0.1:{health_port}"
+    for _ in range(3):
+        assert requests.get(f"{health}/livez", timeout=2).status_code == 200
+        assert requests.get(f"{health}/readyz", timeout=5).json()["status"] in ("pass", "warn")
+    refused = requests.get(f"{health}/flows", timeout=2)
+    assert refused.status_code == 404 and refused.json()["errors"][0]["code"] == 404
+
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", served.port), timeout=5) as sock:
+        sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+        head, _, body = read_to_close(sock).partition(b"\r\n\r\n")
+    assert time.monotonic() - started < 3
+    assert head.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in head
+    assert json.loads(body)["errors"][0]["code"] == 503
+
+    for sock in stalled_sockets:  # slots free again: the API port serves as before
+        sock.close()
+    stalled_sockets.clear()
+    eventually(lambda: served.get("/livez", timeout=2).status_code == 200, 10,
+               message="the API port to serve again once slots are free")

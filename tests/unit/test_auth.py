@@ -629,13 +629,14 @@ def test_cache_entry_expires_after_ttl() -> None:
     assert len(session.calls) == 2
 
 
-@pytest.mark.parametrize("ttl", [0, -1])
-def test_cache_disabled_by_non_positive_ttl(ttl: float) -> None:
+def test_cache_disabled_by_a_zero_ttl() -> None:
     session = FakeSession(make_response(200, user_claims()))
-    authenticator = build_authenticator(basic_settings(iam_token_cache_ttl=ttl), session, Clock())
+    authenticator = build_authenticator(basic_settings(iam_token_cache_ttl=0), session, Clock())
     authenticator.authenticate(USER_TOKEN)
     authenticator.authenticate(USER_TOKEN)
     assert len(session.calls) == 2
+    with pytest.raises(SettingsError, match="IAM_TOKEN_CACHE_TTL=-1"):
+        basic_settings(iam_token_cache_ttl=-1)  # below its range (0 to 86400)
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -34,6 +35,7 @@ K8S_VERSION = "1.32.0"
 REQUIRED_SECRETS = frozenset({"MONGODB_URL", "IAM_TOKEN", "QUEUE_URL"})
 SECRET_KEYS = REQUIRED_SECRETS | {"OIDC_CLIENT_SECRET", "JWT_SECRET", "METRICS_TOKEN"}
 API_PORT = 3001
+SECRETS_DIRECTORY = "/var/run/secrets/flow-repository"
 WORKER_PORT = 9102
 
 # Paths the Dockerfile copies that belong to the Python package and its build files.
@@ -308,6 +310,8 @@ def test_rendered_kustomization_is_valid_kubernetes(directory: Path) -> None:
             "Deployment",
             "HorizontalPodAutoscaler",
             "Namespace",
+            "NetworkPolicy",
+            "NetworkPolicy",
             "PodDisruptionBudget",
             "PodDisruptionBudget",
             "Service",
@@ -377,14 +381,27 @@ def test_secret_template_holds_exactly_the_credentials() -> None:
 
 def test_configmap_and_secret_name_exactly_the_settings_the_service_reads() -> None:
     names = set(configmap()["data"]) | set(secret_template()["stringData"])
-    assert names == Settings.env_names(), {
-        "missing from the manifests": sorted(Settings.env_names() - names),
-        "unknown to Settings": sorted(names - Settings.env_names()),
+    # A secret is read from its file (*_FILE in the ConfigMap); JWT_PUBLIC_KEY, not a secret,
+    # is set in the ConfigMap itself.
+    expected = Settings.env_names() - {"JWT_PUBLIC_KEY_FILE"}
+    assert names == expected, {
+        "missing from the manifests": sorted(expected - names),
+        "unknown to Settings": sorted(names - expected),
     }
 
 
-def test_configured_values_parse_as_settings() -> None:
-    environ = {**configmap()["data"], **secret_template()["stringData"]}
+def test_every_credential_is_read_from_a_mounted_file() -> None:
+    data = configmap()["data"]
+    for key in SECRET_KEYS:
+        assert data[f"{key}_FILE"] == f"{SECRETS_DIRECTORY}/{key}", key
+
+
+def test_configured_values_parse_as_settings(tmp_path: Path) -> None:
+    # The Secret as the kubelet mounts it: one file per key.
+    for key, value in secret_template()["stringData"].items():
+        (tmp_path / key).write_text(value)
+    environ = {name: value.replace(SECRETS_DIRECTORY, str(tmp_path))
+               for name, value in configmap()["data"].items()}
     settings = Settings.from_env(environ)
     assert settings.port == API_PORT
     assert settings.worker_health_port == WORKER_PORT
@@ -394,11 +411,61 @@ def test_configured_values_parse_as_settings() -> None:
 
 
 @pytest.mark.parametrize("name", ["flow-repository-api", "flow-repository-worker"])
-def test_deployment_reads_the_configmap_and_the_secret(name: str) -> None:
+def test_deployment_reads_the_configmap_and_mounts_the_secret_as_files(name: str) -> None:
     deployment = find(base_resources(), "Deployment", name)
-    sources = only_container(deployment)["envFrom"]
-    assert {"configMapRef": {"name": configmap()["metadata"]["name"]}} in sources
-    assert {"secretRef": {"name": secret_template()["metadata"]["name"]}} in sources
+    container = only_container(deployment)
+    assert container["envFrom"] == [{"configMapRef": {"name": configmap()["metadata"]["name"]}}]
+    assert not any("secretKeyRef" in str(item) for item in container.get("env", []))
+    (volume,) = [volume for volume in deployment["spec"]["template"]["spec"]["volumes"]
+                 if "secret" in volume]
+    assert volume["secret"]["secretName"] == secret_template()["metadata"]["name"]
+    assert volume["secret"]["defaultMode"] == 0o440
+    (mount,) = [mount for mount in container["volumeMounts"] if mount["name"] == volume["name"]]
+    assert mount == {"name": volume["name"], "mountPath": SECRETS_DIRECTORY, "readOnly": True}
+
+
+def test_network_policies_admit_the_api_port_and_the_dependencies_only() -> None:
+    resources = base_resources()
+    policies = {policy["metadata"]["name"]: policy["spec"]
+                for policy in by_kind(resources, "NetworkPolicy")}
+    assert set(policies) == {"flow-repository-api", "flow-repository-worker"}
+    for name, spec in policies.items():
+        deployment = find(resources, "Deployment", name)
+        assert spec["podSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+        assert spec["policyTypes"] == ["Ingress", "Egress"]
+        egress = {(port["port"], port["protocol"]) for rule in spec["egress"]
+                  for port in rule["ports"]}
+        assert egress == {(53, "UDP"), (53, "TCP"), (27017, "TCP"), (5672, "TCP"),
+                          (3099, "TCP"), (443, "TCP")}
+        assert all(set(rule) == {"ports"} for rule in spec["egress"])
+    ingress = {name: [port["port"] for rule in spec["ingress"] for port in rule["ports"]]
+               for name, spec in policies.items()}
+    assert ingress == {"flow-repository-api": [API_PORT],
+                       "flow-repository-worker": [WORKER_PORT]}
+
+
+def test_checkov_passes_on_the_rendered_base(tmp_path: Path) -> None:
+    """checkov (test extra) on what `kubectl apply -k` would create; only the image-digest
+    check is skipped, by an annotation in the manifests (README, Deployment)."""
+    checkov = Path(sys.executable).parent / "checkov"
+    if not checkov.exists():
+        pytest.skip("checkov is not installed: pip install -e '.[test]' installs it")
+    rendered = subprocess.run([kubectl_with_kustomize(), "kustomize", str(BASE)],
+                              capture_output=True, text=True, timeout=120, check=True).stdout
+    (tmp_path / "rendered").mkdir()
+    (tmp_path / "rendered" / "base.yaml").write_text(rendered)
+    result = subprocess.run(
+        [str(checkov), "-d", str(tmp_path / "rendered"), "--framework", "kubernetes",
+         "--compact", "--skip-download", "-o", "json"],
+        capture_output=True, text=True, timeout=600, check=False,
+        env={**os.environ, "BC_SKIP_MAPPING": "TRUE", "CHECKOV_RUN_SCA_PACKAGE_SCAN_V2": ""})
+    report = json.loads(result.stdout)
+    failed = [(check["check_id"], check["resource"])
+              for check in report["results"]["failed_checks"]]
+    assert result.returncode == 0 and not failed, failed or result.stderr[-2000:]
+    skipped = {check["check_id"] for check in report["results"]["skipped_checks"]}
+    assert skipped == {"CKV_K8S_43"}
+    assert report["summary"]["passed"] > 100 and report["summary"]["parsing_errors"] == 0
 
 
 # ---------------------------------------------------------- security, probes, wiring
@@ -458,15 +525,21 @@ def test_deployment_probes_ports_and_metrics(
     deployment = find(base_resources(), "Deployment", name)
     container = only_container(deployment)
     assert container["command"] == command
-    (declared,) = container["ports"]
+    declared = container["ports"][0]
     assert declared == {"name": port_name, "containerPort": port, "protocol": "TCP"}
 
     liveness = container["livenessProbe"]["httpGet"]
     readiness = container["readinessProbe"]["httpGet"]
     assert liveness["path"] == "/livez"
-    assert readiness["path"] == "/healthcheck"
-    assert liveness["port"] in (port_name, port)
-    assert readiness["port"] in (port_name, port)
+    # The API's probes use HEALTH_PORT: slow clients of the API port cannot starve them.
+    probe_port = "health" if name == "flow-repository-api" else port_name
+    assert readiness["path"] == ("/readyz" if name == "flow-repository-api" else "/healthcheck")
+    assert liveness["port"] == probe_port
+    assert readiness["port"] == probe_port
+    if name == "flow-repository-api":
+        health = {"name": "health", "containerPort": int(configmap()["data"]["HEALTH_PORT"]),
+                  "protocol": "TCP"}
+        assert health in container["ports"]
     if "startupProbe" in container:
         assert container["startupProbe"]["httpGet"]["path"] == "/livez"
 

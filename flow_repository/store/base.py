@@ -26,12 +26,12 @@ _ESCAPED = re.compile(r"~(.)", re.DOTALL)
 
 
 class StoreUnavailable(Exception):
-    """MongoDB could not be reached; the request may be retried later."""
+    """The database could not be reached; the request may be retried later."""
 
-    def __init__(self, cause: Exception) -> None:
-        # The class name only: pymongo's text names hosts and topology, which /healthcheck
-        # would otherwise show to anyone.
-        super().__init__(f"MongoDB is unavailable: {type(cause).__name__}")
+    def __init__(self, cause: Exception, database: str = "MongoDB") -> None:
+        # The class name only: pymongo's text names hosts and topology (SQLite's, paths),
+        # which /healthcheck would otherwise show to anyone.
+        super().__init__(f"{database} is unavailable: {type(cause).__name__}")
 
 
 @contextlib.contextmanager
@@ -66,16 +66,6 @@ def stored_copy(value: Any) -> Any:
     if isinstance(value, datetime):
         moment = value if value.tzinfo else value.replace(tzinfo=UTC)
         return moment.astimezone(UTC).replace(microsecond=moment.microsecond // 1000 * 1000)
-    return value
-
-
-def fresh_copy(value: Any) -> Any:
-    """A fresh copy of stored state (which holds only dicts, lists and immutable values)."""
-    kind = type(value)
-    if kind is dict:
-        return {key: fresh_copy(item) for key, item in value.items()}
-    if kind is list:
-        return [fresh_copy(item) for item in value]
     return value
 
 
@@ -115,7 +105,7 @@ def owned_by_any(document: Mapping[str, Any], owner_ids: Sequence[str]) -> bool:
 
 
 class Store(Protocol):
-    """The contract every backend keeps (MongoDB in mongo.py, in-memory in memory.py).
+    """The contract every backend keeps (MongoDB in mongo.py, SQLite in sqlite.py).
 
     Flows are documents with an ``_id``; a flow is live until ``deletedAt`` is set, and a
     deleted flow stays as a hidden tombstone until the relay has published its last event.

@@ -20,7 +20,7 @@ from ..domain import ListQuery
 from ..settings import Settings
 from . import queries
 from .base import StoreUnavailable, database_call, decode_keys, encode_keys, owned_by_any, utcnow
-from .history import HistoryStore, MemoryHistoryStore, MongoHistoryStore
+from .history import HistoryStore, MongoHistoryStore
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +108,7 @@ class FlowStore:
         """A store on a fresh in-memory mongomock database (tests of this backend)."""
         import mongomock
 
-        # mongomock has no indexes: every history write would scan every entry kept
-        store = cls(mongomock.MongoClient(tz_aware=True)[DEFAULT_DATABASE], serialize=True,
-                    history=MemoryHistoryStore())
+        store = cls(mongomock.MongoClient(tz_aware=True)[DEFAULT_DATABASE], serialize=True)
         _look_up_ids_directly(store._flows)
         _look_up_ids_directly(store._committed)
         return store

@@ -155,8 +155,9 @@ def serve(spawn: Callable[..., Served], service_env: dict[str, str]) -> Callable
 def deploy(launch, service_env: dict[str, str]) -> Callable[..., ServedDeployment]:
     """deploy(workers=None, **env): the whole service as processes, connected and consuming.
 
-    On a real MongoDB the production topology (``serve`` with two gunicorn workers plus
-    ``worker`` processes); embedded, the one ``serve`` process that also consumes.
+    The production topology (``serve`` with two gunicorn workers plus ``worker``
+    processes), on a real MongoDB or on the embedded SQLite file; ``workers=0``: ``serve``
+    alone, which then consumes itself (embedded only).
     """
 
     def start(workers: int | None = None, **overrides: str) -> ServedDeployment:

@@ -63,6 +63,22 @@ def _lock_file(path: str) -> int:
     return os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
 
 
+def database_in_use(database: str) -> bool:
+    """True while a ``serve`` or ``worker`` process uses the embedded database file (it
+    holds one of the lock files beside it)."""
+    for path in turn_locks(database):
+        if not os.path.exists(path):
+            continue
+        descriptor = _lock_file(path)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(descriptor)
+    return False
+
+
 class WorkerPresence:
     """Held by every ``worker`` process on an embedded database file while it runs: the
     API workers sharing the file then leave consuming and reconciling to the workers."""

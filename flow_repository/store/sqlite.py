@@ -750,6 +750,14 @@ class SqliteFlowStore:
             for table in ("flows", "flow_owners", "flow_history"):
                 connection.execute(f"DELETE FROM {table}")
 
+    def backup(self, target: str) -> None:
+        """Copy the whole store, while it is in use, into the file ``target``."""
+        self.database.backup(target)
+
+    def restore(self, source: str) -> None:
+        """Replace the whole store with the backup in ``source`` (ValueError if it is none)."""
+        self.database.restore(source)
+
     def close(self) -> None:
         """Close this process's connections (the CLI's backup and restore)."""
         self.database.close()

@@ -60,6 +60,8 @@ def turn_locks(database: str) -> tuple[str, str]:
 
 
 def _lock_file(path: str) -> int:
+    # a worker may start before serve has created the database's directory
+    os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
     return os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
 
 

@@ -273,12 +273,6 @@ class Database:
         self._opened_lock = threading.Lock()
         self._trace: Callable[[str], None] | None = None
 
-    def describe(self) -> str:
-        """Where the data is, for the start-up line."""
-        if self.in_memory:
-            return "in memory (EMBEDDED_DB_PATH=:memory:): DATA IS NOT KEPT"
-        return f"in {self.path}"
-
     def _connect(self) -> sqlite3.Connection:
         if self.in_memory:
             connection = sqlite3.connect(MEMORY, isolation_level=None, check_same_thread=False)

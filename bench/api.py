@@ -371,7 +371,7 @@ def main() -> int:
                              "not the production set-up")
     parser.add_argument("--mongodb-url", default=None,
                         help="serve against this MongoDB (WEB_CONCURRENCY workers) instead of "
-                             "the embedded in-memory store; a scratch database is used")
+                             "the embedded SQLite store; a scratch database is used")
     parser.add_argument("--output", default=str(harness.BENCH_DIR / "results" / "api.json"))
     parser.add_argument("--keep-logs", action="store_true",
                         help="keep the temporary directory with server logs and wrk scripts")

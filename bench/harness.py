@@ -51,6 +51,8 @@ def base_env(secret_file: Path, mongodb_url: str | None, exchange: str, queue: s
     )
     if mongodb_url:
         env["MONGODB_URL"] = mongodb_url
+    else:  # a scratch embedded database beside the secret, never the user's own
+        env["EMBEDDED_DB_PATH"] = str(secret_file.parent / "flows.sqlite3")
     return env
 
 
@@ -290,8 +292,8 @@ def describe_store(mongodb_url: str | None, workers: Mapping[str, Any]) -> str:
     if mongodb_url:
         return (f"MongoDB at MONGODB_URL ({len(workers)} gunicorn worker(s), "
                 "WEB_CONCURRENCY)")
-    return ("MONGODB_URL unset: embedded mode, in-process in-memory store, ONE gunicorn worker "
-            "(relay, consumer and reconciler run inside it)")
+    return (f"MONGODB_URL unset: embedded SQLite store in a scratch file ({len(workers)} "
+            "gunicorn worker(s), WEB_CONCURRENCY; each relays, one consumes and reconciles)")
 
 
 def finish(report: Mapping[str, Any], output: str, summary: str, workdir: Path,

@@ -213,6 +213,7 @@ def main() -> int:
     for part, count, measure in (("consumer", arguments.events, measure_consumer),
                                  ("relay", arguments.backlog, measure_relay)):
         settings = Settings.from_env(environment, mongodb_url=url,
+                                     embedded_db_path=str(workdir / f"{part}.sqlite3"),
                                      event_exchange=harness.unique_name(f"{part}-exchange"),
                                      event_queue=harness.unique_name(f"{part}-queue"))
         try:

@@ -21,7 +21,7 @@ from .domain import FlowError
 from .logs import REQUEST_ID, configure_logging
 from .runtime import Runtime
 from .schemas import ErrorResponseSchema
-from .settings import Settings
+from .settings import MEMORY_DATABASE, Settings
 from .store import Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -102,11 +102,13 @@ def create_app(
     """Build the service. ``background`` starts the relay (and, embedded, consumer/reconciler)."""
     settings = settings or Settings.from_env()
     configure_logging(settings.log_level)
-    if settings.embedded:
-        log.warning(
-            "MONGODB_URL is not set: using an in-memory store. DATA IS NOT KEPT and is lost "
-            "when the process stops."
-        )
+    if settings.embedded and settings.embedded_database == MEMORY_DATABASE:
+        log.warning("MONGODB_URL is not set and EMBEDDED_DB_PATH is :memory:: the store is "
+                    "in memory. DATA IS NOT KEPT and is lost when the process stops.")
+    elif settings.embedded:
+        log.info(f"MONGODB_URL is not set: the embedded SQLite store keeps the data in "
+                 f"{settings.embedded_database}",
+                 extra={"database": settings.embedded_database})
     app = Flask(__name__)
     app.json = StrictJSONProvider(app)
     app.config.update(
@@ -128,6 +130,8 @@ def create_app(
         relay=background and (embedded or settings.run_relay_in_api),
         consumer=background and embedded,
         reconciler=background and embedded,
+        # a file is shared with this process's sibling workers and with worker processes
+        take_turns=embedded and settings.embedded_database != MEMORY_DATABASE,
     )
     app.extensions[EXTENSION] = state
     app.extensions["authenticator"] = authenticator or build_authenticator(settings)

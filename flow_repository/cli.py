@@ -1,20 +1,22 @@
-"""The ``flow-repository`` command: serve, worker, token, openapi, and the client commands."""
+"""The ``flow-repository`` command: serve, worker, token, openapi, backup, restore, and the
+client commands."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
 from . import client_cli
-from .settings import Settings, SettingsError
+from .settings import MEMORY_DATABASE, Settings, SettingsError
 
 GUNICORN_CONFIG = "python:flow_repository.gunicorn_conf"
 
 
 def serve(settings: Settings) -> int:
-    """Run the API under gunicorn with flow_repository/gunicorn_conf.py (one worker embedded)."""
+    """Run the API under gunicorn with flow_repository/gunicorn_conf.py."""
     from gunicorn.app.base import Application as GunicornApplication
 
     from .auth import build_authenticator
@@ -59,6 +61,66 @@ def token(settings: Settings, arguments: argparse.Namespace) -> int:
     return 0
 
 
+def _embedded_file(settings: Settings, command: str) -> str | None:
+    """The embedded database file ``command`` works on; None (and why, on stderr) if none."""
+    if not settings.embedded:
+        print(f"flow-repository {command}: MONGODB_URL is set; back up and restore MongoDB "
+              "with mongodump and mongorestore (README, Backup)", file=sys.stderr)
+        return None
+    if settings.embedded_database == MEMORY_DATABASE:
+        print(f"flow-repository {command}: EMBEDDED_DB_PATH is :memory:, nothing is kept",
+              file=sys.stderr)
+        return None
+    return settings.embedded_database
+
+
+def backup(settings: Settings, arguments: argparse.Namespace) -> int:
+    """Copy the embedded store into a file with SQLite's online backup, while it serves."""
+    from .store import SqliteFlowStore
+
+    database = _embedded_file(settings, "backup")
+    if database is None:
+        return 2
+    if not os.path.exists(database):
+        print(f"flow-repository backup: there is no database at {database}", file=sys.stderr)
+        return 2
+    store = SqliteFlowStore.open(database)
+    try:
+        store.backup(arguments.output)
+    finally:
+        store.close()
+    print(f"Backed up {database} to {arguments.output}.")
+    return 0
+
+
+def restore(settings: Settings, arguments: argparse.Namespace) -> int:
+    """Replace the embedded store's data with a backup; refused while the service runs."""
+    from .runtime import database_in_use
+    from .store import SqliteFlowStore
+
+    database = _embedded_file(settings, "restore")
+    if database is None:
+        return 2
+    if not os.path.isfile(arguments.file):
+        print(f"flow-repository restore: there is no file {arguments.file}", file=sys.stderr)
+        return 2
+    if database_in_use(database):
+        # its processes hold the data in hand (leases, pending events): stop them first
+        print(f"flow-repository restore: {database} is in use by serve or worker processes; "
+              "stop them first", file=sys.stderr)
+        return 3
+    store = SqliteFlowStore.open(database)
+    try:
+        store.restore(arguments.file)
+    except ValueError as error:
+        print(f"flow-repository restore: {error}", file=sys.stderr)
+        return 2
+    finally:
+        store.close()
+    print(f"Restored {database} from {arguments.file}.")
+    return 0
+
+
 def openapi(settings: Settings) -> int:
     """Print the OpenAPI document the code generates."""
     print(openapi_document(settings))
@@ -95,6 +157,12 @@ def main(argv: list[str] | None = None) -> int:
                          help="comma-separated permissions (default: all)")
     minting.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
     commands.add_parser("openapi", help="print the OpenAPI document")
+    backing_up = commands.add_parser(
+        "backup", help="copy the embedded store (SQLite) into a file, also while it serves")
+    backing_up.add_argument("-o", "--output", required=True, help="the backup file to write")
+    restoring = commands.add_parser(
+        "restore", help="replace the embedded store's data with a backup (service stopped)")
+    restoring.add_argument("file", help="a file written by flow-repository backup")
     client_cli.register(commands)
     arguments = parser.parse_args(argv)
     if getattr(arguments, "handler", None) is not None:
@@ -112,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_worker(settings)
     if arguments.command == "token":
         return token(settings, arguments)
+    if arguments.command == "backup":
+        return backup(settings, arguments)
+    if arguments.command == "restore":
+        return restore(settings, arguments)
     return openapi(settings)
 
 

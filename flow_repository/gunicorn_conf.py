@@ -8,7 +8,7 @@ import os
 import tempfile
 
 from flow_repository.logs import JsonFormatter
-from flow_repository.settings import Settings
+from flow_repository.settings import MEMORY_DATABASE, Settings
 
 _settings = Settings.from_env()
 
@@ -21,9 +21,11 @@ if _settings.health_port:
 # uses each and nothing is monkey-patched) whose event loop reads every request in full before
 # a thread serves it, so slow or idle clients hold no thread; it also answers the errors
 # gunicorn raises itself (414, 400, 431, ...) as JSON (flow_repository/gunicorn_worker.py).
-# Embedded mode keeps its data in process memory, so it must run exactly one worker process.
+# An embedded store in memory lives in one process, so it runs exactly one worker; a file
+# (the embedded default) is shared by every worker, as a MongoDB is.
 worker_class = "flow_repository.gunicorn_worker.BufferedThreadWorker"
-workers = 1 if _settings.embedded else _settings.web_concurrency
+_in_memory = _settings.embedded and _settings.embedded_database == MEMORY_DATABASE
+workers = 1 if _in_memory else _settings.web_concurrency
 threads = _settings.gunicorn_threads
 worker_connections = _settings.gunicorn_max_connections
 timeout = _settings.gunicorn_timeout
@@ -56,7 +58,8 @@ logconfig_dict = {
 
 
 def worker_exit(server, worker):
-    """Stop the relay (and embedded consumer) of the exiting worker cleanly."""
+    """Stop the relay (and embedded consumer) of the exiting worker cleanly; an embedded
+    consumer's turn passes to another worker."""
     extensions = getattr(getattr(worker, "wsgi", None), "extensions", {})
     if "flow_repository" in extensions:
         extensions["flow_repository"].stop()

@@ -7,7 +7,10 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+MEMORY_DATABASE = ":memory:"
 
 
 class SettingsError(ValueError):
@@ -15,6 +18,13 @@ class SettingsError(ValueError):
 
 
 ASCII_INTEGER = re.compile(r"[+-]?[0-9]{1,18}")  # int() alone takes "٣", "1_0", " 1 "
+def state_home() -> Path:
+    """The user's state directory: $XDG_STATE_HOME when it is absolute, else
+    ~/.local/state (the XDG spec says relative paths are invalid and must be ignored)."""
+    configured = os.environ.get("XDG_STATE_HOME", "")
+    if configured and os.path.isabs(configured):
+        return Path(configured)
+    return Path.home() / ".local" / "state"
 
 
 def _text(raw: str) -> str | None:
@@ -101,6 +111,9 @@ class Settings:
     health_port: int = _setting("HEALTH_PORT", 0, _integer, Bounds(0, 65535))
     mongodb_url: str | None = _setting("MONGODB_URL", None, secret=True)
     mongodb_timeout_ms: int = _setting("MONGODB_TIMEOUT_MS", 5000, _integer, Bounds(1, 600_000))
+    # Without MONGODB_URL: the SQLite file of the embedded store (default: under the state
+    # directory, see embedded_database); ":memory:" keeps nothing.
+    embedded_db_path: str | None = _setting("EMBEDDED_DB_PATH", None)
     queue_url: str = _setting("QUEUE_URL", "amqp://guest:guest@localhost:5672", secret=True)
     event_exchange: str = _setting("EVENT_EXCHANGE", "event-bus")
     event_queue: str = _setting("EVENT_QUEUE", "flow-repository")
@@ -243,13 +256,24 @@ class Settings:
 
     @property
     def embedded(self) -> bool:
-        """True when no MongoDB is configured and the in-memory store is used."""
+        """True when no MongoDB is configured and the embedded SQLite store is used."""
         return not self.mongodb_url
 
     @property
     def dev_tokens_allowed(self) -> bool:
         """Whether development tokens may be the identity check (embedded, or DEV_TOKENS)."""
         return self.embedded or self.dev_tokens == "allow"
+
+    @property
+    def embedded_database(self) -> str:
+        """The embedded store's database: EMBEDDED_DB_PATH (``~`` expanded, made absolute),
+        ``:memory:``, or ``flows.sqlite3`` beside the dev token secret in the state directory
+        ($XDG_STATE_HOME/flow-repository, by default ~/.local/state/flow-repository)."""
+        if self.embedded_db_path == MEMORY_DATABASE:
+            return MEMORY_DATABASE
+        if self.embedded_db_path:
+            return os.path.abspath(os.path.expanduser(self.embedded_db_path))
+        return str(state_home() / "flow-repository" / "flows.sqlite3")
 
     @property
     def auth_mode(self) -> str:

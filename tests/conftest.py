@@ -1,4 +1,4 @@
-"""Shared fixtures: settings, a store (embedded, mongomock or a real MongoDB), the app,
+"""Shared fixtures: settings, a store (embedded SQLite, mongomock or a real MongoDB), the app,
 tokens, the broker, the event bus, served processes (the production topology) and a TCP
 proxy tests cut and restore.
 
@@ -59,7 +59,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--mongodb",
         choices=("embedded", "mongomock", "secantus"),
         default=os.environ.get("TEST_MONGODB", "embedded"),
-        help="embedded: the in-memory store of MONGODB_URL-less mode; mongomock: the MongoDB "
+        help="embedded: the SQLite store of MONGODB_URL-less mode; mongomock: the MongoDB "
              "backend on mongomock; secantus: start a SecantusDB server (MongoDB wire "
              "protocol over WiredTiger) for the session and run every test on it "
              "(default: $TEST_MONGODB or embedded)",
@@ -124,7 +124,8 @@ def run_id() -> str:
 
 @pytest.fixture
 def settings(tmp_path, run_id: str, mongodb_url: str | None) -> Settings:
-    """Settings for one test: its own database, exchange, queue and dev token secret."""
+    """Settings for one test: its own database (a SQLite file when embedded), exchange,
+    queue and dev token secret."""
     url = None
     if mongodb_url:  # keep host, credentials and options, but use a database of our own
         url = urlunsplit(urlsplit(mongodb_url)._replace(path=f"/frtest_{run_id}"))
@@ -136,12 +137,13 @@ def settings(tmp_path, run_id: str, mongodb_url: str | None) -> Settings:
         event_queue=f"test-flow-repository-{run_id}",
         dev_token_secret_file=str(tmp_path / "dev-secret"),
         dev_tokens="allow",  # in-process apps on a real MongoDB use minted tokens
+        embedded_db_path=str(tmp_path / "flows.sqlite3"),
         log_level="WARNING",
     )
 
 
 def open_test_store(backend: str, settings: Settings) -> Store:
-    """A store of ``backend``: embedded (in-memory), mongomock, or the server in ``settings``."""
+    """A store of ``backend``: embedded (SQLite), mongomock, or the server in ``settings``."""
     if backend == "mongomock":
         return FlowStore.on_mongomock()
     if backend == "embedded":
@@ -514,8 +516,9 @@ def process_env(settings: Settings, tmp_path: Path) -> dict[str, str]:
     """The environment of a served process on this test's database, broker names and secret."""
     return {
         **base_env(tmp_path / "home"),
-        **settings_env(settings, "mongodb_url", "queue_url", "event_exchange", "event_queue",
-                       "dev_token_secret_file", "dev_tokens", "relay_poll_seconds"),
+        **settings_env(settings, "mongodb_url", "embedded_db_path", "queue_url",
+                       "event_exchange", "event_queue", "dev_token_secret_file", "dev_tokens",
+                       "relay_poll_seconds"),
         "GUNICORN_GRACEFUL_TIMEOUT": "5",
         "LOG_LEVEL": "INFO",
     }
@@ -525,24 +528,26 @@ def process_env(settings: Settings, tmp_path: Path) -> dict[str, str]:
 def launch(spawn: Callable[..., Served], bus: Bus) -> Callable[..., ServedDeployment]:
     """launch(env, workers=None): ``serve`` plus ``workers`` ``worker`` processes, all ready.
 
-    With ``MONGODB_URL`` in ``env`` this is the production topology: ``serve`` runs two
-    gunicorn workers (each with its outbox relay) and the status consumer and reconciler run
-    in separate ``worker`` processes (default one) on the same database. Without it, the
-    served API is embedded and consumes itself; no worker process could share its data.
+    The production topology, on a real MongoDB as on the embedded SQLite file (the test's
+    EMBEDDED_DB_PATH): ``serve`` runs two gunicorn workers (each with its outbox relay) and
+    the status consumer and reconciler run in separate ``worker`` processes (default one)
+    on the same database. With ``workers=0``, ``serve`` alone (embedded, one of its workers
+    then consumes). An embedded ``:memory:`` store cannot be shared with worker processes.
     """
 
     def start(env: dict[str, str], workers: int | None = None,
               apis: int = 1) -> ServedDeployment:
-        embedded = not env.get("MONGODB_URL")
-        workers = (0 if embedded else 1) if workers is None else workers
-        if embedded and (workers or apis > 1):
-            pytest.fail("more processes need a real MongoDB to share with the API")
+        alone = not env.get("MONGODB_URL") and env.get("EMBEDDED_DB_PATH") == ":memory:"
+        workers = (0 if alone else 1) if workers is None else workers
+        if alone and (workers or apis > 1):
+            pytest.fail("more processes need a database file or a MongoDB to share")
         ports = free_ports(apis + workers)
         api_ports, health_ports = ports[:apis], ports[apis:]
-        servers = [spawn(["serve"], {**env, "PORT": str(port), "WEB_CONCURRENCY": "2"}, port)
-                   for port in api_ports]
+        # The workers first: embedded, ``serve`` then finds them there and never consumes.
         crew = [spawn(["worker"], {**env, "WORKER_HEALTH_PORT": str(health_port)}, health_port)
                 for health_port in health_ports]
+        servers = [spawn(["serve"], {**env, "PORT": str(port), "WEB_CONCURRENCY": "2"}, port)
+                   for port in api_ports]
         for served in servers + crew:
             served.wait_ready("/healthcheck")
         bus.wait_consumers(workers or 1, timeout=START_DEADLINE)

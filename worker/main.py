@@ -9,8 +9,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from flow_repository.logs import configure_logging
-from flow_repository.runtime import Runtime
-from flow_repository.settings import Settings
+from flow_repository.runtime import Runtime, WorkerPresence
+from flow_repository.settings import MEMORY_DATABASE, Settings
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +52,15 @@ def main(settings: Settings | None = None) -> int:
     """Run until SIGTERM or SIGINT, then finish the message in hand and exit cleanly."""
     settings = settings or Settings.from_env()
     configure_logging(settings.log_level)
-    if settings.embedded:
-        log.warning("MONGODB_URL is not set: this worker has its own in-memory store and "
-                    "cannot see the API's flows; set MONGODB_URL to share a database")
+    presence = None
+    if settings.embedded and settings.embedded_database == MEMORY_DATABASE:
+        log.warning("EMBEDDED_DB_PATH is :memory:: this worker has its own store and cannot "
+                    "see the API's flows; use a database file or MONGODB_URL to share one")
+    elif settings.embedded:
+        log.info(f"MONGODB_URL is not set: sharing the embedded SQLite store in "
+                 f"{settings.embedded_database}", extra={"database": settings.embedded_database})
+        # while this worker runs, the API processes on the file leave consuming to workers
+        presence = WorkerPresence(settings.embedded_database)
     runtime = Runtime.build(settings, relay=True, consumer=True, reconciler=True)
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -69,6 +75,8 @@ def main(settings: Settings | None = None) -> int:
             break
     log.info("worker stopping")
     runtime.stop()
+    if presence is not None:
+        presence.close()
     server.shutdown()
     if runtime.consumer.failure is not None:
         log.error("worker stopped: it cannot consume", extra={

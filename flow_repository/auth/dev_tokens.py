@@ -16,7 +16,7 @@ from typing import Any
 
 import jwt
 
-from flow_repository.settings import Settings, SettingsError
+from flow_repository.settings import Settings, SettingsError, state_home
 
 _log = logging.getLogger(__name__)
 
@@ -24,14 +24,6 @@ _log = logging.getLogger(__name__)
 def _user_id() -> str:
     getuid = getattr(os, "getuid", None)
     return str(getuid()) if getuid is not None else getpass.getuser()
-
-
-def _state_home() -> Path:
-    configured = os.environ.get("XDG_STATE_HOME", "")
-    # The XDG spec says relative paths are invalid and must be ignored.
-    if configured and os.path.isabs(configured):
-        return Path(configured)
-    return Path.home() / ".local" / "state"
 
 
 def _read_secret(path: Path, private_only: bool) -> str | None:
@@ -115,7 +107,7 @@ def dev_secret(settings: Settings) -> str:
         # An explicitly configured file must not be silently swapped for another one.
         return _load_or_create_secret(Path(settings.dev_token_secret_file).expanduser())
     try:
-        primary: Path | None = _state_home() / "flow-repository" / "dev-token-secret"
+        primary: Path | None = state_home() / "flow-repository" / "dev-token-secret"
     except RuntimeError:
         primary = None  # no home directory to be found
     if primary is not None:

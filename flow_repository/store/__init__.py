@@ -5,21 +5,21 @@ from __future__ import annotations
 from ..settings import Settings
 from . import queries
 from .base import Lease, Store, StoreUnavailable, decode_keys, encode_keys, utcnow
-from .memory import MemoryFlowStore
 from .mongo import FlowStore
+from .sqlite import SqliteFlowStore
 
 
 def open_store(settings: Settings) -> Store:
-    """The MongoDB store MONGODB_URL names, or the embedded in-memory store when it is unset."""
+    """The MongoDB store MONGODB_URL names, or the embedded SQLite store when it is unset."""
     if settings.embedded:
-        return MemoryFlowStore()
+        return SqliteFlowStore.open(settings.embedded_database)
     return FlowStore.from_settings(settings)
 
 
 __all__ = [
     "FlowStore",
     "Lease",
-    "MemoryFlowStore",
+    "SqliteFlowStore",
     "Store",
     "StoreUnavailable",
     "decode_keys",

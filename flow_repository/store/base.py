@@ -33,12 +33,12 @@ Lease = tuple[str, datetime]
 
 
 class StoreUnavailable(Exception):
-    """MongoDB could not be reached; the request may be retried later."""
+    """The database could not be reached; the request may be retried later."""
 
-    def __init__(self, cause: Exception) -> None:
-        # The class name only: pymongo's text names hosts and topology, which /healthcheck
-        # would otherwise show to anyone.
-        super().__init__(f"MongoDB is unavailable: {type(cause).__name__}")
+    def __init__(self, cause: Exception, database: str = "MongoDB") -> None:
+        # The class name only: pymongo's text names hosts and topology (SQLite's, paths),
+        # which /healthcheck would otherwise show to anyone.
+        super().__init__(f"{database} is unavailable: {type(cause).__name__}")
 
 
 @contextlib.contextmanager
@@ -113,16 +113,6 @@ def stored_copy(value: Any) -> Any:
     return value
 
 
-def fresh_copy(value: Any) -> Any:
-    """A fresh copy of stored state (which holds only dicts, lists and immutable values)."""
-    kind = type(value)
-    if kind is dict:
-        return {key: fresh_copy(item) for key, item in value.items()}
-    if kind is list:
-        return [fresh_copy(item) for item in value]
-    return value
-
-
 def encode_keys(value: Any) -> Any:
     """Escape user-supplied keys so that MongoDB stores them verbatim."""
     if isinstance(value, Mapping):
@@ -162,6 +152,7 @@ def owned_by_any(document: Mapping[str, Any], owner_ids: Sequence[str]) -> bool:
 # which it answers False (that one is still returned), so a page is read no further than the
 # caller's byte budget reaches (issue 16: bounded in memory, not only in the answer).
 Fits = Callable[[dict], bool]
+READ_BATCH = 32  # documents fetched at once while a page is read up to its byte budget
 
 
 def read_until(documents: Iterable[dict], fits: Fits | None) -> list[dict]:
@@ -175,7 +166,7 @@ def read_until(documents: Iterable[dict], fits: Fits | None) -> list[dict]:
 
 
 class Store(Protocol):
-    """The contract every backend keeps (MongoDB in mongo.py, in-memory in memory.py).
+    """The contract every backend keeps (MongoDB in mongo.py, SQLite in sqlite.py).
 
     Flows are documents with an ``_id``; a flow is live until ``deletedAt`` is set, and a
     deleted flow stays as a hidden tombstone until the relay has published its last event.

@@ -1,4 +1,4 @@
-"""Storage of flow history: one entry per (flow id, revision), on MongoDB or in memory."""
+"""Storage of flow history on MongoDB: one entry per (flow id, revision); the protocol."""
 
 from __future__ import annotations
 
@@ -12,14 +12,13 @@ import pymongo
 from bson import ObjectId
 
 from .base import (
+    READ_BATCH,
     Fits,
     Write,
     database_call,
     decode_keys,
     encode_keys,
-    fresh_copy,
     read_until,
-    stored_copy,
     write_all,
 )
 
@@ -48,11 +47,10 @@ def pseudonymised(entry: Mapping[str, Any], real_id: str, pseudonym: str) -> dic
     return result if changed else None
 
 
-READ_BATCH = 32  # entries fetched per round trip (a page stops at its byte budget)
 
 
 class HistoryStore(Protocol):
-    """What the use cases need of a history backend (MongoDB/mongomock, or memory)."""
+    """What the use cases need of a history backend (MongoDB/mongomock, or SQLite)."""
 
     def ensure_indexes(self) -> None: ...
 
@@ -175,72 +173,3 @@ class MongoHistoryStore:
     def drop_all(self) -> None:
         with self._call():
             self._entries.drop()
-
-
-class MemoryHistoryStore:
-    """History entries in process memory, per flow and revision (the embedded store's)."""
-
-    def __init__(self) -> None:
-        self._flows: dict[ObjectId, dict[int, dict]] = {}
-        self._lock = threading.Lock()
-
-    def ensure_indexes(self) -> None:
-        """Nothing to create: entries are kept by flow and revision already."""
-
-    def record(self, entries: Sequence[Mapping[str, Any]]) -> None:
-        with self._lock:
-            for entry in entries:
-                revisions = self._flows.setdefault(entry["flowId"], {})
-                revisions.setdefault(entry["revision"], stored_copy(entry))
-
-    def _sorted(self, flow_id: ObjectId) -> list[dict]:
-        revisions = self._flows.get(flow_id, {})
-        return [revisions[number] for number in sorted(revisions, reverse=True)]
-
-    def page(self, flow_id: ObjectId, page_number: int, page_size: int, *,
-             fits: Fits | None = None) -> tuple[list[dict], int]:
-        with self._lock:
-            entries = self._sorted(flow_id)
-            start = (page_number - 1) * page_size
-            window = entries[start:start + page_size]
-            return read_until((fresh_copy(entry) for entry in window), fits), len(entries)
-
-    def get(self, flow_id: ObjectId, revision: int) -> dict | None:
-        with self._lock:
-            return fresh_copy(self._flows.get(flow_id, {}).get(revision))
-
-    def definition_at(self, flow_id: ObjectId, revision: int) -> dict | None:
-        with self._lock:
-            for entry in self._sorted(flow_id):
-                if entry["revision"] <= revision and entry["kind"] == "definition":
-                    return fresh_copy(entry)
-        return None
-
-    def trim(self, flow_id: ObjectId, below_revision: int) -> None:
-        with self._lock:
-            revisions = self._flows.get(flow_id, {})
-            for number in [number for number in revisions if number < below_revision]:
-                del revisions[number]
-
-    def drop(self, flow_id: ObjectId) -> None:
-        self.drop_flows([flow_id])
-
-    def drop_flows(self, flow_ids: Sequence[ObjectId]) -> None:
-        with self._lock:
-            for flow_id in flow_ids:
-                self._flows.pop(flow_id, None)
-
-    def pseudonymise(self, flow_id: ObjectId, real_id: str, pseudonym: str) -> int:
-        changed = 0
-        with self._lock:
-            revisions = self._flows.get(flow_id, {})
-            for number, entry in revisions.items():
-                replacement = pseudonymised(entry, real_id, pseudonym)
-                if replacement is not None:
-                    revisions[number] = replacement
-                    changed += 1
-        return changed
-
-    def drop_all(self) -> None:
-        with self._lock:
-            self._flows.clear()

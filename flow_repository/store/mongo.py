@@ -20,6 +20,7 @@ from ..domain import ListQuery
 from ..settings import Settings
 from . import queries
 from .base import (
+    READ_BATCH,
     Fits,
     Lease,
     StoreUnavailable,
@@ -32,12 +33,11 @@ from .base import (
     utcnow,
     write_all,
 )
-from .history import HistoryStore, MemoryHistoryStore, MongoHistoryStore
+from .history import HistoryStore, MongoHistoryStore
 
 log = logging.getLogger(__name__)
 # Documents fetched per round trip when a page is read: a list page is read a batch at a time
 # and stops at its byte budget, so a page of 1,000 flows is never held whole before the cut.
-READ_BATCH = 32
 
 COLLECTION = "flows"
 DEFAULT_DATABASE = "flow-repository"
@@ -123,9 +123,7 @@ class FlowStore:
         """A store on a fresh in-memory mongomock database (tests of this backend)."""
         import mongomock
 
-        # mongomock has no indexes: every history write would scan every entry kept
-        store = cls(mongomock.MongoClient(tz_aware=True)[DEFAULT_DATABASE], serialize=True,
-                    history=MemoryHistoryStore())
+        store = cls(mongomock.MongoClient(tz_aware=True)[DEFAULT_DATABASE], serialize=True)
         _look_up_ids_directly(store._flows)
         _look_up_ids_directly(store._committed)
         return store

@@ -156,8 +156,9 @@ def deploy(launch, service_env: dict[str, str]) -> Callable[..., ServedDeploymen
     """deploy(workers=None, apis=1, **env): the whole service as processes, connected and
     consuming (``apis`` ``serve`` processes, each with two gunicorn workers).
 
-    On a real MongoDB the production topology (``serve`` with two gunicorn workers plus
-    ``worker`` processes); embedded, the one ``serve`` process that also consumes.
+    The production topology (``serve`` with two gunicorn workers plus ``worker``
+    processes), on a real MongoDB or on the embedded SQLite file; ``workers=0``: ``serve``
+    alone, which then consumes itself (embedded only).
     """
 
     def start(workers: int | None = None, apis: int = 1, **overrides: str) -> ServedDeployment:

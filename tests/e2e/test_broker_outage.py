@@ -32,12 +32,12 @@ def unique_commands(events: Listener, flow_id: str) -> list[str]:
 
 def test_broker_cut_and_restored(deploy, iam: FakeIam, bus: Bus, listener, broker_proxy,
                                  settings, flow_body) -> None:
-    """Every process of the service (the API, and on a real MongoDB its workers) reaches
-    RabbitMQ through the proxy."""
+    """Every process of the service (the API and its workers) reaches RabbitMQ through the
+    proxy."""
     events = listener()
     deployment = deploy(QUEUE_URL=broker_proxy.url(settings.queue_url))
     api = deployment.api
-    consumers = max(len(deployment.workers), 1)  # embedded, the API consumes itself
+    consumers = max(len(deployment.workers), 1)  # with no worker, the API consumes
     # several gunicorn workers may answer: wait until the one answering is connected too
     eventually(lambda: health(api) == (200, {"status": "pass", "details": {
         "mongoDB": {"status": "pass"}, "queue": {"status": "pass", "connected": True}}}),

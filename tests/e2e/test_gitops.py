@@ -280,8 +280,9 @@ def test_export_then_apply_to_an_empty_repository_reproduces_the_flows(
     assert files == sorted([*(f"{flow['id']}.yaml" for flow in originals[:2]),
                             "labelled.yaml", f"{originals[3]['id']}.yaml"])
 
-    elsewhere = {}
-    if settings.mongodb_url:  # served processes share the test's database: a database of its own
+    # served processes share the test's database: the copy gets a database of its own
+    elsewhere = {"EMBEDDED_DB_PATH": str(tmp_path / "empty.sqlite3")}
+    if settings.mongodb_url:
         url = urlunsplit(urlsplit(settings.mongodb_url)._replace(
             path=urlsplit(settings.mongodb_url).path + "_empty"))
         elsewhere["MONGODB_URL"] = url

@@ -59,7 +59,10 @@ def test_readme_run_command_with_no_configuration(spawn, settings, tmp_path: Pat
     api = spawn(["serve"], env, port)
     api.wait_ready("/livez")
     assert api.get("/livez").json() == {"status": "pass"}
-    assert "data is not kept" in api.stderr().lower()
+    # the start-up line says where the data is kept: the user's state directory
+    database = tmp_path / "home" / ".local" / "state" / "flow-repository" / "flows.sqlite3"
+    assert f"keeps the data in {database}" in api.stderr()
+    assert database.is_file()
     refused = api.get("/flows")
     assert refused.status_code == 401, "with no identity configured the service is never open"
     assert refused.json()["errors"][0]["message"] == "Missing authorization header."

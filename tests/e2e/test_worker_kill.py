@@ -1,5 +1,6 @@
 """The production topology losing a worker: two ``worker`` processes and two API workers on
-one MongoDB, the active worker SIGKILLed while each flow's reports are in flight together."""
+one database (MongoDB or the embedded SQLite file), the active worker SIGKILLed while each
+flow's reports are in flight together."""
 
 from __future__ import annotations
 
@@ -46,8 +47,6 @@ def distinct_commands(events: Listener, flow_id: str) -> list[tuple[str, str]]:
 
 def test_a_worker_killed_mid_stream_loses_nothing_and_applies_nothing_twice(
         deploy, iam: FakeIam, bus: Bus, listener, settings, store, flow_body) -> None:
-    if settings.embedded:
-        pytest.skip("needs separate worker processes on a shared database: real server only")
     events = listener("flow.starting", "flow.stopping")
     # a short relay lease, so that the flows the killed worker's relay held are taken over soon
     deployment = deploy(workers=2, RELAY_LEASE_SECONDS="2")

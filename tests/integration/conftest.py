@@ -36,9 +36,11 @@ def in_process(custom: Settings, store: FlowStore, bus: Bus,
                background: bool) -> InProcessDeployment:
     """An app in this process on ``store``; with ``background`` it consumes, relays and
     reconciles itself, and is returned once it consumes and its relay is connected."""
-    # mongodb_url=None: every loop runs here, whichever backend ``store`` is.
-    deployment = InProcessDeployment(create_app(custom.replace(mongodb_url=None), store=store,
-                                                background=background))
+    # mongodb_url=None: every loop runs here, whichever backend ``store`` is; the embedded
+    # database :memory: (never opened: ``store`` is given) says this process is alone, so it
+    # consumes at once instead of taking turns with other processes on a file.
+    alone = custom.replace(mongodb_url=None, embedded_db_path=":memory:")
+    deployment = InProcessDeployment(create_app(alone, store=store, background=background))
     if background:
         bus.wait_consumers(1)
         eventually(lambda: deployment.runtime.relay.connected, timeout=15,

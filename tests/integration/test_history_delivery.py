@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from bson import ObjectId
 
+from flow_repository.store import FlowStore
 from support import eventually
 
 pytestmark = pytest.mark.integration
@@ -103,15 +104,17 @@ def test_a_dry_run_publishes_nothing(make_app, drive, listener, store) -> None:
 def test_a_process_killed_between_the_change_and_its_history_loses_no_entry(
     make_app, settings, drive, store, tmp_path: Path
 ) -> None:
-    if not settings.mongodb_url:
-        pytest.skip("two processes share a database only on a real MongoDB "
-                    "(--mongodb=secantus); the embedded store lives in one process")
+    if not settings.mongodb_url and isinstance(store, FlowStore):
+        pytest.skip("two processes share a database on a real MongoDB or the embedded "
+                    "SQLite file, not on mongomock")
     driver = drive(make_app(background=False))
     flow_id = driver.create()
     script = tmp_path / "killed.py"
     script.write_text(KILLED_AFTER_THE_WRITE)
     env = {key: value for key, value in os.environ.items() if key != "MONGODB_URL"}
-    env.update(MONGODB_URL=settings.mongodb_url, QUEUE_URL=settings.queue_url,
+    if settings.mongodb_url:
+        env["MONGODB_URL"] = settings.mongodb_url
+    env.update(EMBEDDED_DB_PATH=settings.embedded_db_path, QUEUE_URL=settings.queue_url,
                EVENT_EXCHANGE=settings.event_exchange, LOG_LEVEL="WARNING",
                PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     child = subprocess.run([sys.executable, str(script), flow_id], env=env, timeout=120,

@@ -36,7 +36,7 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     fake = FakeClock(datetime(2024, 1, 1, tzinfo=UTC))
     for module in ("services.flows", "services.lifecycle", "services.history", "events"):
         monkeypatch.setattr(f"flow_repository.{module}.utcnow", fake)
-    for backend in ("mongo", "memory"):
+    for backend in ("mongo", "sqlite"):
         monkeypatch.setattr(f"flow_repository.store.{backend}.utcnow", fake)
     return fake
 

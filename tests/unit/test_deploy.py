@@ -405,7 +405,7 @@ def test_configured_values_parse_as_settings(tmp_path: Path) -> None:
     settings = Settings.from_env(environ)
     assert settings.port == API_PORT
     assert settings.worker_health_port == WORKER_PORT
-    # MONGODB_URL is set: a real MongoDB, never the embedded in-memory store
+    # MONGODB_URL is set: a real MongoDB, never the embedded SQLite store
     assert settings.mongodb_url == "REPLACE_ME"
     assert settings.auth_mode == "basic"
 

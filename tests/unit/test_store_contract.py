@@ -1,4 +1,4 @@
-"""The store contract: the same tests on every backend (embedded in-memory, mongomock, and the
+"""The store contract: the same tests on every backend (embedded SQLite, mongomock, and the
 real server when --mongodb=secantus or --mongodb-url names one), plus key escaping."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The history store contract, run against every backend (MongoDB/mongomock and memory)."""
+"""The history store contract, run against every backend (MongoDB/mongomock and SQLite)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import pytest
 from bson import ObjectId
 
 from flow_repository.store import FlowStore
-from flow_repository.store.history import HistoryStore, MemoryHistoryStore, MongoHistoryStore
+from flow_repository.store.history import HistoryStore, MongoHistoryStore
+from flow_repository.store.sqlite import Database, SqliteHistoryStore
 
 MOMENT = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
 
@@ -28,12 +29,14 @@ def entry(flow_id: ObjectId, revision: int, kind: str = "definition", **fields: 
     return result
 
 
-@pytest.fixture(params=["mongo", "memory"])
-def history(request: pytest.FixtureRequest, mongodb_url: str | None, run_id: str
-            ) -> Iterator[HistoryStore]:
-    """The MongoDB backend (on the real server, else on mongomock) and the memory one."""
-    if request.param == "memory":
-        yield MemoryHistoryStore()
+@pytest.fixture(params=["mongo", "sqlite"])
+def history(request: pytest.FixtureRequest, mongodb_url: str | None, run_id: str,
+            tmp_path) -> Iterator[HistoryStore]:
+    """The MongoDB backend (on the real server, else on mongomock) and the SQLite one."""
+    if request.param == "sqlite":
+        database = Database(str(tmp_path / "history.sqlite3"))
+        yield SqliteHistoryStore(database)
+        database.close()
         return
     client = (pymongo.MongoClient(mongodb_url, tz_aware=True) if mongodb_url
               else mongomock.MongoClient(tz_aware=True))

@@ -1,0 +1,279 @@
+"""The embedded SQLite store: index-backed statements (EXPLAIN QUERY PLAN), its location,
+what it keeps across reopening, its JSON encoding, and backup and restore under load."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from bson import ObjectId
+
+from flow_repository.cli import main
+from flow_repository.domain import STATUSES, ListQuery
+from flow_repository.settings import Settings
+from flow_repository.store import SqliteFlowStore, utcnow
+
+MOMENT = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
+ENTRY = {"entryId": "h1", "kind": "definition", "change": "updated", "at": MOMENT}
+
+
+def document(owners: tuple[str, ...] = ("alice", "acme"), **fields: Any) -> dict[str, Any]:
+    return {"_id": ObjectId(), "name": "flow", "description": "d", "type": "ordinary",
+            "status": "inactive", "statusRetries": 0, "statusChangedAt": MOMENT,
+            "owners": [{"id": owner, "type": "user"} for owner in owners], "revision": 1,
+            "createdAt": MOMENT, "updatedAt": MOMENT, "fromTemplate": "1" * 24, "outbox": [],
+            **fields}
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SqliteFlowStore]:
+    opened = SqliteFlowStore.open(str(tmp_path / "flows.sqlite3"))
+    opened.ensure_indexes()
+    yield opened
+    opened.close()
+
+
+# ----------------------------------------------------------------------------- query plans
+
+FILTERS = [{}, {"status": "active"}, {"type": "realtime"}, {"user": "alice"},
+           {"from_template": "1" * 24}, {"search": "fl.*"},
+           {"status": "inactive", "user": "acme", "type": "ordinary", "search": "F"}]
+SCOPES = [("alice", "acme"), ("bob",), None]
+FULL_SCAN = re.compile(r"^SCAN (\w+)$")  # "SCAN t USING INDEX i" walks an index: allowed
+
+
+def steady_state(store: SqliteFlowStore) -> None:
+    """Every query the service makes while it runs, once each, on a seeded store."""
+    flows = [store.insert(document(owners=(("alice", "acme"), ("bob",))[number % 2],
+                                   name=f"n{number}", status=STATUSES[number % 4]))
+             for number in range(40)]
+    flow_id = flows[0]["_id"]
+    for query_options in FILTERS:
+        for field in ("createdAt", "updatedAt", "name"):
+            for descending in (False, True):
+                query = ListQuery(**query_options, sort_field=field, sort_descending=descending,
+                                  page_number=2, page_size=5)
+                for scope in SCOPES:
+                    store.list(query, scope)
+    store.get(flow_id)
+    store.get(flow_id, ("alice",))
+    store.update(flow_id, owner_ids=("alice",), owner_count=2, statuses=("inactive",),
+                 revision=1, changes={"name": "x"}, remove_owner="acme",
+                 events=[{"eventId": "e1", "storedAt": utcnow()}], history=ENTRY,
+                 returning=("status",))
+    store.update(flow_id, revision=(2, 3), history=ENTRY)
+    store.owned_by("alice")
+    store.stuck("starting", MOMENT, retries=0)
+    store.count_by_status(STATUSES)
+    store.outbox_backlog()
+    store.pending_flows(10)
+    [claimed] = store.claim_batch("relay-a", timedelta(seconds=30), 10)
+    store.drop_published(flow_id, "e1")
+    store.drop_pending_history(flow_id, ["h1"])
+    store.release_batch("relay-a", [flow_id], deleted=[flow_id])
+    store.history.record([{"flowId": flow_id, "revision": 2, **ENTRY}])
+    store.history.page(flow_id, 1, 10)
+    store.history.get(flow_id, 2)
+    store.history.definition_at(flow_id, 3)
+    store.history.trim(flow_id, 2)
+    store.history.pseudonymise(flow_id, "alice", "someone")
+    store.update(flow_id, changes={"deletedAt": MOMENT}, history=ENTRY)
+    store.release_batch("relay-a", [flow_id], deleted=[flow_id])
+    store.history.drop(flow_id)
+    assert claimed["_id"] == flow_id
+
+
+def test_every_steady_state_statement_reads_an_index(store: SqliteFlowStore) -> None:
+    statements: list[str] = []
+    store.database.trace(statements.append)
+    steady_state(store)
+    store.database.trace(None)
+    checked = 0
+    for statement in dict.fromkeys(statements):
+        if not statement.lstrip().upper().startswith(("SELECT", "UPDATE", "DELETE")):
+            continue  # BEGIN, COMMIT, PRAGMA and INSERT read no table
+        plan = [detail for *_, detail in store.database.query(
+            f"EXPLAIN QUERY PLAN {statement}")]
+        checked += 1
+        assert not [line for line in plan if FULL_SCAN.match(line)], (statement, plan)
+        if "ORDER BY k" in statement and "JOIN" not in statement:
+            # an owner-scoped page is read in order from the owner index: no sorting
+            assert not [line for line in plan if "TEMP B-TREE" in line], (statement, plan)
+    assert checked > 100
+
+
+def test_a_full_scan_would_be_noticed(store: SqliteFlowStore) -> None:
+    plan = [detail for *_, detail in store.database.query(
+        "EXPLAIN QUERY PLAN SELECT id FROM flows WHERE doc LIKE '%x%'")]
+    assert [line for line in plan if FULL_SCAN.match(line)], plan
+
+
+# ----------------------------------------------------------------------------- location
+
+
+def test_the_default_database_is_under_the_state_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    assert Settings.from_env({}).embedded_database == str(
+        tmp_path / "state" / "flow-repository" / "flows.sqlite3")
+    monkeypatch.setenv("XDG_STATE_HOME", "relative/ignored")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert Settings.from_env({}).embedded_database == str(
+        tmp_path / "home" / ".local" / "state" / "flow-repository" / "flows.sqlite3")
+
+
+def test_embedded_db_path_chooses_the_file_or_memory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert Settings.from_env({"EMBEDDED_DB_PATH": "~/data/f.db"}).embedded_database == str(
+        tmp_path / "data" / "f.db")
+    assert Settings.from_env({"EMBEDDED_DB_PATH": ":memory:"}).embedded_database == ":memory:"
+
+
+def test_a_file_keeps_the_data_across_reopening(tmp_path: Path) -> None:
+    path = str(tmp_path / "deep" / "er" / "flows.sqlite3")
+    first = SqliteFlowStore.open(path)
+    flow = first.insert(document())
+    first.update(flow["_id"], changes={"name": "kept"}, history=ENTRY)
+    first.close()
+    again = SqliteFlowStore.open(path)
+    assert again.get(flow["_id"])["name"] == "kept"
+    assert again.raw(flow["_id"])["historyOutbox"] == [ENTRY]
+    assert (Path(path).parent.stat().st_mode & 0o077) == 0  # the user's own directory
+    again.close()
+
+
+def test_memory_is_one_database_for_every_thread_of_the_process() -> None:
+    store = SqliteFlowStore.open(":memory:")
+    flow = store.insert(document())
+    seen: list[Any] = []
+    thread = threading.Thread(target=lambda: seen.append(store.get(flow["_id"])))
+    thread.start()
+    thread.join()
+    assert seen[0]["_id"] == flow["_id"]
+    store.close()
+
+
+def test_values_that_look_like_the_encodings_tags_come_back_verbatim(
+        store: SqliteFlowStore) -> None:
+    settings = {"$date": 5, "$oid": "not an id", "one": {"$date": 7}, "two": {"$oid": "x"},
+                "three": {"$esc": 1}, "four": {"$escape$date": {"$date": 1}},
+                "a.b": {"$in": [1]}, "list": [{"$date": "x"}, (1, 2)], "nul\x00": 1}
+    flow = store.insert(document(flowSettings=settings))
+    expected = {**settings, "list": [{"$date": "x"}, [1, 2]]}
+    assert store.get(flow["_id"])["flowSettings"] == expected
+
+
+def test_a_busy_database_is_unavailable_not_an_error(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from flow_repository.store import StoreUnavailable, sqlite
+
+    monkeypatch.setattr(sqlite, "BUSY_TIMEOUT_SECONDS", 0.05)
+    path = str(tmp_path / "flows.sqlite3")
+    store = SqliteFlowStore.open(path)
+    flow = store.insert(document())
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    try:
+        with pytest.raises(StoreUnavailable, match="SQLite is unavailable"):
+            store.update(flow["_id"], changes={"name": "x"}, history=ENTRY)
+        assert store.get(flow["_id"])["name"] == "flow"  # readers do not wait (WAL)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+        store.close()
+
+
+# ----------------------------------------------------------------------------- backup
+
+
+def test_backup_and_restore_round_trip_a_store_under_write_load(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    path = str(tmp_path / "flows.sqlite3")
+    monkeypatch.setenv("EMBEDDED_DB_PATH", path)
+    monkeypatch.delenv("MONGODB_URL", raising=False)
+    store = SqliteFlowStore.open(path)
+    stop = threading.Event()
+    written: list[ObjectId] = []
+
+    def write() -> None:
+        # Flow n is created, then changed once: a consistent copy holds a prefix of the
+        # flows, and each one either untouched (revision 1) or changed with its entry.
+        writer = SqliteFlowStore.open(path)  # as another process would
+        number = 0
+        while not stop.is_set():
+            flow = writer.insert(document(name=f"{number:05d}"))
+            writer.update(flow["_id"], changes={"description": "changed"}, history=ENTRY,
+                          events=[{"eventId": f"e{number}", "storedAt": utcnow()}])
+            written.append(flow["_id"])
+            number += 1
+        writer.close()
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    try:
+        copies = []
+        for number in range(3):
+            # each backup is taken while the writer goes on
+            while len(written) < 20 * (number + 1):
+                stop.wait(0.01)
+            copies.append(str(tmp_path / f"backup-{number}.sqlite3"))
+            assert main(["backup", "-o", copies[-1]]) == 0
+    finally:
+        stop.set()
+        thread.join()
+    for copy in copies:
+        check_consistent(SqliteFlowStore.open(copy))
+    assert "Backed up" in capsys.readouterr().out
+
+    final = str(tmp_path / "final.sqlite3")
+    assert main(["backup", "-o", final]) == 0
+    expected = snapshot(store)
+    store.drop_all()
+    store.close()
+    assert main(["restore", final]) == 0
+    restored = SqliteFlowStore.open(path)
+    assert snapshot(restored) == expected
+    assert len(expected[0]) == len(written)
+    restored.close()
+
+
+def check_consistent(copy: SqliteFlowStore) -> None:
+    flows, total = copy.list(ListQuery(page_size=1000, sort_field="name"), ("alice",))
+    assert total == len(flows) > 0
+    assert [flow["name"] for flow in flows] == [f"{n:05d}" for n in range(total)]
+    for flow in flows[:-1]:  # every flow but the newest has been changed by then
+        assert flow["revision"] == 2 and flow["description"] == "changed"
+        assert flow["historyOutbox"] == [ENTRY] and len(flow["outbox"]) == 1
+    last = flows[-1]
+    assert (last["revision"], len(last.get("historyOutbox", []))) in ((1, 0), (2, 1))
+    copy.close()
+
+
+def snapshot(store: SqliteFlowStore) -> tuple[list[dict], int, Any]:
+    flows, _ = store.list(ListQuery(page_size=1000), None)
+    return ([store.raw(flow["_id"]) for flow in flows], store.outbox_backlog()[0],
+            store.count_by_status(STATUSES))
+
+
+def test_restore_refuses_a_file_that_is_no_backup(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMBEDDED_DB_PATH", str(tmp_path / "flows.sqlite3"))
+    monkeypatch.delenv("MONGODB_URL", raising=False)
+    other = tmp_path / "other.sqlite3"
+    sqlite3.connect(other).execute("CREATE TABLE t (x)")
+    assert main(["restore", str(other)]) == 2
+
+
+def test_backup_points_mongodb_users_to_mongodump(monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("MONGODB_URL", "mongodb://127.0.0.1:1/flows")
+    assert main(["backup", "-o", "x"]) == 2
+    assert "mongodump" in capsys.readouterr().err

@@ -267,6 +267,7 @@ class TcpProxy:
         self._open = threading.Event()
         self._open.set()
         self._closed = threading.Event()
+        self._stalled = threading.Event()
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
         self.accepted = 0
@@ -307,15 +308,24 @@ class TcpProxy:
                     continue
                 self._sockets.update((client, upstream))
                 self.accepted += 1
-            for source, target in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(source, target), daemon=True).start()
+            for source, target, outgoing in ((client, upstream, True),
+                                             (upstream, client, False)):
+                threading.Thread(target=self._pump, args=(source, target, outgoing),
+                                 daemon=True).start()
 
-    def _pump(self, source: socket.socket, target: socket.socket) -> None:
+    def _pump(self, source: socket.socket, target: socket.socket, outgoing: bool) -> None:
+        held: list[bytes] = []
         try:
             while True:
                 data = source.recv(65536)
                 if not data:
-                    break
+                    break  # what a closed client left held never arrives
+                if outgoing and self._stalled.is_set():
+                    held.append(data)
+                    continue
+                for chunk in held:
+                    target.sendall(chunk)
+                held.clear()
                 target.sendall(data)
         except OSError:
             pass
@@ -336,6 +346,16 @@ class TcpProxy:
 
     def restore(self) -> None:
         self._open.set()
+
+    def stall(self) -> None:
+        """Hold what clients send (the broker answers nothing more) until unstall(); a
+        client that closes its connection meanwhile loses what was held, as on a network
+        that dropped it."""
+        self._stalled.set()
+
+    def unstall(self) -> None:
+        """Forward again; held data goes out with the client's next bytes."""
+        self._stalled.clear()
 
     def close(self) -> None:
         self._closed.set()

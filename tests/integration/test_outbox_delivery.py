@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import defaultdict
 from datetime import timedelta
 
@@ -272,3 +273,34 @@ def test_an_event_the_broker_does_not_confirm_stays_in_the_outbox_and_is_retried
     assert outbox_names(store, flow_id) == []
     delivered = events.wait("flowrepo.flow.created", flow_id)
     assert {message.event_id for message in delivered} == {pending["eventId"]}
+
+
+def test_a_relay_past_its_publish_deadline_stops_and_cannot_reorder_a_flows_events(
+        make_app, settings, drive, listener, store, broker_proxy):
+    events = listener()
+    driver = drive(make_app(background=False))
+    flow_id = driver.create()
+    driver.command(flow_id, "start")
+    assert outbox_names(store, flow_id) == ["flowrepo.flow.created", "flow.starting"]
+    lease = 1.5  # the margin is a third: confirms are awaited for about a second
+    behind_proxy = settings.replace(queue_url=broker_proxy.url(settings.queue_url))
+    stalled = relay_for(store, behind_proxy, lease_seconds=lease)
+    stalled._publisher.connect()
+    broker_proxy.stall()  # what it publishes now is held on the way, no confirm comes back
+
+    started = time.monotonic()
+    assert stalled.publish_pending() == 0
+    waited = time.monotonic() - started
+    assert lease / 2 <= waited < lease * 2 / 3 + 0.3, waited  # no longer than the margin allows
+    assert not stalled.connected  # it dropped the connection its messages were held on
+    assert outbox_names(store, flow_id) == ["flowrepo.flow.created", "flow.starting"]
+    assert store.raw(ObjectId(flow_id)).get("relayLeaseOwner") is None  # given back
+
+    other = relay_for(store, settings)
+    assert other.publish_pending() == 2
+    broker_proxy.unstall()
+    stalled._publisher.keep_alive()
+    time.sleep(0.5)  # anything the stalled relay had sent would arrive now
+    messages = events.events(flow_id=flow_id)
+    assert [m.routing_key for m in messages] == ["flowrepo.flow.created", "flow.starting"]
+    assert outbox_names(store, flow_id) == []

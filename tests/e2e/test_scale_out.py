@@ -19,9 +19,8 @@ BATCH = 100  # BULK_MAX_ITEMS
 
 @pytest.fixture
 def topology(deploy, settings):
-    if settings.embedded:
-        pytest.skip("several processes share a database only on a real MongoDB "
-                    "(--mongodb=secantus or --mongodb-url)")
+    if settings.embedded and settings.embedded_database == ":memory:":
+        pytest.skip("several processes need a database file or a MongoDB to share")
     return deploy(workers=3, apis=2)
 
 

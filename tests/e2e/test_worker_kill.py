@@ -5,12 +5,13 @@ flow's reports are in flight together."""
 from __future__ import annotations
 
 import signal
+import threading
 
 import pytest
 from bson import ObjectId
 
 from flow_repository.domain import STATUSES
-from support import Bus, Driver, Listener, bearer, eventually
+from support import Bus, Driver, Listener, bearer, connect, eventually
 
 from .conftest import FakeIam
 
@@ -70,10 +71,15 @@ def test_a_worker_killed_mid_stream_loses_nothing_and_applies_nothing_twice(
     # One stream: each flow's three reports back to back, all in flight while the active
     # worker dies. flow.failed moves a flow to stopping and queues a flow.stopping, which
     # the relays (two API workers, two workers) publish; flow.stopped then ends it.
-    for flow_id in flows:
-        driver.report("flow.started", flow_id)
-        driver.report("flow.failed", flow_id)
-        driver.report("flow.stopped", flow_id)
+    def orchestrate() -> None:  # on a connection of its own, while the worker dies
+        reporter = Bus(settings, connect(settings))
+        for flow_id in flows:
+            reporter.publish("flow.started", flow_id)
+            reporter.publish("flow.failed", flow_id)
+            reporter.publish("flow.stopped", flow_id)
+
+    reporting = threading.Thread(target=orchestrate, daemon=True)
+    reporting.start()
     eventually(lambda: applied(deployment.workers) > 0, 60, interval=0.01,
                message="a worker consuming the reports")
     assert bus.consumers() == 2
@@ -85,6 +91,7 @@ def test_a_worker_killed_mid_stream_loses_nothing_and_applies_nothing_twice(
     assert store.count_by_status(STATUSES).get("inactive", 0) < FLOWS, \
         "the kill must come mid-stream"
 
+    reporting.join(120)
     eventually(lambda: all_in(store, "inactive"), 120, interval=0.2,
                message="every report applied, the killed worker's unacked ones too")
     eventually(lambda: bus.consumers() == 1, 30, message="only the survivor consumes")

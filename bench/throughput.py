@@ -73,7 +73,9 @@ def status_event(flow_id: str) -> bytes:
 
 
 def measure_consumer(settings: Settings, count: int) -> dict[str, Any]:
-    runtime = Runtime.build(settings)
+    # as ``serve`` runs embedded: the API's service and relay, and the consumer, in one process
+    runtime = Runtime.build(settings, relay=True)
+    runtime.start()
     ids = seed(runtime, count, start=True)
     print(f"consumer: {count} flows in starting", flush=True)
     bodies = [status_event(flow_id) for flow_id in ids]
@@ -90,6 +92,7 @@ def measure_consumer(settings: Settings, count: int) -> dict[str, Any]:
         time.sleep(0.005)
     service_seconds = time.perf_counter() - started
     consumer.stop()
+    runtime.stop()
     active = sum(runtime.store.get(ObjectId(flow_id))["status"] == "active" for flow_id in ids)
     if active != count:
         raise RuntimeError(f"{active} of {count} flows active after the consumer ran")
@@ -207,8 +210,7 @@ def main() -> int:
            if arguments.mongodb_url else None)
     workdir = Path(tempfile.mkdtemp(prefix="flow-repository-throughput-"))
     environment = {key: value for key, value in os.environ.items() if key != "MONGODB_URL"}
-    environment.update(QUEUE_URL=harness.QUEUE_URL, EVENT_QUEUE_TYPE=arguments.queue_type,
-                       LOG_LEVEL="WARNING")
+    environment.update(QUEUE_URL=harness.QUEUE_URL, EVENT_QUEUE_TYPE=arguments.queue_type)
     results = {}
     for part, count, measure in (("consumer", arguments.events, measure_consumer),
                                  ("relay", arguments.backlog, measure_relay)):

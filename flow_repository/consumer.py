@@ -258,7 +258,8 @@ class StatusConsumer:
                     return
         self._settled(channel, method.delivery_tag)
         self._metrics.event_consumed(name, "applied")
-        log.info("event handled", extra={"event": name, "outcome": outcome})
+        # DEBUG: one line per report would cost more than applying it; /metrics counts them
+        log.debug("event handled", extra={"event": name, "outcome": outcome})
 
     def handle(self, name: str, body: bytes) -> str:
         """Apply one message; InvalidEvent when it can never be applied."""

@@ -65,10 +65,11 @@ class Write:
     upsert: bool = False
 
 
-def write_all(collection: Any, writes: Sequence[Write], *, real: bool) -> None:
-    """Apply ``writes`` in one round trip (``bulk_write``, unordered) on a real server; one
-    by one on mongomock, whose bulk API lags pymongo's. A duplicate key of an upsert is
-    not an error: a concurrent writer stored the same document first."""
+def write_all(collection: Any, writes: Sequence[Write], *, real: bool,
+              ordered: bool = False) -> None:
+    """Apply ``writes`` in one round trip (``bulk_write``; ``ordered``: one after the
+    other) on a real server; one by one on mongomock, whose bulk API lags pymongo's. A
+    duplicate key of an upsert is not an error: a concurrent writer stored it first."""
     if not writes:
         return
     if not real:
@@ -85,7 +86,7 @@ def write_all(collection: Any, writes: Sequence[Write], *, real: bool) -> None:
         collection.bulk_write([
             DeleteOne(write.filter) if write.change is None
             else UpdateOne(write.filter, write.change, upsert=write.upsert)
-            for write in writes], ordered=False)
+            for write in writes], ordered=ordered)
     except BulkWriteError as error:
         if any(failure.get("code") != DUPLICATE_KEY
                for failure in error.details.get("writeErrors", [])):
@@ -197,14 +198,10 @@ class Store(Protocol):
                lease: Lease | None = None) -> dict | None: ...
     def drop_pending_history(self, flow_id: ObjectId, entry_ids: Sequence[str]) -> None: ...
     def pending_flows(self, limit: int) -> list[ObjectId]: ...
-    def drop_published(self, flow_id: ObjectId, event_id: str) -> None: ...
-    def release(self, flow_id: ObjectId, relay_id: str, *, deleted: bool = False) -> None: ...
     def claim_batch(self, relay_id: str, lease: timedelta, limit: int,
                     flow_ids: Sequence[ObjectId] | None = None) -> list[dict]: ...
     def finish_batch(self, relay_id: str, *, published: Mapping[ObjectId, Sequence[str]],
                      recorded: Mapping[ObjectId, Sequence[str]] | None = None,
                      deleted: Sequence[ObjectId] = ()) -> None: ...
-    def release_batch(self, relay_id: str, flow_ids: Sequence[ObjectId], *,
-                      deleted: Sequence[ObjectId] = ()) -> None: ...
     def raw(self, flow_id: ObjectId) -> dict | None: ...
     def drop_all(self) -> None: ...

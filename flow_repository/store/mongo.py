@@ -348,33 +348,6 @@ class FlowStore:
                 leased_now.filter, **self._hint(leased_now))}
         return [self._out(leased[flow_id]) for flow_id in candidates if flow_id in leased]
 
-    def drop_published(self, flow_id: ObjectId, event_id: str) -> None:
-        """Remove one event from a flow's outbox once the broker has confirmed it."""
-        with self._call():
-            self._modify(queries.by_id(flow_id), {"$pull": {"outbox": {"eventId": event_id}}},
-                         projection={"_id": 1})
-
-    def release(self, flow_id: ObjectId, relay_id: str, *, deleted: bool = False) -> None:
-        """Give the lease back; a ``deleted`` flow whose events are all out is removed for
-        good, its history first (a crash in between leaves a hidden tombstone, never
-        history that no flow answers for)."""
-        self.release_batch(relay_id, [flow_id], deleted=[flow_id] if deleted else ())
-
-    def release_batch(self, relay_id: str, flow_ids: Sequence[ObjectId], *,
-                      deleted: Sequence[ObjectId] = ()) -> None:
-        """:meth:`release` for a batch of flows: one round trip gives every lease back;
-        each of the ``deleted`` ones whose events are all out is then removed for good."""
-        held = queries.by_ids(flow_ids, relayLeaseOwner=relay_id)
-        with self._call():
-            self._flows.update_many(held.filter,
-                                    {"$unset": {"relayLeaseUntil": "", "relayLeaseOwner": ""}},
-                                    **self._hint(held))
-            for flow_id in deleted:
-                done = queries.by_id(flow_id, deletedAt={"$ne": None}, outbox={"$size": 0})
-                if self._flows.find_one(done.filter, {"_id": 1}, **self._hint(done)) is not None:
-                    self.history.drop(flow_id)
-                    self._flows.find_one_and_delete(done.filter, {"_id": 1}, **self._hint(done))
-
     def finish_batch(self, relay_id: str, *, published: Mapping[ObjectId, Sequence[str]],
                      recorded: Mapping[ObjectId, Sequence[str]] | None = None,
                      deleted: Sequence[ObjectId] = ()) -> None:
@@ -388,24 +361,25 @@ class FlowStore:
         in between leaves a hidden tombstone, never history that no flow answers for).
         """
         writes: list[Write] = []
-        for flow_id, event_ids in published.items():
-            if flow_id in deleted:
-                continue
-            change: dict[str, Any] = {"$unset": {"relayLeaseUntil": "", "relayLeaseOwner": ""}}
-            if event_ids:
-                change["$pull"] = {"outbox": {"eventId": {"$in": list(event_ids)}}}
-            writes.append(Write({"_id": flow_id, "relayLeaseOwner": relay_id}, change))
         for flow_id, entry_ids in (recorded or {}).items():
-            if entry_ids and flow_id not in deleted:
+            if entry_ids:
                 writes.append(Write(
                     {"_id": flow_id},
                     {"$pull": {"historyOutbox": {"entryId": {"$in": list(entry_ids)}}}}))
+        for flow_id, event_ids in published.items():
+            if event_ids:
+                writes.append(Write({"_id": flow_id, "relayLeaseOwner": relay_id},
+                                    {"$pull": {"outbox": {"eventId": {"$in": list(event_ids)}}}}))
+            if flow_id in deleted:  # gone once its last event is out (checked here again)
+                writes.append(Write({"_id": flow_id, "relayLeaseOwner": relay_id,
+                                     "deletedAt": {"$ne": None}, "outbox": {"$size": 0}}))
+            writes.append(Write({"_id": flow_id, "relayLeaseOwner": relay_id},
+                                {"$unset": {"relayLeaseUntil": "", "relayLeaseOwner": ""}}))
         if deleted:
             self.history.drop_flows(deleted)
-        writes += [Write({"_id": flow_id, "relayLeaseOwner": relay_id,
-                          "deletedAt": {"$ne": None}}) for flow_id in deleted]
         with self._call():
-            write_all(self._flows, writes, real=self._real)
+            # in order: a tombstone is removed only after its events left the outbox
+            write_all(self._flows, writes, real=self._real, ordered=True)
 
     # ------------------------------------------------------------------------- test support
 

@@ -739,71 +739,44 @@ class SqliteFlowStore:
             documents = self._documents(connection, keys)
         return [documents[key] for key in keys]
 
-    def drop_published(self, flow_id: ObjectId, event_id: str) -> None:
-        """Remove one event from a flow's outbox once the broker has confirmed it."""
-        self._change_document(flow_id, lambda document: _drop_items(
-            document, "outbox", "eventId", (event_id,)))
-
-    def release(self, flow_id: ObjectId, relay_id: str, *, deleted: bool = False) -> None:
-        """Give the lease back; a ``deleted`` flow whose events are all out is removed for
-        good, its history with it (one transaction: nothing is left half removed)."""
-        self.release_batch(relay_id, [flow_id], deleted=[flow_id] if deleted else ())
-
-    def release_batch(self, relay_id: str, flow_ids: Sequence[ObjectId], *,
-                      deleted: Sequence[ObjectId] = ()) -> None:
-        """:meth:`release` for a batch of flows, in one transaction."""
-        keys = [flow_key(flow_id) for flow_id in flow_ids]
-        done = [flow_key(flow_id) for flow_id in deleted]
-        if not keys and not done:
-            return
-        with self.database.writing() as connection:
-            if keys:
-                connection.execute(
-                    f"UPDATE flows SET lease_until = NULL, lease_owner = NULL "
-                    f"WHERE id IN ({_marks(len(keys))}) AND lease_owner = ?", (*keys, relay_id))
-            for key in done:
-                removed = connection.execute(
-                    "DELETE FROM flows WHERE id = ? AND deleted = 1 AND pending_count = 0",
-                    (key,)).rowcount
-                if removed:
-                    connection.execute("DELETE FROM flow_history WHERE fid = ?", (key,))
-
     def finish_batch(self, relay_id: str, *, published: Mapping[ObjectId, Sequence[str]],
                      recorded: Mapping[ObjectId, Sequence[str]] | None = None,
                      deleted: Sequence[ObjectId] = ()) -> None:
         """What a relay does after a batch, in one transaction: drop the confirmed events
         of the flows it leased and give the leases back (unless a lease went to another
         relay meanwhile), drop recorded pending history entries, and remove the ``deleted``
-        tombstones whose events are all out, their history with them."""
+        tombstones whose events are now all out, their history with them."""
         recorded = recorded or {}
-        touched = [flow_id for flow_id in dict.fromkeys([*published, *recorded])
-                   if flow_id not in deleted]
+        keys = [flow_key(flow_id) for flow_id in dict.fromkeys([*published, *recorded])]
+        if not keys:
+            return
         with self.database.writing() as connection:
-            keys = [flow_key(flow_id) for flow_id in touched]
             rows = connection.execute(
-                f"SELECT {_ROW} FROM flows WHERE id IN ({_marks(len(keys))})", keys
-            ).fetchall() if keys else []
+                f"SELECT {_ROW} FROM flows WHERE id IN ({_marks(len(keys))})", keys).fetchall()
             for row in rows:
                 document = _document(*row)
                 flow_id = document["_id"]
-                mine = flow_id in published and row[3] == relay_id
                 changed = _drop_items(document, "historyOutbox", "entryId",
                                       recorded.get(flow_id, ()))
-                if mine:
+                if flow_id in published and row[3] == relay_id:
                     changed = _drop_items(document, "outbox", "eventId",
                                           published[flow_id]) or changed
-                    connection.execute("UPDATE flows SET lease_until = NULL, "
-                                       "lease_owner = NULL WHERE id = ?", (row[0],))
                 if changed:
                     self._rewrite(connection, row[0], document)
             for flow_id in deleted:
                 key = flow_key(flow_id)
                 removed = connection.execute(
-                    "DELETE FROM flows WHERE id = ? AND deleted = 1 AND lease_owner = ?",
-                    (key, relay_id)).rowcount
+                    "DELETE FROM flows WHERE id = ? AND deleted = 1 AND lease_owner = ? "
+                    "AND COALESCE(pending_count, 0) = 0", (key, relay_id)).rowcount
                 if removed:
                     connection.execute("DELETE FROM flow_owners WHERE fid = ?", (key,))
                     connection.execute("DELETE FROM flow_history WHERE fid = ?", (key,))
+            leased = [flow_key(flow_id) for flow_id in published]
+            if leased:
+                connection.execute(
+                    f"UPDATE flows SET lease_until = NULL, lease_owner = NULL "
+                    f"WHERE id IN ({_marks(len(leased))}) AND lease_owner = ?",
+                    (*leased, relay_id))
 
     # ------------------------------------------------------------------------- test support
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import jsonpatch
@@ -330,11 +331,9 @@ def test_deleting_a_flow_drops_its_history_once_the_deletion_event_is_out(
     oid = ObjectId(flow["id"])
     assert client.delete(f"/flows/{flow['id']}", headers=auth()).status_code == 200
     assert store.history.page(oid, 1, 10)[1] == 2  # kept while the event waits
-    store.release(oid, "relay", deleted=True)
-    assert store.history.page(oid, 1, 10)[1] == 2  # events still pending: nothing removed
-    for event in store.raw(oid)["outbox"]:
-        store.drop_published(oid, event["eventId"])  # the relay published them all
-    store.release(oid, "relay", deleted=True)
+    [claimed] = store.claim_batch("relay", timedelta(minutes=1), 10)
+    published = [event["eventId"] for event in claimed["outbox"]]  # the relay sent them all
+    store.finish_batch("relay", published={oid: published}, deleted=[oid])
     assert store.raw(oid) is None
     assert store.history.page(oid, 1, 10) == ([], 0)
 

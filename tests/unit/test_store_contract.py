@@ -426,9 +426,10 @@ def test_a_lease_excludes_other_relays_until_it_ends_or_is_released(store: Store
     assert claimed["_id"] == flow_id and claimed["relayLeaseOwner"] == "relay-a"
     assert claimed["relayLeaseUntil"] > utcnow()
     assert store.claim_batch("relay-b", timedelta(minutes=1), 10) == []
-    store.release(flow_id, "relay-b")  # not its lease: nothing happens
+    store.finish_batch("relay-b", published={flow_id: ["e"]})  # not its lease: nothing happens
     assert store.raw(flow_id)["relayLeaseOwner"] == "relay-a"
-    store.release(flow_id, "relay-a")
+    assert [e["eventId"] for e in store.raw(flow_id)["outbox"]] == ["e"]
+    store.finish_batch("relay-a", published={flow_id: []})  # gave up: the event stays
     assert "relayLeaseOwner" not in store.raw(flow_id)
     assert len(store.claim_batch("relay-b", timedelta(seconds=-1), 10)) == 1  # ends at once
     [claimed] = store.claim_batch("relay-c", timedelta(minutes=1), 10)
@@ -437,32 +438,32 @@ def test_a_lease_excludes_other_relays_until_it_ends_or_is_released(store: Store
 
 def test_a_flow_with_nothing_pending_cannot_be_claimed(store: Store) -> None:
     flow_id = store.insert(document(outbox=[event("e", MOMENT)]))["_id"]
-    store.drop_published(flow_id, "e")
+    store.claim_batch("relay-a", timedelta(minutes=1), 10)
+    store.finish_batch("relay-a", published={flow_id: ["e"]})
     assert store.raw(flow_id)["outbox"] == []
     assert store.claim_batch("relay-a", timedelta(minutes=1), 10) == []
     assert store.pending_flows(10) == []
 
 
-def test_release_keeps_a_deleted_flow_while_events_are_pending(store: Store) -> None:
+def test_finishing_keeps_a_deleted_flow_while_events_are_pending(store: Store) -> None:
     flow_id = store.insert(document(outbox=[event("modified", MOMENT)]))["_id"]
     store.update(flow_id, changes={"deletedAt": MOMENT},
                  events=[event("deleted", MOMENT + timedelta(seconds=1))], history=ENTRY)
     assert store.claim_batch("relay-a", timedelta(minutes=1), 10) != []
-    store.drop_published(flow_id, "modified")
-    store.release(flow_id, "relay-a", deleted=True)
+    # a relay that says the tombstone is done too early: it stays while events are pending
+    store.finish_batch("relay-a", published={flow_id: ["modified"]}, deleted=[flow_id])
     assert [e["eventId"] for e in store.raw(flow_id)["outbox"]] == ["deleted"]
     assert store.pending_flows(10) == [flow_id]
     assert store.claim_batch("relay-a", timedelta(minutes=1), 10) != []
-    store.drop_published(flow_id, "deleted")
-    store.release(flow_id, "relay-a", deleted=True)
+    store.finish_batch("relay-a", published={flow_id: ["deleted"]}, deleted=[flow_id])
     assert store.raw(flow_id) is None  # its last event is out: removed for good
 
 
-def test_release_never_removes_a_live_flow(store: Store) -> None:
+def test_finishing_never_removes_a_live_flow(store: Store) -> None:
     flow_id = store.insert(document(outbox=[event("e", MOMENT)]))["_id"]
     store.claim_batch("relay-a", timedelta(minutes=1), 10)
-    store.drop_published(flow_id, "e")
-    store.release(flow_id, "relay-a", deleted=True)  # a wrong flag does not remove it either
+    # a wrong flag does not remove it either
+    store.finish_batch("relay-a", published={flow_id: ["e"]}, deleted=[flow_id])
     assert store.get(flow_id)["outbox"] == []
 
 
@@ -476,13 +477,49 @@ def test_writes_wait_for_a_majority_unless_the_url_says_otherwise(
     assert store._flows.write_concern.document == {"w": expected}
 
 
-def test_release_batch_gives_back_only_its_own_leases(store: Store) -> None:
+def test_finishing_a_batch_gives_back_only_its_own_leases(store: Store) -> None:
     mine = store.insert(document(outbox=[event("a", MOMENT)]))["_id"]
     theirs = store.insert(document(outbox=[event("b", MOMENT + timedelta(seconds=1))]))["_id"]
     assert [flow["_id"] for flow in store.claim_batch("relay-a", timedelta(minutes=1), 1)] \
         == [mine]
     assert [flow["_id"] for flow in store.claim_batch("relay-b", timedelta(minutes=1), 5)] \
         == [theirs]
-    store.release_batch("relay-a", [mine, theirs])
+    store.finish_batch("relay-a", published={mine: ["a"], theirs: ["b"]})
     assert "relayLeaseOwner" not in store.raw(mine)
+    assert store.raw(mine)["outbox"] == []
     assert store.raw(theirs)["relayLeaseOwner"] == "relay-b"
+    assert [e["eventId"] for e in store.raw(theirs)["outbox"]] == ["b"]
+
+
+def test_a_write_takes_the_lease_along_only_when_no_relay_holds_one(store: Store) -> None:
+    free = store.insert(document())["_id"]
+    until = utcnow() + timedelta(minutes=1)
+    written = store.update(free, events=[event("e", MOMENT)], history=ENTRY,
+                           lease=("relay-a", until))
+    assert (written["relayLeaseOwner"], written["relayLeaseUntil"]) == ("relay-a", until)
+    assert store.claim_batch("relay-b", timedelta(minutes=1), 10) == []  # held by relay-a
+    again = store.update(free, events=[event("f", MOMENT)], history=ENTRY,
+                         lease=("relay-b", until + timedelta(seconds=1)))
+    assert again["relayLeaseOwner"] == "relay-a"  # written all the same, lease unchanged
+    assert [e["eventId"] for e in again["outbox"]] == ["e", "f"]
+    expired = store.insert(document(relayLeaseUntil=utcnow() - timedelta(seconds=1),
+                                    relayLeaseOwner="relay-gone"))["_id"]
+    taken = store.update(expired, history=ENTRY, lease=("relay-c", until))
+    assert taken["relayLeaseOwner"] == "relay-c"
+    assert store.update(expired, revision=99, history=ENTRY, lease=("relay-c", until)) is None
+
+
+def test_a_claim_by_id_takes_only_those_flows_that_are_claimable(store: Store) -> None:
+    wanted = store.insert(document(outbox=[event("a", MOMENT)]))["_id"]
+    other = store.insert(document(outbox=[event("b", MOMENT)]))["_id"]
+    idle = store.insert(document(outbox=[]))["_id"]
+    claimed = store.claim_batch("relay-a", timedelta(minutes=1), 10, [idle, wanted])
+    assert [flow["_id"] for flow in claimed] == [wanted]
+    assert "relayLeaseOwner" not in store.raw(other)
+    assert store.claim_batch("relay-b", timedelta(minutes=1), 10, [wanted]) == []
+
+
+def test_finishing_a_batch_drops_recorded_history_entries(store: Store) -> None:
+    flow_id = store.insert(document(historyOutbox=[{"entryId": "h1"}, {"entryId": "h2"}]))["_id"]
+    store.finish_batch("relay-a", published={}, recorded={flow_id: ["h1"]})
+    assert [entry["entryId"] for entry in store.raw(flow_id)["historyOutbox"]] == ["h2"]

@@ -74,17 +74,20 @@ def steady_state(store: SqliteFlowStore) -> None:
     store.outbox_backlog()
     store.pending_flows(10)
     [claimed] = store.claim_batch("relay-a", timedelta(seconds=30), 10)
-    store.drop_published(flow_id, "e1")
+    store.claim_batch("relay-a", timedelta(seconds=30), 10, [flow_id])
     store.drop_pending_history(flow_id, ["h1"])
-    store.release_batch("relay-a", [flow_id], deleted=[flow_id])
+    store.finish_batch("relay-a", published={flow_id: ["e1"]}, recorded={flow_id: ["h1"]},
+                       deleted=[flow_id])
     store.history.record([{"flowId": flow_id, "revision": 2, **ENTRY}])
     store.history.page(flow_id, 1, 10)
     store.history.get(flow_id, 2)
     store.history.definition_at(flow_id, 3)
     store.history.trim(flow_id, 2)
     store.history.pseudonymise(flow_id, "alice", "someone")
-    store.update(flow_id, changes={"deletedAt": MOMENT}, history=ENTRY)
-    store.release_batch("relay-a", [flow_id], deleted=[flow_id])
+    store.update(flow_id, changes={"deletedAt": MOMENT}, history=ENTRY,
+                 lease=("relay-a", utcnow() + timedelta(seconds=30)))
+    store.history.drop_flows([flow_id])
+    store.finish_batch("relay-a", published={flow_id: []}, deleted=[flow_id])
     store.history.drop(flow_id)
     assert claimed["_id"] == flow_id
 

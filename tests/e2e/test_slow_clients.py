@@ -215,7 +215,8 @@ def test_health_checks_answer_while_slow_clients_hold_every_slot(
     and a new API connection is refused at once with 503 instead of waiting."""
     slots = 30
     health_port = free_port()
-    served = serve(GUNICORN_MAX_CONNECTIONS=str(slots), GUNICORN_THREADS="2",
+    # one gunicorn worker: its slots are the ones filled (embedded serve runs two by default)
+    served = serve(WEB_CONCURRENCY="1", GUNICORN_MAX_CONNECTIONS=str(slots), GUNICORN_THREADS="2",
                    GUNICORN_REQUEST_TIMEOUT="600", HEALTH_PORT=str(health_port))
     for index in range(slots):
         sock = connect(served)

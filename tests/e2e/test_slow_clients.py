@@ -93,8 +93,9 @@ def test_a_request_not_received_in_time_is_answered_408_and_closed(
 def test_bodies_being_received_are_bounded_in_memory_together(
     serve, stalled_sockets: list[socket.socket]
 ) -> None:
-    # 64 bodies of 4 KiB may be held at once; 80 nearly complete ones are more than that.
-    served = serve(MAX_BODY_BYTES="4096", GUNICORN_REQUEST_TIMEOUT="600")
+    # 64 bodies of 4 KiB may be held at once by a worker; 80 nearly complete ones are more
+    # than that (one gunicorn worker, so that all of them go to it).
+    served = serve(WEB_CONCURRENCY="1", MAX_BODY_BYTES="4096", GUNICORN_REQUEST_TIMEOUT="600")
     for _ in range(80):
         sock = connect(served)
         stalled_sockets.append(sock)

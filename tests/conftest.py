@@ -185,6 +185,16 @@ def store(request: pytest.FixtureRequest, settings: Settings) -> Iterator[Store]
 
 
 @pytest.fixture
+def shared_store(request: pytest.FixtureRequest, settings: Settings, store: Store) -> Store:
+    """The store, for tests that read what served processes wrote: those share the embedded
+    file or a real MongoDB with the test, never the test's mongomock."""
+    if not settings.mongodb_url and request.config.getoption("--mongodb") == "mongomock":
+        pytest.skip("served processes cannot share the test's mongomock: run it embedded "
+                    "(the SQLite file) or on a real MongoDB")
+    return store
+
+
+@pytest.fixture
 def app(settings: Settings, store: FlowStore):
     """The real Flask app on the test store, without background threads."""
     return create_app(settings, store=store)

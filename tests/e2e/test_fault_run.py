@@ -123,7 +123,7 @@ def gunicorn_workers(master: int) -> list[int]:
 
 
 def test_a_fault_run_keeps_every_promise(deploy, settings, iam: FakeIam, bus: Bus, listener,
-                                         broker_proxy, store, flow_body) -> None:
+                                         broker_proxy, shared_store, flow_body) -> None:
     if settings.embedded and settings.embedded_database == ":memory:":
         pytest.skip("several processes need a database file or a MongoDB to share")
     changes: Listener = listener("flowrepo.flow.*")
@@ -211,10 +211,10 @@ def test_a_fault_run_keeps_every_promise(deploy, settings, iam: FakeIam, bus: Bu
     live = [flow_id for flow_id in ledger.flows if flow_id not in ledger.deleted]
 
     def settled() -> bool:
-        pending = [f for f in ledger.flows if (raw := store.raw(ObjectId(f))) is not None
+        pending = [f for f in ledger.flows if (raw := shared_store.raw(ObjectId(f))) is not None
                    and (raw.get("outbox") or raw["status"] in ("starting", "stopping"))]
         assert not pending, f"{len(pending)} flows still moving"
-        assert all(store.raw(ObjectId(f)) is None for f in ledger.deleted), "tombstones left"
+        assert all(shared_store.raw(ObjectId(f)) is None for f in ledger.deleted), "tombstones left"
         return True
 
     eventually(settled, 120, interval=1, message="every flow settled, every event out")
@@ -223,7 +223,7 @@ def test_a_fault_run_keeps_every_promise(deploy, settings, iam: FakeIam, bus: Bu
     # 1. each flow is where its last command and the orchestrator's answer put it
     finals = Counter()
     for flow_id in live:
-        raw = store.raw(ObjectId(flow_id))
+        raw = shared_store.raw(ObjectId(flow_id))
         finals[raw["status"]] += 1
         last = ledger.last_command.get(flow_id)
         if last is None or last == "stop":
@@ -234,9 +234,9 @@ def test_a_fault_run_keeps_every_promise(deploy, settings, iam: FakeIam, bus: Bu
 
     # 2. every answered change has its history revision, the live flows' history is whole
     for flow_id in live:
-        raw = store.raw(ObjectId(flow_id))
+        raw = shared_store.raw(ObjectId(flow_id))
         recorded = {entry["revision"] for entry in
-                    store.history.page(ObjectId(flow_id), 1, 1000)[0]}
+                    shared_store.history.page(ObjectId(flow_id), 1, 1000)[0]}
         assert recorded == set(range(1, raw["revision"] + 1)), flow_id
         assert ledger.revisions[flow_id] <= recorded, flow_id
 

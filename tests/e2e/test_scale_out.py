@@ -50,7 +50,7 @@ def statuses(store, flows: list[str]) -> dict[str, int]:
 
 
 def test_back_to_back_reports_end_every_flow_where_the_last_report_says(
-        topology, iam: FakeIam, bus: Bus, store, flow_body) -> None:
+        topology, iam: FakeIam, bus: Bus, shared_store, flow_body) -> None:
     headers = bearer(iam.grant("scale-user", "tenant-s"))
     flows = create_and_start(topology, headers, flow_body, 2 * FLOWS)
     stopped, failed = flows[:FLOWS], flows[FLOWS:]
@@ -62,19 +62,19 @@ def test_back_to_back_reports_end_every_flow_where_the_last_report_says(
         bus.publish("flow.failed", fail_id)
 
     def settled() -> bool:
-        assert statuses(store, stopped) == {"inactive": FLOWS}, statuses(store, stopped)
-        assert statuses(store, failed) == {"stopping": FLOWS}, statuses(store, failed)
+        assert statuses(shared_store, stopped) == {"inactive": FLOWS}
+        assert statuses(shared_store, failed) == {"stopping": FLOWS}
         return True
 
     eventually(settled, 120, interval=0.5, message="every flow where its last report says")
     for flow_id in failed:
-        assert store.raw(ObjectId(flow_id))["statusReason"] == "orchestrator reported failure"
+        assert shared_store.raw(ObjectId(flow_id))["statusReason"] == "orchestrator reported failure"
     assert bus.queue_state()[0] == 0
     assert bus.queue_state(bus.dead_letter_queue) == (0, 0)
 
 
 def test_rapid_patches_through_both_apis_reach_the_broker_in_revision_order(
-        topology, iam: FakeIam, listener, store, flow_body) -> None:
+        topology, iam: FakeIam, listener, shared_store, flow_body) -> None:
     headers = bearer(iam.grant("patch-user", "tenant-p"))
     events: Listener = listener("flowrepo.flow.created", "flowrepo.flow.modified")
     first, second = topology.clients
@@ -103,4 +103,4 @@ def test_rapid_patches_through_both_apis_reach_the_broker_in_revision_order(
     assert history.status_code == 200, history.get_json()
     recorded = sorted(entry["revision"] for entry in history.get_json()["data"])
     assert recorded == list(range(1, PATCHES + 2))
-    assert store.raw(ObjectId(flow_id)).get("outbox") == []
+    assert shared_store.raw(ObjectId(flow_id)).get("outbox") == []

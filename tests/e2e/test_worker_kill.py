@@ -47,11 +47,11 @@ def distinct_commands(events: Listener, flow_id: str) -> list[tuple[str, str]]:
 
 
 def test_a_worker_killed_mid_stream_loses_nothing_and_applies_nothing_twice(
-        deploy, iam: FakeIam, bus: Bus, listener, settings, store, flow_body) -> None:
+        deploy, iam: FakeIam, bus: Bus, listener, settings, shared_store, flow_body) -> None:
     events = listener("flow.starting", "flow.stopping")
     # a short relay lease, so that the flows the killed worker's relay held are taken over soon
     deployment = deploy(workers=2, RELAY_LEASE_SECONDS="2")
-    driver = Driver(deployment, bus, bearer(iam.grant("kill-user", "tenant-k")), store,
+    driver = Driver(deployment, bus, bearer(iam.grant("kill-user", "tenant-k")), shared_store,
                     flow_body)
     client = deployment.client
 
@@ -66,7 +66,8 @@ def test_a_worker_killed_mid_stream_loses_nothing_and_applies_nothing_twice(
                               json=flows[first:first + BATCH])
         assert started.status_code == 200, started.get_json()
         assert all(item["data"]["status"] == "starting" for item in started.get_json())
-    started_revision = {flow_id: store.raw(ObjectId(flow_id))["revision"] for flow_id in flows}
+    started_revision = {flow_id: shared_store.raw(ObjectId(flow_id))["revision"]
+                        for flow_id in flows}
 
     # One stream: each flow's three reports back to back, all in flight while the active
     # worker dies. flow.failed moves a flow to stopping and queues a flow.stopping, which
@@ -88,18 +89,18 @@ def test_a_worker_killed_mid_stream_loses_nothing_and_applies_nothing_twice(
     victim.process.send_signal(signal.SIGKILL)
     assert victim.process.wait(10) == -signal.SIGKILL
     # counted after the kill: reports still unapplied then prove it came mid-stream
-    assert store.count_by_status(STATUSES).get("inactive", 0) < FLOWS, \
+    assert shared_store.count_by_status(STATUSES).get("inactive", 0) < FLOWS, \
         "the kill must come mid-stream"
 
     reporting.join(120)
-    eventually(lambda: all_in(store, "inactive"), 120, interval=0.2,
+    eventually(lambda: all_in(shared_store, "inactive"), 120, interval=0.2,
                message="every report applied, the killed worker's unacked ones too")
     eventually(lambda: bus.consumers() == 1, 30, message="only the survivor consumes")
 
     # Nothing applied twice: after its start, each flow changed exactly three times
     # (started, failed, stopped).
     for flow_id in flows:
-        flow = store.raw(ObjectId(flow_id))
+        flow = shared_store.raw(ObjectId(flow_id))
         assert flow["revision"] == started_revision[flow_id] + 3, flow
         assert flow["statusReason"] == "orchestrator reported stopped"
     # Nothing lost, nothing published twice as a new event, per-flow order kept: one

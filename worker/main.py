@@ -8,9 +8,9 @@ import signal
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from flow_repository.logs import configure_logging
-from flow_repository.runtime import Runtime, WorkerPresence
-from flow_repository.settings import MEMORY_DATABASE, Settings
+from flow_repository.server.bootstrap import Runtime, WorkerPresence
+from flow_repository.server.logs import configure_logging
+from flow_repository.server.settings import MEMORY_DATABASE, Settings
 
 log = logging.getLogger(__name__)
 

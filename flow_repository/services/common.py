@@ -11,20 +11,21 @@ from typing import Any, Protocol, TypeVar
 
 from bson import ObjectId
 
-from .. import domain, ownership, paging
-from ..auth import Principal
-from ..domain import (
+from flow_repository.adapters.auth import Principal
+from flow_repository.adapters.outbox import pending_event
+from flow_repository.adapters.references import ReferenceChecker, ReferencesUnavailable
+from flow_repository.adapters.step_logs import StepLogClient
+from flow_repository.adapters.store import Lease, Store
+from flow_repository.adapters.store.base import Fits
+from flow_repository.domain import flow as domain
+from flow_repository.domain import ownership, paging
+from flow_repository.domain.flow import (
     FlowError,
     FlowNotFound,
     Forbidden,
     InvalidFlow,
     describe,
 )
-from ..events import pending_event
-from ..references import ReferenceChecker, ReferencesUnavailable
-from ..step_logs import StepLogClient
-from ..store import Lease, Store
-from ..store.base import Fits
 
 log = logging.getLogger(__name__)
 

@@ -8,18 +8,20 @@ from typing import Any, cast
 
 from bson import ObjectId
 
-from .. import domain
-from ..auth import Principal
-from ..domain import (
+from flow_repository.adapters.auth import Principal
+from flow_repository.adapters.step_logs import StepLogs, StepLogsNotConfigured
+from flow_repository.adapters.store import utcnow
+from flow_repository.contract import EDITABLE_FIELDS
+from flow_repository.contract.schemas import validate_flow
+from flow_repository.domain import flow as domain
+from flow_repository.domain.flow import (
     FlowNotFound,
     InvalidFlow,
     ListQuery,
     describe,
     public_flow,
 )
-from ..schemas import EDITABLE_FIELDS, validate_flow
-from ..step_logs import StepLogs, StepLogsNotConfigured
-from ..store import utcnow
+
 from .common import Checks, DryRun, ItemResult, Saved, parse_flow_id
 from .history import HistoryRecorder, definition_entry, deleted_entry
 

@@ -11,11 +11,12 @@ from typing import Any
 import jsonpatch
 from bson import ObjectId
 
-from .. import domain
-from ..auth import Principal
-from ..domain import FlowNotFound, InvalidFlow, iso
-from ..schemas import EDITABLE_FIELDS
-from ..store import Lease, StoreUnavailable, utcnow
+from flow_repository.adapters.auth import Principal
+from flow_repository.adapters.store import Lease, StoreUnavailable, utcnow
+from flow_repository.contract import EDITABLE_FIELDS
+from flow_repository.domain import flow as domain
+from flow_repository.domain.flow import FlowNotFound, InvalidFlow, iso
+
 from .common import Saved, UseCases, parse_flow_id
 
 log = logging.getLogger(__name__)

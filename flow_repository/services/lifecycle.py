@@ -9,14 +9,15 @@ from typing import Any
 
 from bson import ObjectId
 
-from .. import domain
-from ..auth import Principal
-from ..domain import (
+from flow_repository.adapters.auth import Principal
+from flow_repository.adapters.outbox import pending_event
+from flow_repository.adapters.store import utcnow
+from flow_repository.domain import flow as domain
+from flow_repository.domain.flow import (
     Transition,
     describe,
 )
-from ..events import pending_event
-from ..store import utcnow
+
 from .common import InvalidEvent, ItemResult, parse_flow_id
 from .history import HistoryRecorder, owner_removed_entry, status_entry
 

@@ -4,6 +4,7 @@ Lives here: the Flask app factory (``app``) and its blueprints (``api``), the Ra
 status and IAM consumer (``consumer``) and the command line (``cli``). They parse, call a
 service and render; no business rule lives here.
 
-May import: ``services``, ``domain``, ``contract``, ``adapters`` and ``server``; nothing
-imports them but ``server.bootstrap`` (for the consumer) and the process entry points.
+May import: ``services``, ``domain``, ``contract``, ``adapters`` and ``server``; ``cli``
+also hands the client's sub-commands to ``client.cli``. Nothing imports them but
+``server.bootstrap`` (for the consumer) and the process entry points.
 """

@@ -1,4 +1,11 @@
-"""Use cases shared by the API and the worker: the one place where the rules about flows live."""
+"""Use cases shared by the API and the worker: the one place where the rules about flows live.
+
+Lives here: the flow, lifecycle and history use cases and the results they return.
+
+May import: ``domain``, ``contract`` and the adapters' interfaces (``adapters``, and
+``server.settings``); never pika, pymongo, sqlite3 or flask, nor ``entrypoints``, the rest
+of ``server`` or ``client``.
+"""
 
 from __future__ import annotations
 

@@ -293,3 +293,112 @@ class Settings:
     def replace(self, **changes: Any) -> Settings:
         """A copy with some fields changed (tests and the CLI use it)."""
         return dataclasses.replace(self, **changes)
+
+
+# What each setting means, for the documentation (docs/configuration.rst renders every
+# field with its variable, default, range and this text; a test checks none is missing).
+MEANING: dict[str, str] = {
+    "PORT": "HTTP port of the API",
+    "HEALTH_PORT": "second listener for /livez and /readyz only (see Health checks)",
+    "MONGODB_URL": "MongoDB connection string",
+    "EMBEDDED_DB_PATH": "embedded store's SQLite file (``:memory:``: keep nothing)",
+    "MONGODB_TIMEOUT_MS": "server selection / connect timeout",
+    "QUEUE_URL": "RabbitMQ",
+    "EVENT_EXCHANGE": "topic exchange of the OIH event bus",
+    "EVENT_QUEUE": "durable queue the worker consumes",
+    "EVENT_QUEUE_TYPE": "``classic`` (as OIH) or ``quorum`` (see below)",
+    "INTROSPECT_TYPE": "``basic`` or ``oidc``",
+    "INTROSPECT_ENDPOINT_BASIC": "IAM basic introspection URL",
+    "INTROSPECT_ENDPOINT_OIDC": "OIDC introspection URL",
+    "IAM_TOKEN": "service token sent to IAM (basic)",
+    "OIDC_CLIENT_ID": "client id for OIDC introspection",
+    "OIDC_CLIENT_SECRET": "client secret for OIDC introspection",
+    "IAM_TOKEN_CACHE_TTL": "seconds an introspection result is cached",
+    "IAM_TIMEOUT_SECONDS": "timeout of calls to IAM",
+    "JWT_SECRET": "HS256 secret (local JWT verification)",
+    "JWT_PUBLIC_KEY": "PEM public key (RS256, ES256, EdDSA)",
+    "JWT_JWKS_URL": "JWKS URL",
+    "JWT_AUDIENCE": "required ``aud``",
+    "JWT_ISSUER": "required ``iss``",
+    "DEV_TOKEN_SECRET_FILE": "secret of development tokens",
+    "DEV_TOKENS": "``allow``: accept development tokens with ``MONGODB_URL`` set",
+    "FLOW_READ_PERMISSION": "permission to read flows",
+    "FLOW_WRITE_PERMISSION": "permission to create/change/delete",
+    "FLOW_CONTROL_PERMISSION": "permission to start/stop",
+    "FLOW_BULK_PERMISSION": "extra permission for bulk routes",
+    "ORIGINWHITELIST": "comma-separated CORS origins",
+    "OWNERSHIP_POLICY": "``strict`` or ``oih`` (see Security)",
+    "MAX_BODY_BYTES": "larger request bodies get 413",
+    "BULK_MAX_ITEMS": "items per bulk request",
+    "MAX_PAGE_SIZE": "larger ``page[size]`` values are clamped to it",
+    "MAX_LIST_BYTES": "bytes of flows in one list answer",
+    "LOGGING_SERVICE_BASE_URL": "OIH logging service, for step logs",
+    "LOGGING_SERVICE_TIMEOUT_SECONDS": "connect and read timeout of step logs (504)",
+    "HISTORY_MAX_REVISIONS": "revisions kept per flow (0: every one)",
+    "COMPONENT_REPOSITORY_URL": "check ``componentId``: ``GET {url}/components/{id}``",
+    "SECRET_SERVICE_URL": "check ``credentials_id``: ``GET {url}/secrets/{id}``",
+    "TEMPLATE_REPOSITORY_URL": "check ``fromTemplate``: ``GET {url}/templates/{id}``",
+    "REFERENCE_CACHE_SECONDS": "how long a found reference is remembered",
+    "REFERENCE_TIMEOUT_SECONDS": "timeout of one reference check",
+    "START_TIMEOUT_SECONDS": "orchestrator answer deadline for a start",
+    "STOP_TIMEOUT_SECONDS": "orchestrator answer deadline for a stop",
+    "RECONCILE_INTERVAL_SECONDS": "how often overdue flows are looked for",
+    "RELAY_POLL_SECONDS": "outbox poll interval (writes wake it at once)",
+    "RELAY_LEASE_SECONDS": "per-flow publishing lease of a relay",
+    "CONSUMER_MAX_ATTEMPTS": "failures before a message is dead-lettered",
+    "CONSUMER_PREFETCH": "messages a consumer holds unacknowledged",
+    "RUN_RELAY_IN_API": "API processes relay their own events",
+    "WORKER_HEALTH_PORT": "worker's /livez, /healthcheck, /metrics",
+    "METRICS_TOKEN": "when set, /metrics needs it as Bearer",
+    "METRICS_FLOW_COUNT_SECONDS": "how long /metrics reuses its flow counts",
+    "WEB_CONCURRENCY": "gunicorn worker processes (1 with ``:memory:``)",
+    "GUNICORN_THREADS": "threads per gunicorn worker",
+    "GUNICORN_TIMEOUT": "gunicorn worker timeout (s)",
+    "GUNICORN_GRACEFUL_TIMEOUT": "time to finish requests on SIGTERM (s)",
+    "GUNICORN_REQUEST_TIMEOUT": "time to receive a whole request (s), else 408",
+    "GUNICORN_MAX_CONNECTIONS": "open connections per gunicorn worker",
+    "LOG_LEVEL": "log level (logs are JSON lines)",
+}
+
+# The default as the documentation shows it, where the field"s own default does not say it.
+DEFAULT_SHOWN: dict[str, str] = {
+    "HEALTH_PORT": "0 (none)",
+    "MONGODB_URL": "unset (embedded SQLite store)",
+    "EMBEDDED_DB_PATH": "$XDG_STATE_HOME/flow-repository/...",
+    "DEV_TOKEN_SECRET_FILE": "$XDG_STATE_HOME/flow-repository/...",
+    "LOGGING_SERVICE_BASE_URL": "unset (step logs answer 501)",
+    "METRICS_TOKEN": "unset (public)",
+}
+
+
+def reference_rows() -> list[tuple[str, str, str, str]]:
+    """Every setting as the documentation lists it: variable, default, range and meaning."""
+    rows = []
+    for item in dataclasses.fields(Settings):
+        env, default, bounds = item.metadata["env"], item.default, item.metadata["bounds"]
+        if env in DEFAULT_SHOWN:
+            shown = DEFAULT_SHOWN[env]
+        elif default is None:
+            shown = "unset"
+        elif isinstance(default, bool):
+            shown = str(default).lower()
+        elif default == ():
+            shown = "empty"
+        else:
+            shown = f"{default:g}" if isinstance(default, float) else str(default)
+        rows.append((env, shown, bounds.text() if bounds else "", MEANING[env]))
+    return rows
+
+
+def reference_table() -> str:
+    """The settings as a reStructuredText table, one line a setting (docs/configuration.rst)."""
+    header = ("Variable", "Default", "Range", "Meaning")
+    cells = [header, *((f"``{env}``", *rest) for env, *rest in reference_rows())]
+    widths = [max(len(row[column]) for row in cells) for column in range(4)]
+    rule = "  ".join("=" * width for width in widths)
+
+    def line(row: tuple[str, ...]) -> str:
+        return "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+
+    body = [line(row).rstrip() for row in cells[1:]]
+    return "\n".join([rule, line(header).rstrip(), rule, *body, rule]) + "\n"

@@ -10,6 +10,7 @@ from urllib.parse import quote
 
 import requests
 
+from flow_repository.contract import error_body
 from flow_repository.domain.flow import FlowError
 
 log = logging.getLogger(__name__)
@@ -128,4 +129,4 @@ def _json_error(upstream: requests.Response, status: int, secret: str | None) ->
     if secret:
         messages = [message.replace(secret, "[redacted]") for message in messages]
     messages = messages or [f"the logging service answered HTTP {status}"]
-    return json.dumps({"errors": [{"message": m, "code": status} for m in messages]}).encode()
+    return json.dumps(error_body(status, *messages)).encode()

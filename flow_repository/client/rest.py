@@ -278,20 +278,24 @@ class FlowRepositoryClient:
                             ("search", search), ("sort", sort)):
             if value is not None:
                 params[name] = value
+        return self._pages("/flows", params)
+
+    def _pages(self, path: str, params: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+        """Every item of a paged list, asking for page after page until the last one."""
         number = 1
         while True:
-            body = self._json("GET", "/flows", params={**params, "page[number]": number})
-            flows = _data(body) or []
-            yield from flows
+            body = self._json("GET", path, params={**params, "page[number]": number})
+            items = _data(body) or []
+            yield from items
             meta = _meta(body)
             total_pages = meta.get("totalPages")
             per_page = meta.get("perPage") or params["page[size]"]
             if isinstance(total_pages, int):
                 if number >= total_pages:
                     return
-            elif len(flows) < per_page:
+            elif len(items) < per_page:
                 return
-            if not flows:
+            if not items:
                 return
             number += 1
 
@@ -349,18 +353,8 @@ class FlowRepositoryClient:
 
     def revisions(self, flow_id: str, page_size: int | None = None) -> Iterator[dict[str, Any]]:
         """Every history entry of a flow, newest first."""
-        size = page_size or self.page_size
-        number = 1
-        while True:
-            body = self._json("GET", f"/flows/{flow_id}/revisions",
-                              params={"page[size]": size, "page[number]": number})
-            entries = _data(body) or []
-            yield from entries
-            total_pages = _meta(body).get("totalPages")
-            if not entries or (isinstance(total_pages, int) and number >= total_pages) or (
-                    not isinstance(total_pages, int) and len(entries) < size):
-                return
-            number += 1
+        return self._pages(f"/flows/{flow_id}/revisions",
+                           {"page[size]": page_size or self.page_size})
 
     def revision(self, flow_id: str, revision: int) -> dict[str, Any]:
         """The flow as it was at ``revision`` (the history entry carries it under ``flow``)."""

@@ -19,3 +19,8 @@ READ_ONLY_FIELDS = ("id", "_id", "createdAt", "updatedAt", "revision", "tenant",
 EDITABLE_FIELDS = ("name", "description", "type", "graph", "owners", "cron",
                    "fromTemplate", "flowSettings")
 SORT_FIELDS = ("createdAt", "updatedAt", "name")  # a list's ``sort`` keys, each also as -key
+
+
+def error_body(status: int, *messages: str) -> dict[str, list[dict[str, object]]]:
+    """The one error shape of the service: ``{"errors": [{"message", "code"}]}``."""
+    return {"errors": [{"message": message, "code": status} for message in messages]}

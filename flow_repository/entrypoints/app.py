@@ -23,6 +23,7 @@ from flow_repository.adapters.auth import (
     build_authenticator,
 )
 from flow_repository.adapters.store import Store, StoreUnavailable
+from flow_repository.contract import error_body
 from flow_repository.contract.schemas import ErrorResponseSchema
 from flow_repository.domain.flow import FlowError
 from flow_repository.server.bootstrap import Runtime
@@ -90,8 +91,7 @@ class FlowApi(Api):
 
 def error_response(status: int, messages: list[str], headers: dict | None = None) -> Response:
     """The one error shape of the service: ``{"errors": [{"message", "code"}]}``."""
-    body = {"errors": [{"message": message, "code": status} for message in messages]}
-    response = Response(json.dumps(body), status=status, mimetype="application/json")
+    response = Response(json.dumps(error_body(status, *messages)), status=status, mimetype="application/json")
     for name, value in (headers or {}).items():
         response.headers[name] = value
     return response

@@ -36,6 +36,8 @@ from typing import Any
 from gunicorn import http, util
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
+from flow_repository.contract import error_body
+
 DEFAULT_REQUEST_TIMEOUT = 30.0
 DEFAULT_MAX_BODY = 1024 * 1024
 RECV_SIZE = 64 * 1024
@@ -50,10 +52,10 @@ HEALTH_PATHS = frozenset({b"/livez", b"/readyz", b"/healthcheck"})
 
 def error_bytes(status: int, reason: str, message: str, extra_headers: str = "") -> bytes:
     """A complete HTTP/1.1 answer in the service's error shape; the connection then closes."""
-    body = json.dumps({"errors": [{"message": message, "code": status}]}).encode()
+    body = json.dumps(error_body(status, message)).encode()
     head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n{extra_headers}Connection: close\r\n\r\n")
-    return head.encode("ascii") + body
+    return head.encode("latin-1") + body
 
 
 class _Capture:
@@ -93,11 +95,8 @@ class JsonErrorWorker(ThreadWorker):
         status, reason = int(parts[1]), parts[2]
         message = "Internal server error." if status >= 500 and status != 501 else \
             f"{reason}: {REFUSED}."
-        body = json.dumps({"errors": [{"message": message, "code": status}]}).encode()
-        head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
         try:
-            util.write_nonblock(client, head.encode("latin-1") + body)
+            util.write_nonblock(client, error_bytes(status, reason, message))
         except Exception:  # noqa: BLE001 - the client may be gone; gunicorn ignores it too
             self.log.debug("Failed to send error message.")
 

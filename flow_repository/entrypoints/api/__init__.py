@@ -10,12 +10,20 @@ from flask import Response, current_app, jsonify, request
 from werkzeug.exceptions import BadRequest, RequestEntityTooLarge, UnsupportedMediaType
 
 from flow_repository.adapters.auth import Principal, bearer_token
+from flow_repository.contract import error_body
+from flow_repository.contract.schemas import ErrorResponseSchema
 from flow_repository.domain.flow import Forbidden, InvalidFlow
 from flow_repository.server.bootstrap import Runtime
 from flow_repository.server.settings import Settings
 from flow_repository.services import DryRun, FlowService, ItemResult, Saved
 
 MISSING_PERMISSION = "MISSING_PERMISSION"
+
+
+def error_responses(*codes: int, description: str = "Error") -> dict[int, dict]:
+    """The OpenAPI answers ``codes``, each in the service's error shape."""
+    return {code: {"description": description, "content": {"application/json": {
+        "schema": ErrorResponseSchema}}} for code in codes}
 
 
 def runtime() -> Runtime:
@@ -141,8 +149,7 @@ def aligned_results(results: Sequence[ItemResult], status: int) -> Response:
             data.append(result.data)
             ignored += [f"[{result.index}].{path}" for path in result.ignored_fields]
         else:
-            data.append({"errors": [{"message": message, "code": result.status}
-                                    for message in result.errors]})
+            data.append(error_body(result.status, *result.errors))
     succeeded = sum(1 for result in results if result.ok)
     meta: dict[str, Any] = {"total": len(results), "succeeded": succeeded,
                             "failed": len(results) - succeeded}

@@ -12,7 +12,6 @@ from flow_repository.contract.schemas import (
     BulkResponseSchema,
     DeletedResponseSchema,
     DryRunResponseSchema,
-    ErrorResponseSchema,
     FlowInputSchema,
     FlowListResponseSchema,
     FlowResponseSchema,
@@ -30,6 +29,7 @@ from . import (
     dry_run_answer,
     dry_run_requested,
     envelope,
+    error_responses,
     etag,
     flow_answer,
     json_body,
@@ -55,16 +55,11 @@ FLOW_OR_LIST_BODY = {"content": {"application/json": {"schema": {"oneOf": [
 ]}}}}
 
 
-def _errors(*codes: int) -> dict:
-    return {code: {"description": "Error", "content": {"application/json": {
-        "schema": ErrorResponseSchema}}} for code in codes}
-
-
 @blp.route("/flows", methods=["GET"])
 @authenticate_first("flow_read_permission")
 @blp.arguments(ListArgumentsSchema(), location="query", error_status_code=400)
 @blp.response(200, FlowListResponseSchema)
-@blp.doc(responses=_errors(400, 401, 403, 503))
+@blp.doc(responses=error_responses(400, 401, 403, 503))
 def list_flows(principal: Principal, arguments: dict[str, Any]) -> Response:
     """List the flows the caller may see, a page at a time."""
     flows, meta = service().list(principal, list_query(arguments, settings().max_page_size))
@@ -78,7 +73,7 @@ def list_flows(principal: Principal, arguments: dict[str, Any]) -> Response:
                           "created flow or `{errors}`", "content": {"application/json": {
                               "schema": {"oneOf": [{"$ref": "#/components/schemas/FlowResponse"},
                                                    {"$ref": "#/components/schemas/BulkResponse"}]}}}},
-    **_errors(400, 401, 403, 413, 415, 503)})
+    **error_responses(400, 401, 403, 413, 415, 503)})
 def create_flow() -> Response:
     """Create a flow, or several from a JSON array (needs the bulk permission too)."""
     names = settings()
@@ -97,7 +92,7 @@ def create_flow() -> Response:
 
 @blp.route("/flows/validate", methods=["POST"])
 @blp.doc(requestBody=FLOW_BODY, responses={200: DRY_RUN_ANSWER,
-                                           **_errors(400, 401, 403, 413, 503)})
+                                           **error_responses(400, 401, 403, 413, 503)})
 def validate_flow() -> Response:
     """Check a new flow as POST /flows would, and store nothing (POST /flows?dryRun=true)."""
     principal = caller(settings().flow_write_permission)
@@ -111,7 +106,7 @@ def validate_flow() -> Response:
     responses={200: {"description": "`data` aligned with the input: each item the updated "
                                      "flow or `{errors}`", "content": {"application/json": {
                                          "schema": BulkResponseSchema}}},
-               **_errors(400, 401, 403, 413, 415, 503)})
+               **error_responses(400, 401, 403, 413, 415, 503)})
 def update_flows() -> Response:
     """Update several flows; each item carries its ``id``. Results are per item."""
     names = settings()
@@ -122,7 +117,7 @@ def update_flows() -> Response:
 
 @blp.route("/flows/<flow_id>", methods=["GET"])
 @blp.response(200, FlowResponseSchema)
-@blp.doc(responses=_errors(400, 401, 403, 404, 503))
+@blp.doc(responses=error_responses(400, 401, 403, 404, 503))
 def get_flow(flow_id: str) -> Response:
     """One flow; its revision is returned as the ETag."""
     principal = caller(settings().flow_read_permission)
@@ -134,7 +129,7 @@ def get_flow(flow_id: str) -> Response:
 @blp.doc(requestBody=FLOW_BODY, responses={200: {"description": "Updated (or a dry run)",
     "content": {"application/json": {"schema": {"oneOf": [
         {"$ref": "#/components/schemas/FlowResponse"},
-        {"$ref": "#/components/schemas/DryRunResponse"}]}}}}, **_errors(*ERRORS)},
+        {"$ref": "#/components/schemas/DryRunResponse"}]}}}}, **error_responses(*ERRORS)},
     parameters=[IF_MATCH, DRY_RUN])
 def update_flow(flow_id: str) -> Response:
     """Change an inactive flow; honours If-Match. ``?dryRun=true`` checks and writes nothing."""
@@ -149,7 +144,7 @@ def update_flow(flow_id: str) -> Response:
 
 @blp.route("/flows/<flow_id>", methods=["DELETE"])
 @blp.doc(responses={200: {"description": "Deleted", "content": {"application/json": {
-    "schema": DeletedResponseSchema}}}, **_errors(*ERRORS)},
+    "schema": DeletedResponseSchema}}}, **error_responses(*ERRORS)},
          parameters=[IF_MATCH])
 def delete_flow(flow_id: str) -> Response:
     """Delete an inactive flow; honours If-Match."""
@@ -167,7 +162,7 @@ def delete_flow(flow_id: str) -> Response:
                  "description": "any query string is passed on to the logging service"}],
     responses={200: {"description": "The logging service's answer, passed on as it streams",
                      "content": {"application/json": {"schema": {}}}},
-               **_errors(400, 401, 404, 501, 502, 503, 504)})
+               **error_responses(400, 401, 404, 501, 502, 503, 504)})
 def step_logs(flow_id: str, step_id: str) -> Response:
     """Proxy to LOGGING_SERVICE_BASE_URL/logs/flows/{id}/steps/{stepId} for a visible flow.
 

@@ -7,9 +7,7 @@ from flask import Response, jsonify, request
 from flask_smorest import Blueprint
 from werkzeug.exceptions import Unauthorized
 
-from flow_repository.contract.schemas import ErrorResponseSchema
-
-from . import runtime
+from . import error_responses, runtime
 
 blp = Blueprint("health", __name__, description="Health and metrics")
 
@@ -55,8 +53,8 @@ def readyz() -> Response:
 @blp.doc(security=[], responses={
     200: {"description": "Prometheus text exposition",
           "content": {"text/plain": {"schema": {"type": "string"}}}},
-    401: {"description": "METRICS_TOKEN is set and the request does not carry it as Bearer",
-          "content": {"application/json": {"schema": ErrorResponseSchema}}}})
+    **error_responses(401, description="METRICS_TOKEN is set and the request does not carry "
+                                       "it as Bearer")})
 def metrics() -> Response:
     """Prometheus metrics of this process (needs ``Bearer $METRICS_TOKEN`` when that is set)."""
     state = runtime()

@@ -11,7 +11,6 @@ from flow_repository.adapters.auth import Principal
 from flow_repository.contract.schemas import (
     DiffArgumentsSchema,
     DiffResponseSchema,
-    ErrorResponseSchema,
     FlowResponseSchema,
     HistoryEntryResponseSchema,
     HistoryListResponseSchema,
@@ -27,6 +26,7 @@ from . import (
     caller,
     caller_token,
     envelope,
+    error_responses,
     flow_answer,
     json_body,
     service,
@@ -36,16 +36,11 @@ from . import (
 blp = Blueprint("history", __name__, description="Revisions of a flow: list, read, diff, restore")
 
 
-def _errors(*codes: int) -> dict:
-    return {code: {"description": "Error", "content": {"application/json": {
-        "schema": ErrorResponseSchema}}} for code in codes}
-
-
 @blp.route("/flows/<flow_id>/revisions", methods=["GET"])
 @authenticate_first("flow_read_permission")
 @blp.arguments(PageArgumentsSchema, location="query", error_status_code=400)
 @blp.response(200, HistoryListResponseSchema)
-@blp.doc(responses=_errors(400, 401, 403, 404, 503))
+@blp.doc(responses=error_responses(400, 401, 403, 404, 503))
 def list_revisions(principal: Principal, arguments: dict[str, Any], flow_id: str) -> Response:
     """A flow's history, newest revision first, a page at a time."""
     page_size = clamp_page_size(arguments["page_size"], settings().max_page_size)
@@ -55,7 +50,7 @@ def list_revisions(principal: Principal, arguments: dict[str, Any], flow_id: str
 
 @blp.route("/flows/<flow_id>/revisions/<revision>", methods=["GET"])
 @blp.response(200, HistoryEntryResponseSchema)
-@blp.doc(responses=_errors(400, 401, 403, 404, 503))
+@blp.doc(responses=error_responses(400, 401, 403, 404, 503))
 def get_revision(flow_id: str, revision: str) -> Response:
     """One revision: who changed what and when, and the flow as it stood then."""
     principal = caller(settings().flow_read_permission)
@@ -67,7 +62,7 @@ def get_revision(flow_id: str, revision: str) -> Response:
 @authenticate_first("flow_read_permission")
 @blp.arguments(DiffArgumentsSchema, location="query", error_status_code=400)
 @blp.response(200, DiffResponseSchema)
-@blp.doc(responses=_errors(400, 401, 403, 404, 503))
+@blp.doc(responses=error_responses(400, 401, 403, 404, 503))
 def diff_revisions(principal: Principal, arguments: dict[str, Any], flow_id: str) -> Response:
     """An RFC 6902 JSON Patch from revision ``from`` to ``to`` (default: the current one)."""
     return envelope(service().diff(principal, flow_id, arguments["source"],
@@ -79,7 +74,7 @@ def diff_revisions(principal: Principal, arguments: dict[str, Any], flow_id: str
          parameters=[{"in": "header", "name": "If-Match", "schema": {"type": "string"}}],
          responses={200: {"description": "Restored as a new revision", "content": {
              "application/json": {"schema": FlowResponseSchema}}},
-             **_errors(400, 401, 403, 404, 409, 412, 413, 503)})
+             **error_responses(400, 401, 403, 404, 409, 412, 413, 503)})
 def restore_revision(flow_id: str) -> Response:
     """Make an earlier revision's definition current again, as a new revision."""
     principal = caller(settings().flow_write_permission)

@@ -5,16 +5,24 @@ from __future__ import annotations
 from flask import Response
 from flask_smorest import Blueprint
 
-from flow_repository.contract.schemas import ErrorResponseSchema, StatusResponseSchema
+from flow_repository.contract.schemas import StatusResponseSchema
 
-from . import caller, command_results, envelope, json_body, json_list, service, settings
+from . import (
+    caller,
+    command_results,
+    envelope,
+    error_responses,
+    json_body,
+    json_list,
+    service,
+    settings,
+)
 
 blp = Blueprint("lifecycle", __name__, description="Starting and stopping flows")
 
 IDS_BODY = {"content": {"application/json": {"schema": {
     "type": "array", "items": {"type": "string"}}}}}
-ERRORS = {code: {"description": "Error", "content": {"application/json": {
-    "schema": ErrorResponseSchema}}} for code in (400, 401, 403, 404, 409, 503)}
+ERRORS = error_responses(400, 401, 403, 404, 409, 503)
 MANY = {200: {"description": "A bare array aligned with the ids, as OIH answers: each item "
                              "`{data: {id, status}, meta: {}}` or "
                              "`{errors: [{message, flowId, code}]}`",
@@ -24,8 +32,8 @@ MANY = {200: {"description": "A bare array aligned with the ids, as OIH answers:
                       "type": "object", "properties": {
                           "message": {"type": "string"}, "flowId": {},
                           "code": {"type": "integer"}}}}}}]}}}}},
-        **ERRORS, 415: {"description": "The body is not declared application/json",
-                         "content": {"application/json": {"schema": ErrorResponseSchema}}}}
+        **ERRORS, **error_responses(
+            415, description="The body is not declared application/json")}
 
 
 @blp.route("/flows/<flow_id>/start", methods=["POST"])

@@ -9,8 +9,10 @@ from typing import Any, cast
 from bson import ObjectId
 
 from flow_repository.adapters.auth import Principal
-from flow_repository.adapters.step_logs import StepLogs, StepLogsNotConfigured
-from flow_repository.adapters.store import utcnow
+from flow_repository.adapters.outbox import pending_event
+from flow_repository.adapters.references import ReferenceChecker
+from flow_repository.adapters.step_logs import StepLogClient, StepLogs, StepLogsNotConfigured
+from flow_repository.adapters.store import Store, utcnow
 from flow_repository.contract import EDITABLE_FIELDS
 from flow_repository.contract.schemas import validate_flow
 from flow_repository.domain import flow as domain
@@ -22,36 +24,70 @@ from flow_repository.domain.flow import (
     public_flow,
 )
 
-from .common import Checks, DryRun, ItemResult, Saved, parse_flow_id
-from .history import HistoryRecorder, definition_entry, deleted_entry
+from .access import FlowAccess, require_inactive, require_revision, scope
+from .bulk import each
+from .entries import definition_entry, deleted_entry
+from .listing import bounded_page
+from .parsing import parse_flow_id
+from .recorder import HistoryRecorder
+from .results import Checks, DryRun, ItemResult, Saved
 
 log = logging.getLogger(__name__)
 
 CAS_ATTEMPTS = 5
 
 
-class FlowUseCases(HistoryRecorder):
+def change_event(name: str, principal: Principal, flow_id: ObjectId,
+                 revision: int | None = None) -> dict[str, Any]:
+    """The outbox entry of a definition change: OIH's ``{tenant, user, flowId}`` payload."""
+    return pending_event(
+        name, {"tenant": principal.tenant, "user": principal.sub, "flowId": str(flow_id)},
+        revision=revision,
+    )
+
+
+class FlowUseCases:
     """Definition changes: what a client reads and writes about a flow."""
 
+    def __init__(
+        self,
+        store: Store,
+        access: FlowAccess,
+        recorder: HistoryRecorder,
+        *,
+        bulk_max_items: int = 100,
+        max_list_bytes: int = 4 * 1024 * 1024,
+        references: ReferenceChecker | None = None,
+        step_logs: StepLogClient | None = None,
+    ) -> None:
+        self._store = store
+        self._access = access
+        self._recorder = recorder
+        self._bulk_max_items = bulk_max_items
+        self._max_list_bytes = max_list_bytes
+        self._references = references
+        self._step_logs = step_logs  # None when no logging service is configured
+
     def get(self, principal: Principal, raw_id: Any) -> dict[str, Any]:
-        flow = self._store.get(parse_flow_id(raw_id), self._scope(principal))
+        flow = self._store.get(parse_flow_id(raw_id), scope(principal))
         if flow is None:
             raise FlowNotFound(f"flow {raw_id} not found")
         return public_flow(flow)
 
     def list(self, principal: Principal, query: ListQuery) -> tuple[list[dict], dict[str, Any]]:
-        scope = self._scope(principal)
-        return self._bounded_page(lambda fits: self._store.list(query, scope, fits=fits),
-                                  public_flow, query.page_number, query.page_size)
+        owners = scope(principal)
+        return bounded_page(lambda fits: self._store.list(query, owners, fits=fits),
+                            public_flow, query.page_number, query.page_size,
+                            self._max_list_bytes)
 
     def create(self, principal: Principal, body: Any, *, token: str | None = None) -> Saved:
         """Store a new, inactive flow; unknown fields of the body are dropped and named."""
         document, ignored = self._new_flow(principal, body, token, Checks())
-        lease = self._lease()
+        lease = self._recorder.lease()
         if lease is not None:  # a new flow: no relay can hold it yet
             document["relayLeaseOwner"], document["relayLeaseUntil"] = lease
         flow = self._store.insert(document)
-        self._after_write(flow, lease)
+        self._recorder.after_write(flow, lease)
         log.info("flow created", extra={"flowId": str(flow["_id"])})
         return self._saved(public_flow(flow), ignored)
 
@@ -71,7 +107,7 @@ class FlowUseCases(HistoryRecorder):
         if validated is None:
             return None, []
         clean, ignored = validated
-        checks.run(self._check_owners, principal, clean.get("owners") or [], [])
+        checks.run(self._access.check_owners, principal, clean.get("owners") or [], [])
         checks.run(self._check_references, token, clean)
         flow_id = ObjectId()
         now = utcnow()
@@ -91,14 +127,15 @@ class FlowUseCases(HistoryRecorder):
             "statusChangedAt": now,
             "statusReason": "created",
             "statusRetries": 0,
-            "outbox": [self._change_event("flowrepo.flow.created", principal, flow_id, 1)],
+            "outbox": [change_event("flowrepo.flow.created", principal, flow_id, 1)],
         }
         document["historyOutbox"] = [definition_entry(principal.sub, "created", document)]
         return document, ignored
 
     def create_many(self, principal: Principal, bodies: Sequence[Any], *,
                     token: str | None = None) -> list[ItemResult]:
-        return self._each(bodies, 201, lambda body: self.create(principal, body, token=token))
+        return each(bodies, 201, lambda body: self.create(principal, body, token=token),
+                    self._bulk_max_items)
 
     def update(
         self, principal: Principal, raw_id: Any, body: Any,
@@ -134,14 +171,14 @@ class FlowUseCases(HistoryRecorder):
         flow_id = parse_flow_id(raw_id)
         validated = checks.run(validate_flow, body, partial=True, status=None)
         for _ in range(CAS_ATTEMPTS):
-            current = self._visible(principal, flow_id, raw_id)
-            checks.run(self._require_inactive, current, "updated")
-            checks.run(self._require_revision, current, if_match)
+            current = self._access.visible(principal, flow_id, raw_id)
+            checks.run(require_inactive, current, "updated")
+            checks.run(require_revision, current, if_match)
             if validated is None:
                 return None, []  # a dry run of an invalid body: there is no flow to show
             patch, ignored = validated
             if "owners" in patch:
-                checks.run(self._check_owners, principal, patch["owners"],
+                checks.run(self._access.check_owners, principal, patch["owners"],
                            current.get("owners", []))
             merged = {key: current[key] for key in EDITABLE_FIELDS if key in current}
             merged.update(body)
@@ -150,7 +187,7 @@ class FlowUseCases(HistoryRecorder):
                 return None, ignored
             checks.run(self._check_references, token, merged_validated[0])
             # the write below applies only at this revision, so it makes the next one
-            events = [self._change_event("flowrepo.flow.modified", principal, flow_id,
+            events = [change_event("flowrepo.flow.modified", principal, flow_id,
                                          current["revision"] + 1)]
             changes = {**patch, "updatedAt": utcnow()}
             changes["owners"] = domain.with_owner(
@@ -163,16 +200,16 @@ class FlowUseCases(HistoryRecorder):
                                     "revision": current["revision"] + 1}), ignored
             updated = self._store.update(
                 flow_id,
-                owner_ids=self._scope(principal),
+                owner_ids=scope(principal),
                 statuses=(domain.INACTIVE,),
                 revision=current["revision"],
                 changes=changes,
                 events=events,
                 history=entry,
-                lease=(lease := self._lease()),
+                lease=(lease := self._recorder.lease()),
             )
             if updated is not None:
-                self._after_write(updated, lease)
+                self._recorder.after_write(updated, lease)
                 return public_flow(updated), ignored
         raise domain.Conflict(f"flow {raw_id} keeps changing; retry the update")
 
@@ -197,7 +234,7 @@ class FlowUseCases(HistoryRecorder):
             body = {key: value for key, value in item.items() if key != "id"}
             return self.update(principal, item.get("id"), body, token=token)
 
-        return self._each(items, 200, update_item)
+        return each(items, 200, update_item, self._bulk_max_items)
 
     def delete(
         self, principal: Principal, raw_id: Any, if_match: tuple[int, ...] | None = None
@@ -206,25 +243,25 @@ class FlowUseCases(HistoryRecorder):
         flow_id = parse_flow_id(raw_id)
         deleted = self._store.update(
             flow_id,
-            owner_ids=self._scope(principal),
+            owner_ids=scope(principal),
             statuses=(domain.INACTIVE,),
             revision=if_match,
             changes={"deletedAt": utcnow()},
-            events=[self._change_event("flowrepo.flow.deleted", principal, flow_id)],
+            events=[change_event("flowrepo.flow.deleted", principal, flow_id)],
             history=deleted_entry(principal.sub),
-            lease=(lease := self._lease()),
+            lease=(lease := self._recorder.lease()),
         )
         if deleted is None:
-            current = self._visible(principal, flow_id, raw_id)
-            self._require_inactive(current, "deleted")
-            self._require_revision(current, if_match)
+            current = self._access.visible(principal, flow_id, raw_id)
+            require_inactive(current, "deleted")
+            require_revision(current, if_match)
             raise domain.Conflict(f"flow {raw_id} changed while it was being deleted; retry")
-        self._after_write(deleted, lease)
+        self._recorder.after_write(deleted, lease)
 
     def step_logs(self, principal: Principal, raw_id: Any, step_id: str, query: str) -> StepLogs:
         """The logs of one step of a flow the caller may see, from OIH's logging service."""
         flow_id = parse_flow_id(raw_id)
-        self._visible(principal, flow_id, raw_id)
+        self._access.visible(principal, flow_id, raw_id)
         if step_id in (".", ".."):  # would name another path of the logging service
             raise InvalidFlow(f"invalid step id {describe(step_id)}")
         if self._step_logs is None:

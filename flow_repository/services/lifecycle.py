@@ -11,15 +11,19 @@ from bson import ObjectId
 
 from flow_repository.adapters.auth import Principal
 from flow_repository.adapters.outbox import pending_event
-from flow_repository.adapters.store import utcnow
+from flow_repository.adapters.store import Store, utcnow
 from flow_repository.domain import flow as domain
 from flow_repository.domain.flow import (
     Transition,
     describe,
 )
 
-from .common import InvalidEvent, ItemResult, parse_flow_id
-from .history import HistoryRecorder, owner_removed_entry, status_entry
+from .access import FlowAccess, scope
+from .bulk import each
+from .entries import owner_removed_entry, status_entry
+from .parsing import parse_flow_id
+from .recorder import HistoryRecorder
+from .results import InvalidEvent, ItemResult
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +31,17 @@ log = logging.getLogger(__name__)
 REPORT_FIELDS = ("status", "revision", "deletedAt", "historyOutbox")
 
 
-class LifecycleUseCases(HistoryRecorder):
-    """Status changes: commands from clients, reports from the orchestrator, timeouts."""
+class LifecycleUseCases:
+    """Status changes: commands from clients, reports from the orchestrator and IAM,
+    timeouts."""
+
+    def __init__(self, store: Store, access: FlowAccess, recorder: HistoryRecorder, *,
+                 timeouts: domain.Timeouts, bulk_max_items: int = 100) -> None:
+        self._store = store
+        self._access = access
+        self._recorder = recorder
+        self._timeouts = timeouts
+        self._bulk_max_items = bulk_max_items
 
     def start(self, principal: Principal, raw_id: Any) -> dict[str, str]:
         changes, events = self._status_change(domain.START, startedBy=principal.sub)
@@ -40,10 +53,12 @@ class LifecycleUseCases(HistoryRecorder):
         return self._command(principal, raw_id, domain.STOP, changes, events)
 
     def start_many(self, principal: Principal, raw_ids: Sequence[Any]) -> list[ItemResult]:
-        return self._each(raw_ids, 200, lambda raw_id: self.start(principal, raw_id))
+        return each(raw_ids, 200, lambda raw_id: self.start(principal, raw_id),
+                    self._bulk_max_items)
 
     def stop_many(self, principal: Principal, raw_ids: Sequence[Any]) -> list[ItemResult]:
-        return self._each(raw_ids, 200, lambda raw_id: self.stop(principal, raw_id))
+        return each(raw_ids, 200, lambda raw_id: self.stop(principal, raw_id),
+                    self._bulk_max_items)
 
     def apply_status_event(self, name: str, payload: Any) -> str:
         """Apply an orchestrator report (flow.started/stopped/failed); idempotent.
@@ -73,17 +88,17 @@ class LifecycleUseCases(HistoryRecorder):
         for flow_id in self._store.owned_by(owner_id):
             # History first: were the owner removed first, a crash in between would leave
             # the id in history with no flow left listing it for a redelivery to find.
-            self._forget_in_history(flow_id, owner_id)
+            self._recorder.forget_owner(flow_id, owner_id)
             changes, events = self._status_change(orphaned)
             stopped = self._transit(flow_id, orphaned, changes, events, owner_ids=(owner_id,),
                                     owner_count=1, remove_owner=owner_id)
             if stopped is None:
-                lease = self._lease()
+                lease = self._recorder.lease()
                 removed = self._store.update(flow_id, owner_ids=(owner_id,),
                                              remove_owner=owner_id,
                                              history=owner_removed_entry(), lease=lease)
                 if removed is not None:
-                    self._after_write(removed, lease)
+                    self._recorder.after_write(removed, lease)
             changed += 1
         return changed
 
@@ -121,9 +136,9 @@ class LifecycleUseCases(HistoryRecorder):
     ) -> dict[str, str]:
         flow_id = parse_flow_id(raw_id)
         updated = self._transit(flow_id, transition, changes, events, sub=principal.sub,
-                                owner_ids=self._scope(principal))
+                                owner_ids=scope(principal))
         if updated is None:
-            current = self._visible(principal, flow_id, raw_id)
+            current = self._access.visible(principal, flow_id, raw_id)
             raise domain.Conflict(
                 f"cannot {transition.name} flow {raw_id}: its status is {current['status']}"
             )
@@ -147,7 +162,7 @@ class LifecycleUseCases(HistoryRecorder):
         entry written with the change knows the status it left. With a relay in this
         process the whole flow comes back: the relay renders the events from it.
         """
-        lease = self._lease()
+        lease = self._recorder.lease()
         for source in sources or transition.sources:
             entry = status_entry(transition, source, changes["statusChangedAt"], sub)
             updated = self._store.update(flow_id, statuses=(source,), changes=changes,
@@ -155,7 +170,7 @@ class LifecycleUseCases(HistoryRecorder):
                                          returning=returning if lease is None else None,
                                          lease=lease, **preconditions)
             if updated is not None:
-                self._after_write(updated, lease)
+                self._recorder.after_write(updated, lease)
                 return updated
         return None
 

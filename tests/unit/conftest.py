@@ -34,7 +34,7 @@ class FakeClock:
 def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     """Deterministic, strictly increasing timestamps for flow writes (services and store)."""
     fake = FakeClock(datetime(2024, 1, 1, tzinfo=UTC))
-    for module in ("services.flows", "services.lifecycle", "services.history", "adapters.outbox",
+    for module in ("services.flows", "services.lifecycle", "services.entries", "adapters.outbox",
                    "adapters.relay"):
         monkeypatch.setattr(f"flow_repository.{module}.utcnow", fake)
     for backend in ("mongo", "sqlite"):

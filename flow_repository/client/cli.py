@@ -37,7 +37,7 @@ from flow_repository.client.rest import (
 
 DEFAULT_URL = "http://localhost:3001"
 
-# Exit codes scripts can rely on (also in the README and in --help).
+# Exit codes scripts can rely on (also in docs/client.rst and in --help).
 OK, FAILED, USAGE, NOT_FOUND, CONFLICT, INVALID, REFUSED, UNAVAILABLE, TIMEOUT = range(9)
 EXIT_CODES = f"""exit codes:
   {OK}  success (apply: every change made, or nothing to change)

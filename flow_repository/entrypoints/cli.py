@@ -65,7 +65,7 @@ def _embedded_file(settings: Settings, command: str) -> str | None:
     """The embedded database file ``command`` works on; None (and why, on stderr) if none."""
     if not settings.embedded:
         print(f"flow-repository {command}: MONGODB_URL is set; back up and restore MongoDB "
-              "with mongodump and mongorestore (README, Backup)", file=sys.stderr)
+              "with mongodump and mongorestore (docs/scale.rst, Backup)", file=sys.stderr)
         return None
     if settings.embedded_database == MEMORY_DATABASE:
         print(f"flow-repository {command}: EMBEDDED_DB_PATH is :memory:, nothing is kept",

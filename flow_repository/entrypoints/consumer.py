@@ -25,7 +25,7 @@ BINDINGS = STATUS_EVENTS + OWNER_EVENTS
 ORIGINAL_KEY_HEADER = "x-original-routing-key"
 QUORUM = "quorum"
 SINGLE_ACTIVE_CONSUMER = "x-single-active-consumer"
-QUEUE_PROCEDURE = "README.rst, 'Moving an existing queue'"
+QUEUE_PROCEDURE = "docs/scale.rst, 'Moving an existing queue'"
 
 
 def dead_letter_queue(queue: str) -> str:

@@ -77,11 +77,11 @@ class FlowService:
         access = FlowAccess(store, ownership_policy)
         self.recorder = HistoryRecorder(store, history_max_revisions=history_max_revisions,
                                         relay=relay)
-        self.flows = FlowUseCases(store, access, self.recorder, bulk_max_items=bulk_max_items,
-                                  max_list_bytes=max_list_bytes, references=references,
-                                  step_logs=step_logs)
-        self.lifecycle = LifecycleUseCases(store, access, self.recorder, timeouts=timeouts,
-                                           bulk_max_items=bulk_max_items)
-        self.history = HistoryUseCases(store, access, self.recorder, self.flows,
-                                       max_list_bytes=max_list_bytes)
+        self.flows = FlowUseCases(store=store, access=access, recorder=self.recorder,
+                                  bulk_max_items=bulk_max_items, max_list_bytes=max_list_bytes,
+                                  references=references, step_log_client=step_logs)
+        self.lifecycle = LifecycleUseCases(store=store, access=access, recorder=self.recorder,
+                                           timeouts=timeouts, bulk_max_items=bulk_max_items)
+        self.history = HistoryUseCases(store=store, access=access, recorder=self.recorder,
+                                       flows=self.flows, max_list_bytes=max_list_bytes)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 from bson import ObjectId
@@ -46,48 +47,38 @@ def change_event(name: str, principal: Principal, flow_id: ObjectId,
     )
 
 
+@dataclass(frozen=True, kw_only=True)
 class FlowUseCases:
     """Definition changes: what a client reads and writes about a flow."""
 
-    def __init__(
-        self,
-        store: Store,
-        access: FlowAccess,
-        recorder: HistoryRecorder,
-        *,
-        bulk_max_items: int = 100,
-        max_list_bytes: int = 4 * 1024 * 1024,
-        references: ReferenceChecker | None = None,
-        step_logs: StepLogClient | None = None,
-    ) -> None:
-        self._store = store
-        self._access = access
-        self._recorder = recorder
-        self._bulk_max_items = bulk_max_items
-        self._max_list_bytes = max_list_bytes
-        self._references = references
-        self._step_logs = step_logs  # None when no logging service is configured
+    store: Store
+    access: FlowAccess
+    recorder: HistoryRecorder
+    bulk_max_items: int = 100
+    max_list_bytes: int = 4 * 1024 * 1024
+    references: ReferenceChecker | None = None
+    step_log_client: StepLogClient | None = None  # None: no logging service configured
 
     def get(self, principal: Principal, raw_id: Any) -> dict[str, Any]:
-        flow = self._store.get(parse_flow_id(raw_id), scope(principal))
+        flow = self.store.get(parse_flow_id(raw_id), scope(principal))
         if flow is None:
             raise FlowNotFound(f"flow {raw_id} not found")
         return public_flow(flow)
 
     def list(self, principal: Principal, query: ListQuery) -> tuple[list[dict], dict[str, Any]]:
         owners = scope(principal)
-        return bounded_page(lambda fits: self._store.list(query, owners, fits=fits),
+        return bounded_page(lambda fits: self.store.list(query, owners, fits=fits),
                             public_flow, query.page_number, query.page_size,
-                            self._max_list_bytes)
+                            self.max_list_bytes)
 
     def create(self, principal: Principal, body: Any, *, token: str | None = None) -> Saved:
         """Store a new, inactive flow; unknown fields of the body are dropped and named."""
         document, ignored = self._new_flow(principal, body, token, Checks())
-        lease = self._recorder.lease()
+        lease = self.recorder.lease()
         if lease is not None:  # a new flow: no relay can hold it yet
             document["relayLeaseOwner"], document["relayLeaseUntil"] = lease
-        flow = self._store.insert(document)
-        self._recorder.after_write(flow, lease)
+        flow = self.store.insert(document)
+        self.recorder.after_write(flow, lease)
         log.info("flow created", extra={"flowId": str(flow["_id"])})
         return self._saved(public_flow(flow), ignored)
 
@@ -107,7 +98,7 @@ class FlowUseCases:
         if validated is None:
             return None, []
         clean, ignored = validated
-        checks.run(self._access.check_owners, principal, clean.get("owners") or [], [])
+        checks.run(self.access.check_owners, principal, clean.get("owners") or [], [])
         checks.run(self._check_references, token, clean)
         flow_id = ObjectId()
         now = utcnow()
@@ -135,7 +126,7 @@ class FlowUseCases:
     def create_many(self, principal: Principal, bodies: Sequence[Any], *,
                     token: str | None = None) -> list[ItemResult]:
         return each(bodies, 201, lambda body: self.create(principal, body, token=token),
-                    self._bulk_max_items)
+                    self.bulk_max_items)
 
     def update(
         self, principal: Principal, raw_id: Any, body: Any,
@@ -171,14 +162,14 @@ class FlowUseCases:
         flow_id = parse_flow_id(raw_id)
         validated = checks.run(validate_flow, body, partial=True, status=None)
         for _ in range(CAS_ATTEMPTS):
-            current = self._access.visible(principal, flow_id, raw_id)
+            current = self.access.visible(principal, flow_id, raw_id)
             checks.run(require_inactive, current, "updated")
             checks.run(require_revision, current, if_match)
             if validated is None:
                 return None, []  # a dry run of an invalid body: there is no flow to show
             patch, ignored = validated
             if "owners" in patch:
-                checks.run(self._access.check_owners, principal, patch["owners"],
+                checks.run(self.access.check_owners, principal, patch["owners"],
                            current.get("owners", []))
             merged = {key: current[key] for key in EDITABLE_FIELDS if key in current}
             merged.update(body)
@@ -198,7 +189,7 @@ class FlowUseCases:
             if checks.dry_run:
                 return public_flow({**current, **changes,
                                     "revision": current["revision"] + 1}), ignored
-            updated = self._store.update(
+            updated = self.store.update(
                 flow_id,
                 owner_ids=scope(principal),
                 statuses=(domain.INACTIVE,),
@@ -206,10 +197,10 @@ class FlowUseCases:
                 changes=changes,
                 events=events,
                 history=entry,
-                lease=(lease := self._recorder.lease()),
+                lease=(lease := self.recorder.lease()),
             )
             if updated is not None:
-                self._recorder.after_write(updated, lease)
+                self.recorder.after_write(updated, lease)
                 return public_flow(updated), ignored
         raise domain.Conflict(f"flow {raw_id} keeps changing; retry the update")
 
@@ -223,8 +214,8 @@ class FlowUseCases:
         return Saved(flow, tuple(ignored))
 
     def _check_references(self, token: str | None, flow: Mapping[str, Any]) -> None:
-        if self._references is not None:
-            self._references.check(token, flow)
+        if self.references is not None:
+            self.references.check(token, flow)
 
     def update_many(self, principal: Principal, items: Sequence[Any], *,
                     token: str | None = None) -> list[ItemResult]:
@@ -234,14 +225,14 @@ class FlowUseCases:
             body = {key: value for key, value in item.items() if key != "id"}
             return self.update(principal, item.get("id"), body, token=token)
 
-        return each(items, 200, update_item, self._bulk_max_items)
+        return each(items, 200, update_item, self.bulk_max_items)
 
     def delete(
         self, principal: Principal, raw_id: Any, if_match: tuple[int, ...] | None = None
     ) -> None:
         """Delete an inactive flow; flowrepo.flow.deleted still goes out after it is gone."""
         flow_id = parse_flow_id(raw_id)
-        deleted = self._store.update(
+        deleted = self.store.update(
             flow_id,
             owner_ids=scope(principal),
             statuses=(domain.INACTIVE,),
@@ -249,22 +240,22 @@ class FlowUseCases:
             changes={"deletedAt": utcnow()},
             events=[change_event("flowrepo.flow.deleted", principal, flow_id)],
             history=deleted_entry(principal.sub),
-            lease=(lease := self._recorder.lease()),
+            lease=(lease := self.recorder.lease()),
         )
         if deleted is None:
-            current = self._access.visible(principal, flow_id, raw_id)
+            current = self.access.visible(principal, flow_id, raw_id)
             require_inactive(current, "deleted")
             require_revision(current, if_match)
             raise domain.Conflict(f"flow {raw_id} changed while it was being deleted; retry")
-        self._recorder.after_write(deleted, lease)
+        self.recorder.after_write(deleted, lease)
 
     def step_logs(self, principal: Principal, raw_id: Any, step_id: str, query: str) -> StepLogs:
         """The logs of one step of a flow the caller may see, from OIH's logging service."""
         flow_id = parse_flow_id(raw_id)
-        self._access.visible(principal, flow_id, raw_id)
+        self.access.visible(principal, flow_id, raw_id)
         if step_id in (".", ".."):  # would name another path of the logging service
             raise InvalidFlow(f"invalid step id {describe(step_id)}")
-        if self._step_logs is None:
+        if self.step_log_client is None:
             raise StepLogsNotConfigured("step logs are not available: this installation "
                                         "has no logging service (LOGGING_SERVICE_BASE_URL)")
-        return self._step_logs.fetch(str(flow_id), step_id, query)
+        return self.step_log_client.fetch(str(flow_id), step_id, query)

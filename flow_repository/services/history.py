@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import jsonpatch
@@ -22,21 +23,20 @@ from .recorder import HistoryRecorder
 from .results import Saved
 
 
+@dataclass(frozen=True, kw_only=True)
 class HistoryUseCases:
     """What a client reads of a flow's history, and restoring an earlier revision (which
     is an update of the flow, made through ``flows``)."""
 
-    def __init__(self, store: Store, access: FlowAccess, recorder: HistoryRecorder,
-                 flows: FlowUseCases, *, max_list_bytes: int = 4 * 1024 * 1024) -> None:
-        self._store = store
-        self._access = access
-        self._recorder = recorder
-        self._flows = flows
-        self._max_list_bytes = max_list_bytes
+    store: Store
+    access: FlowAccess
+    recorder: HistoryRecorder
+    flows: FlowUseCases
+    max_list_bytes: int = 4 * 1024 * 1024
 
     def _visible_with_history(self, principal: Principal, raw_id: Any) -> dict[str, Any]:
-        flow = self._access.visible(principal, parse_flow_id(raw_id), raw_id)
-        self._recorder.record(flow)  # read-repair: entries whose writer died are recorded now
+        flow = self.access.visible(principal, parse_flow_id(raw_id), raw_id)
+        self.recorder.record(flow)  # read-repair: entries whose writer died are recorded now
         return flow
 
     def revisions(self, principal: Principal, raw_id: Any, page_number: int, page_size: int
@@ -50,17 +50,17 @@ class HistoryUseCases:
             return public_entry(flow_id, entry, entry if entry["kind"] == DEFINITION else None)
 
         return bounded_page(
-            lambda fits: self._store.history.page(flow_id, page_number, page_size, fits=fits),
-            public, page_number, page_size, self._max_list_bytes)
+            lambda fits: self.store.history.page(flow_id, page_number, page_size, fits=fits),
+            public, page_number, page_size, self.max_list_bytes)
 
     def revision(self, principal: Principal, raw_id: Any, revision: int) -> dict[str, Any]:
         """One revision: its entry and the flow as it stood then (the definition in force)."""
         flow = self._visible_with_history(principal, raw_id)
-        entry = self._store.history.get(flow["_id"], revision)
+        entry = self.store.history.get(flow["_id"], revision)
         if entry is None:
             raise FlowNotFound(self._not_kept(raw_id, revision, flow))
         definition = (entry if entry["kind"] == DEFINITION
-                      else self._store.history.definition_at(flow["_id"], revision))
+                      else self.store.history.definition_at(flow["_id"], revision))
         return public_entry(flow["_id"], entry, definition)
 
     def diff(self, principal: Principal, raw_id: Any, source: int, target: int | None
@@ -87,13 +87,13 @@ class HistoryUseCases:
         flow = self._visible_with_history(principal, raw_id)
         old = self._definition(raw_id, flow, revision)
         body = {key: old.get(key) for key in EDITABLE_FIELDS if key != "owners"}
-        return self._flows.update(principal, raw_id, body, if_match, token=token,
+        return self.flows.update(principal, raw_id, body, if_match, token=token,
                            change="restored", restored_from=revision)
 
     def _definition(self, raw_id: Any, flow: Mapping[str, Any], revision: int) -> dict:
         if revision > flow["revision"]:
             raise FlowNotFound(self._not_kept(raw_id, revision, flow))
-        entry = self._store.history.definition_at(flow["_id"], revision)
+        entry = self.store.history.definition_at(flow["_id"], revision)
         if entry is None:
             raise FlowNotFound(self._not_kept(raw_id, revision, flow))
         return entry["flow"]

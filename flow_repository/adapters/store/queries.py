@@ -24,7 +24,7 @@ PENDING_KEY = "outbox.0.storedAt"  # the oldest pending event of a flow
 
 @dataclass(frozen=True)
 class Index:
-    """One index: its name, key pattern, options, and the queries it serves (README)."""
+    """One index: its name, key pattern, options, and the queries it serves (docs/scale.rst, Indexes)."""
 
     name: str
     keys: tuple[tuple[str, int], ...]

@@ -82,7 +82,7 @@ SCHEMA = (
         PRIMARY KEY (fid, revision))""",
 )
 
-# name -> (definition, the queries it serves: README "Indexes")
+# name -> (definition, the queries it serves: docs/scale.rst "Indexes")
 INDEXES: dict[str, tuple[str, str]] = {
     **{f"owner_{field}": (
         f"ON flow_owners (owner, {column}, fid)",

@@ -1,5 +1,5 @@
 """Gunicorn entry point: ``wsgi:app`` builds the service from the environment."""
 
-from flow_repository.app import create_app
+from flow_repository.entrypoints.app import create_app
 
 app = create_app(background=True)

@@ -100,10 +100,10 @@ def run(url: str, count: int) -> tuple[float, dict[str, Window]]:
     from bson import ObjectId
     from harness import sample_flow
 
-    from flow_repository.app import create_app
-    from flow_repository.auth import mint_token
-    from flow_repository.runtime import Runtime
-    from flow_repository.settings import Settings
+    from flow_repository.adapters.auth import mint_token
+    from flow_repository.entrypoints.app import create_app
+    from flow_repository.server.bootstrap import Runtime
+    from flow_repository.server.settings import Settings
 
     counter = Counter()
     monitoring.register(counter)

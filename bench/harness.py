@@ -59,8 +59,8 @@ def base_env(secret_file: Path, mongodb_url: str | None, exchange: str, queue: s
 def mint(secret_file: Path, sub: str, tenant: str | None,
          permissions: Sequence[str] = PERMISSIONS) -> str:
     """A dev token the served app accepts (same DEV_TOKEN_SECRET_FILE)."""
-    from flow_repository.auth import mint_token
-    from flow_repository.settings import Settings
+    from flow_repository.adapters.auth import mint_token
+    from flow_repository.server.settings import Settings
 
     settings = Settings.from_env({"DEV_TOKEN_SECRET_FILE": str(secret_file)})
     return mint_token(settings, sub, tenant, list(permissions), 6 * 3600)

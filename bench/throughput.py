@@ -27,11 +27,12 @@ import harness
 import pika
 from bson import ObjectId
 
-from flow_repository.auth import Principal
-from flow_repository.consumer import StatusConsumer, dead_letter_queue, declare_queues
-from flow_repository.events import OutboxRelay, Publisher
-from flow_repository.runtime import Runtime
-from flow_repository.settings import Settings
+from flow_repository.adapters.auth import Principal
+from flow_repository.adapters.rabbitmq import Publisher
+from flow_repository.adapters.relay import OutboxRelay
+from flow_repository.entrypoints.consumer import StatusConsumer, dead_letter_queue, declare_queues
+from flow_repository.server.bootstrap import Runtime
+from flow_repository.server.settings import Settings
 
 TARGET_RATIO = 0.5
 OWNER = Principal(sub="bench-user", tenant="bench-tenant", permissions=frozenset(),

@@ -1,3 +1,3 @@
 """Gunicorn settings for ``gunicorn -c deploy/gunicorn.conf.py wsgi:app``: the package's own."""
 
-from flow_repository.gunicorn_conf import *
+from flow_repository.server.gunicorn_conf import *

@@ -28,10 +28,10 @@ import pika
 import pymongo
 import pytest
 
-from flow_repository.app import create_app
-from flow_repository.auth import mint_token
-from flow_repository.settings import Settings
-from flow_repository.store import FlowStore, Store, open_store
+from flow_repository.adapters.auth import mint_token
+from flow_repository.adapters.store import FlowStore, Store, open_store
+from flow_repository.entrypoints.app import create_app
+from flow_repository.server.settings import Settings
 from support import (
     ALL_PERMISSIONS,
     PRODUCT_EVENTS,

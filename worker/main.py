@@ -8,9 +8,10 @@ import signal
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from flow_repository.logs import configure_logging
-from flow_repository.runtime import Runtime, WorkerPresence
-from flow_repository.settings import MEMORY_DATABASE, Settings
+from flow_repository.contract import error_body
+from flow_repository.server.bootstrap import Runtime, WorkerPresence
+from flow_repository.server.logs import configure_logging
+from flow_repository.server.settings import MEMORY_DATABASE, Settings
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +30,10 @@ def health_server(runtime: Runtime, port: int) -> ThreadingHTTPServer:
                 if runtime.metrics_allowed(self.headers.get("Authorization")):
                     self._send(200, runtime.metrics_text(), runtime.metrics.content_type)
                 else:
-                    self._send(401, {"errors": [{"message": "/metrics needs the metrics token "
-                                                 "as a Bearer token.", "code": 401}]})
+                    self._send(401, error_body(401, "/metrics needs the metrics token "
+                                                    "as a Bearer token."))
             else:
-                self._send(404, {"errors": [{"message": "Not Found", "code": 404}]})
+                self._send(404, error_body(404, "Not Found"))
 
         def _send(self, status: int, body: object, content_type: str = "application/json"):
             data = body if isinstance(body, bytes) else json.dumps(body).encode()

@@ -4,52 +4,81 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 from bson import ObjectId
 
-from .. import domain
-from ..auth import Principal
-from ..domain import (
+from flow_repository.adapters.auth import Principal
+from flow_repository.adapters.outbox import pending_event
+from flow_repository.adapters.references import ReferenceChecker
+from flow_repository.adapters.step_logs import StepLogClient, StepLogs, StepLogsNotConfigured
+from flow_repository.adapters.store import Store, utcnow
+from flow_repository.contract import EDITABLE_FIELDS
+from flow_repository.contract.schemas import validate_flow
+from flow_repository.domain import flow as domain
+from flow_repository.domain.flow import (
     FlowNotFound,
     InvalidFlow,
     ListQuery,
     describe,
     public_flow,
 )
-from ..schemas import EDITABLE_FIELDS, validate_flow
-from ..step_logs import StepLogs, StepLogsNotConfigured
-from ..store import utcnow
-from .common import Checks, DryRun, ItemResult, Saved, parse_flow_id
-from .history import HistoryRecorder, definition_entry, deleted_entry
+
+from .access import FlowAccess, require_inactive, require_revision, scope
+from .bulk import each
+from .entries import definition_entry, deleted_entry
+from .listing import bounded_page
+from .parsing import parse_flow_id
+from .recorder import HistoryRecorder
+from .results import Checks, DryRun, ItemResult, Saved
 
 log = logging.getLogger(__name__)
 
 CAS_ATTEMPTS = 5
 
 
-class FlowUseCases(HistoryRecorder):
+def change_event(name: str, principal: Principal, flow_id: ObjectId,
+                 revision: int | None = None) -> dict[str, Any]:
+    """The outbox entry of a definition change: OIH's ``{tenant, user, flowId}`` payload."""
+    return pending_event(
+        name, {"tenant": principal.tenant, "user": principal.sub, "flowId": str(flow_id)},
+        revision=revision,
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class FlowUseCases:
     """Definition changes: what a client reads and writes about a flow."""
 
+    store: Store
+    access: FlowAccess
+    recorder: HistoryRecorder
+    bulk_max_items: int = 100
+    max_list_bytes: int = 4 * 1024 * 1024
+    references: ReferenceChecker | None = None
+    step_log_client: StepLogClient | None = None  # None: no logging service configured
+
     def get(self, principal: Principal, raw_id: Any) -> dict[str, Any]:
-        flow = self._store.get(parse_flow_id(raw_id), self._scope(principal))
+        flow = self.store.get(parse_flow_id(raw_id), scope(principal))
         if flow is None:
             raise FlowNotFound(f"flow {raw_id} not found")
         return public_flow(flow)
 
     def list(self, principal: Principal, query: ListQuery) -> tuple[list[dict], dict[str, Any]]:
-        scope = self._scope(principal)
-        return self._bounded_page(lambda fits: self._store.list(query, scope, fits=fits),
-                                  public_flow, query.page_number, query.page_size)
+        owners = scope(principal)
+        return bounded_page(lambda fits: self.store.list(query, owners, fits=fits),
+                            public_flow, query.page_number, query.page_size,
+                            self.max_list_bytes)
 
     def create(self, principal: Principal, body: Any, *, token: str | None = None) -> Saved:
         """Store a new, inactive flow; unknown fields of the body are dropped and named."""
         document, ignored = self._new_flow(principal, body, token, Checks())
-        lease = self._lease()
+        lease = self.recorder.lease()
         if lease is not None:  # a new flow: no relay can hold it yet
             document["relayLeaseOwner"], document["relayLeaseUntil"] = lease
-        flow = self._store.insert(document)
-        self._after_write(flow, lease)
+        flow = self.store.insert(document)
+        self.recorder.after_write(flow, lease)
         log.info("flow created", extra={"flowId": str(flow["_id"])})
         return self._saved(public_flow(flow), ignored)
 
@@ -69,7 +98,7 @@ class FlowUseCases(HistoryRecorder):
         if validated is None:
             return None, []
         clean, ignored = validated
-        checks.run(self._check_owners, principal, clean.get("owners") or [], [])
+        checks.run(self.access.check_owners, principal, clean.get("owners") or [], [])
         checks.run(self._check_references, token, clean)
         flow_id = ObjectId()
         now = utcnow()
@@ -89,14 +118,15 @@ class FlowUseCases(HistoryRecorder):
             "statusChangedAt": now,
             "statusReason": "created",
             "statusRetries": 0,
-            "outbox": [self._change_event("flowrepo.flow.created", principal, flow_id, 1)],
+            "outbox": [change_event("flowrepo.flow.created", principal, flow_id, 1)],
         }
         document["historyOutbox"] = [definition_entry(principal.sub, "created", document)]
         return document, ignored
 
     def create_many(self, principal: Principal, bodies: Sequence[Any], *,
                     token: str | None = None) -> list[ItemResult]:
-        return self._each(bodies, 201, lambda body: self.create(principal, body, token=token))
+        return each(bodies, 201, lambda body: self.create(principal, body, token=token),
+                    self.bulk_max_items)
 
     def update(
         self, principal: Principal, raw_id: Any, body: Any,
@@ -132,14 +162,14 @@ class FlowUseCases(HistoryRecorder):
         flow_id = parse_flow_id(raw_id)
         validated = checks.run(validate_flow, body, partial=True, status=None)
         for _ in range(CAS_ATTEMPTS):
-            current = self._visible(principal, flow_id, raw_id)
-            checks.run(self._require_inactive, current, "updated")
-            checks.run(self._require_revision, current, if_match)
+            current = self.access.visible(principal, flow_id, raw_id)
+            checks.run(require_inactive, current, "updated")
+            checks.run(require_revision, current, if_match)
             if validated is None:
                 return None, []  # a dry run of an invalid body: there is no flow to show
             patch, ignored = validated
             if "owners" in patch:
-                checks.run(self._check_owners, principal, patch["owners"],
+                checks.run(self.access.check_owners, principal, patch["owners"],
                            current.get("owners", []))
             merged = {key: current[key] for key in EDITABLE_FIELDS if key in current}
             merged.update(body)
@@ -148,7 +178,7 @@ class FlowUseCases(HistoryRecorder):
                 return None, ignored
             checks.run(self._check_references, token, merged_validated[0])
             # the write below applies only at this revision, so it makes the next one
-            events = [self._change_event("flowrepo.flow.modified", principal, flow_id,
+            events = [change_event("flowrepo.flow.modified", principal, flow_id,
                                          current["revision"] + 1)]
             changes = {**patch, "updatedAt": utcnow()}
             changes["owners"] = domain.with_owner(
@@ -159,18 +189,18 @@ class FlowUseCases(HistoryRecorder):
             if checks.dry_run:
                 return public_flow({**current, **changes,
                                     "revision": current["revision"] + 1}), ignored
-            updated = self._store.update(
+            updated = self.store.update(
                 flow_id,
-                owner_ids=self._scope(principal),
+                owner_ids=scope(principal),
                 statuses=(domain.INACTIVE,),
                 revision=current["revision"],
                 changes=changes,
                 events=events,
                 history=entry,
-                lease=(lease := self._lease()),
+                lease=(lease := self.recorder.lease()),
             )
             if updated is not None:
-                self._after_write(updated, lease)
+                self.recorder.after_write(updated, lease)
                 return public_flow(updated), ignored
         raise domain.Conflict(f"flow {raw_id} keeps changing; retry the update")
 
@@ -184,8 +214,8 @@ class FlowUseCases(HistoryRecorder):
         return Saved(flow, tuple(ignored))
 
     def _check_references(self, token: str | None, flow: Mapping[str, Any]) -> None:
-        if self._references is not None:
-            self._references.check(token, flow)
+        if self.references is not None:
+            self.references.check(token, flow)
 
     def update_many(self, principal: Principal, items: Sequence[Any], *,
                     token: str | None = None) -> list[ItemResult]:
@@ -195,37 +225,37 @@ class FlowUseCases(HistoryRecorder):
             body = {key: value for key, value in item.items() if key != "id"}
             return self.update(principal, item.get("id"), body, token=token)
 
-        return self._each(items, 200, update_item)
+        return each(items, 200, update_item, self.bulk_max_items)
 
     def delete(
         self, principal: Principal, raw_id: Any, if_match: tuple[int, ...] | None = None
     ) -> None:
         """Delete an inactive flow; flowrepo.flow.deleted still goes out after it is gone."""
         flow_id = parse_flow_id(raw_id)
-        deleted = self._store.update(
+        deleted = self.store.update(
             flow_id,
-            owner_ids=self._scope(principal),
+            owner_ids=scope(principal),
             statuses=(domain.INACTIVE,),
             revision=if_match,
             changes={"deletedAt": utcnow()},
-            events=[self._change_event("flowrepo.flow.deleted", principal, flow_id)],
+            events=[change_event("flowrepo.flow.deleted", principal, flow_id)],
             history=deleted_entry(principal.sub),
-            lease=(lease := self._lease()),
+            lease=(lease := self.recorder.lease()),
         )
         if deleted is None:
-            current = self._visible(principal, flow_id, raw_id)
-            self._require_inactive(current, "deleted")
-            self._require_revision(current, if_match)
+            current = self.access.visible(principal, flow_id, raw_id)
+            require_inactive(current, "deleted")
+            require_revision(current, if_match)
             raise domain.Conflict(f"flow {raw_id} changed while it was being deleted; retry")
-        self._after_write(deleted, lease)
+        self.recorder.after_write(deleted, lease)
 
     def step_logs(self, principal: Principal, raw_id: Any, step_id: str, query: str) -> StepLogs:
         """The logs of one step of a flow the caller may see, from OIH's logging service."""
         flow_id = parse_flow_id(raw_id)
-        self._visible(principal, flow_id, raw_id)
+        self.access.visible(principal, flow_id, raw_id)
         if step_id in (".", ".."):  # would name another path of the logging service
             raise InvalidFlow(f"invalid step id {describe(step_id)}")
-        if self._step_logs is None:
+        if self.step_log_client is None:
             raise StepLogsNotConfigured("step logs are not available: this installation "
                                         "has no logging service (LOGGING_SERVICE_BASE_URL)")
-        return self._step_logs.fetch(str(flow_id), step_id, query)
+        return self.step_log_client.fetch(str(flow_id), step_id, query)

@@ -4,21 +4,27 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from bson import ObjectId
 
-from .. import domain
-from ..auth import Principal
-from ..domain import (
+from flow_repository.adapters.auth import Principal
+from flow_repository.adapters.outbox import pending_event
+from flow_repository.adapters.store import Store, utcnow
+from flow_repository.domain import flow as domain
+from flow_repository.domain.flow import (
     Transition,
     describe,
 )
-from ..events import pending_event
-from ..store import utcnow
-from .common import InvalidEvent, ItemResult, parse_flow_id
-from .history import HistoryRecorder, owner_removed_entry, status_entry
+
+from .access import FlowAccess, scope
+from .bulk import each
+from .entries import owner_removed_entry, status_entry
+from .parsing import parse_flow_id
+from .recorder import HistoryRecorder
+from .results import InvalidEvent, ItemResult
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +32,16 @@ log = logging.getLogger(__name__)
 REPORT_FIELDS = ("status", "revision", "deletedAt", "historyOutbox")
 
 
-class LifecycleUseCases(HistoryRecorder):
-    """Status changes: commands from clients, reports from the orchestrator, timeouts."""
+@dataclass(frozen=True, kw_only=True)
+class LifecycleUseCases:
+    """Status changes: commands from clients, reports from the orchestrator and IAM,
+    timeouts."""
+
+    store: Store
+    access: FlowAccess
+    recorder: HistoryRecorder
+    timeouts: domain.Timeouts
+    bulk_max_items: int = 100
 
     def start(self, principal: Principal, raw_id: Any) -> dict[str, str]:
         changes, events = self._status_change(domain.START, startedBy=principal.sub)
@@ -39,10 +53,12 @@ class LifecycleUseCases(HistoryRecorder):
         return self._command(principal, raw_id, domain.STOP, changes, events)
 
     def start_many(self, principal: Principal, raw_ids: Sequence[Any]) -> list[ItemResult]:
-        return self._each(raw_ids, 200, lambda raw_id: self.start(principal, raw_id))
+        return each(raw_ids, 200, lambda raw_id: self.start(principal, raw_id),
+                    self.bulk_max_items)
 
     def stop_many(self, principal: Principal, raw_ids: Sequence[Any]) -> list[ItemResult]:
-        return self._each(raw_ids, 200, lambda raw_id: self.stop(principal, raw_id))
+        return each(raw_ids, 200, lambda raw_id: self.stop(principal, raw_id),
+                    self.bulk_max_items)
 
     def apply_status_event(self, name: str, payload: Any) -> str:
         """Apply an orchestrator report (flow.started/stopped/failed); idempotent.
@@ -58,7 +74,7 @@ class LifecycleUseCases(HistoryRecorder):
         updated = self._transit(flow_id, transition, changes, events, returning=REPORT_FIELDS)
         if updated is not None:
             return f"{transition.name}: flow is now {updated['status']}"
-        current = self._store.get(flow_id)
+        current = self.store.get(flow_id)
         if current is None:
             return f"{transition.name}: ignored, flow {flow_id} is unknown or deleted"
         return f"{transition.name}: ignored, flow is {current['status']}"
@@ -69,20 +85,20 @@ class LifecycleUseCases(HistoryRecorder):
             raise InvalidEvent(f"an owner id must be a non-empty string (got {describe(owner_id)})")
         orphaned = domain.ORPHANED
         changed = 0
-        for flow_id in self._store.owned_by(owner_id):
+        for flow_id in self.store.owned_by(owner_id):
             # History first: were the owner removed first, a crash in between would leave
             # the id in history with no flow left listing it for a redelivery to find.
-            self._forget_in_history(flow_id, owner_id)
+            self.recorder.forget_owner(flow_id, owner_id)
             changes, events = self._status_change(orphaned)
             stopped = self._transit(flow_id, orphaned, changes, events, owner_ids=(owner_id,),
                                     owner_count=1, remove_owner=owner_id)
             if stopped is None:
-                lease = self._lease()
-                removed = self._store.update(flow_id, owner_ids=(owner_id,),
+                lease = self.recorder.lease()
+                removed = self.store.update(flow_id, owner_ids=(owner_id,),
                                              remove_owner=owner_id,
                                              history=owner_removed_entry(), lease=lease)
                 if removed is not None:
-                    self._after_write(removed, lease)
+                    self.recorder.after_write(removed, lease)
             changed += 1
         return changed
 
@@ -91,9 +107,9 @@ class LifecycleUseCases(HistoryRecorder):
         moved = 0
         for status in (domain.STARTING, domain.STOPPING):
             for retries in (0, 1):
-                transition, timeout = self._timeouts.plan(status, retries)
+                transition, timeout = self.timeouts.plan(status, retries)
                 overdue = utcnow() - timedelta(seconds=timeout)
-                for flow in self._store.stuck(status, overdue, retries=retries):
+                for flow in self.store.stuck(status, overdue, retries=retries):
                     moved += self._reconcile_one(flow, transition, retries)
         return moved
 
@@ -120,9 +136,9 @@ class LifecycleUseCases(HistoryRecorder):
     ) -> dict[str, str]:
         flow_id = parse_flow_id(raw_id)
         updated = self._transit(flow_id, transition, changes, events, sub=principal.sub,
-                                owner_ids=self._scope(principal))
+                                owner_ids=scope(principal))
         if updated is None:
-            current = self._visible(principal, flow_id, raw_id)
+            current = self.access.visible(principal, flow_id, raw_id)
             raise domain.Conflict(
                 f"cannot {transition.name} flow {raw_id}: its status is {current['status']}"
             )
@@ -146,15 +162,15 @@ class LifecycleUseCases(HistoryRecorder):
         entry written with the change knows the status it left. With a relay in this
         process the whole flow comes back: the relay renders the events from it.
         """
-        lease = self._lease()
+        lease = self.recorder.lease()
         for source in sources or transition.sources:
             entry = status_entry(transition, source, changes["statusChangedAt"], sub)
-            updated = self._store.update(flow_id, statuses=(source,), changes=changes,
+            updated = self.store.update(flow_id, statuses=(source,), changes=changes,
                                          events=events, history=entry,
                                          returning=returning if lease is None else None,
                                          lease=lease, **preconditions)
             if updated is not None:
-                self._after_write(updated, lease)
+                self.recorder.after_write(updated, lease)
                 return updated
         return None
 

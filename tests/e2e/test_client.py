@@ -9,7 +9,7 @@ from collections.abc import Callable
 import jwt
 import pytest
 
-from flow_repository.client import (
+from flow_repository.client.rest import (
     USER_AGENT,
     Conflict,
     FlowRepositoryClient,

@@ -14,7 +14,7 @@ import pytest
 import requests
 from bson import ObjectId
 
-from flow_repository.store import SqliteFlowStore
+from flow_repository.adapters.store import SqliteFlowStore
 from support import Served, bearer, eventually
 
 from .conftest import FakeIam

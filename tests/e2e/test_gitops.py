@@ -14,10 +14,16 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 import yaml
 
-from flow_repository.cli import main
-from flow_repository.client import FlowRepositoryClient
-from flow_repository.gitops import ApplyOptions, apply_plan, editable, load_manifests, make_plan
-from flow_repository.store import FlowStore
+from flow_repository.adapters.store import FlowStore
+from flow_repository.client.gitops import (
+    ApplyOptions,
+    apply_plan,
+    editable,
+    load_manifests,
+    make_plan,
+)
+from flow_repository.client.rest import FlowRepositoryClient
+from flow_repository.entrypoints.cli import main
 from support import ALL_PERMISSIONS, EXECUTABLE, Bus, Served, base_env
 
 from .conftest import FakeIam

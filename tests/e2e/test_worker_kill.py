@@ -10,7 +10,7 @@ import threading
 import pytest
 from bson import ObjectId
 
-from flow_repository.domain import STATUSES
+from flow_repository.domain.flow import STATUSES
 from support import Bus, Driver, Listener, bearer, connect, eventually
 
 from .conftest import FakeIam

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from flow_repository.app import create_app
-from flow_repository.settings import Settings
-from flow_repository.store import FlowStore
+from flow_repository.adapters.store import FlowStore
+from flow_repository.entrypoints.app import create_app
+from flow_repository.server.settings import Settings
 from support import (
     Bus,
     Driver,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from bson import ObjectId
 
-from flow_repository import domain
+from flow_repository.domain import flow as domain
 from support import eventually
 
 pytestmark = pytest.mark.integration

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from bson import ObjectId
 
-from flow_repository.auth import Principal
-from flow_repository.consumer import StatusConsumer
-from flow_repository.runtime import Runtime
+from flow_repository.adapters.auth import Principal
+from flow_repository.entrypoints.consumer import StatusConsumer
+from flow_repository.server.bootstrap import Runtime
 from support import eventually, free_port
 
 pytestmark = pytest.mark.integration
@@ -30,9 +30,9 @@ BLOCKING_CONSUMER = textwrap.dedent('''
     import time
     from pathlib import Path
 
-    from flow_repository.metrics import Metrics
-    from flow_repository.settings import Settings
-    from flow_repository.consumer import StatusConsumer
+    from flow_repository.server.metrics import Metrics
+    from flow_repository.server.settings import Settings
+    from flow_repository.entrypoints.consumer import StatusConsumer
 
     marker = Path(sys.argv[1])
 

@@ -9,7 +9,7 @@ import pytest
 from bson import ObjectId
 from pymongo.errors import AutoReconnect
 
-from flow_repository.store import StoreUnavailable
+from flow_repository.adapters.store import StoreUnavailable
 from support import eventually
 
 pytestmark = pytest.mark.integration

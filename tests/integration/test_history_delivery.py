@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from bson import ObjectId
 
-from flow_repository.store import FlowStore
+from flow_repository.adapters.store import FlowStore
 from support import eventually
 
 pytestmark = pytest.mark.integration
@@ -22,10 +22,10 @@ KILLED_AFTER_THE_WRITE = textwrap.dedent('''
     import signal
     import sys
 
-    from flow_repository.auth import Principal
-    from flow_repository.runtime import Runtime
-    from flow_repository.services.history import HistoryRecorder
-    from flow_repository.settings import Settings
+    from flow_repository.adapters.auth import Principal
+    from flow_repository.server.bootstrap import Runtime
+    from flow_repository.services.recorder import HistoryRecorder
+    from flow_repository.server.settings import Settings
 
     def killed(self, flow):
         os.kill(os.getpid(), signal.SIGKILL)

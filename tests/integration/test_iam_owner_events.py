@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from bson import ObjectId
 
-from flow_repository.services.history import definition_entry
+from flow_repository.services.entries import definition_entry
 from support import eventually
 
 pytestmark = pytest.mark.integration

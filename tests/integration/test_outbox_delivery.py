@@ -10,8 +10,9 @@ from datetime import timedelta
 import pytest
 from bson import ObjectId
 
-from flow_repository.events import BrokerUnavailable, OutboxRelay, Publisher
-from flow_repository.runtime import Runtime
+from flow_repository.adapters.rabbitmq import BrokerUnavailable, Publisher
+from flow_repository.adapters.relay import OutboxRelay
+from flow_repository.server.bootstrap import Runtime
 from support import Received, eventually
 
 pytestmark = pytest.mark.integration

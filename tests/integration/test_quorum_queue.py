@@ -9,7 +9,7 @@ import pika.exceptions
 import pytest
 from bson import ObjectId
 
-from flow_repository.consumer import StatusConsumer
+from flow_repository.entrypoints.consumer import StatusConsumer
 from support import eventually
 
 pytestmark = pytest.mark.integration

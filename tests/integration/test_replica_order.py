@@ -13,8 +13,8 @@ import pika.exceptions
 import pytest
 from bson import ObjectId
 
-from flow_repository.consumer import QueueMismatch, StatusConsumer
-from flow_repository.metrics import Metrics
+from flow_repository.entrypoints.consumer import QueueMismatch, StatusConsumer
+from flow_repository.server.metrics import Metrics
 from support import eventually
 
 pytestmark = pytest.mark.integration

@@ -12,9 +12,9 @@ from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
-from flow_repository.app import create_app
-from flow_repository.settings import Settings
-from flow_repository.store import FlowStore
+from flow_repository.adapters.store import FlowStore
+from flow_repository.entrypoints.app import create_app
+from flow_repository.server.settings import Settings
 
 UNREACHABLE_MONGODB = "mongodb://127.0.0.1:1"
 
@@ -34,10 +34,11 @@ class FakeClock:
 def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     """Deterministic, strictly increasing timestamps for flow writes (services and store)."""
     fake = FakeClock(datetime(2024, 1, 1, tzinfo=UTC))
-    for module in ("services.flows", "services.lifecycle", "services.history", "events"):
+    for module in ("services.flows", "services.lifecycle", "services.entries", "adapters.outbox",
+                   "adapters.relay"):
         monkeypatch.setattr(f"flow_repository.{module}.utcnow", fake)
     for backend in ("mongo", "sqlite"):
-        monkeypatch.setattr(f"flow_repository.store.{backend}.utcnow", fake)
+        monkeypatch.setattr(f"flow_repository.adapters.store.{backend}.utcnow", fake)
     return fake
 
 

@@ -10,9 +10,9 @@ from bson import ObjectId
 from flask import Flask
 from flask.testing import FlaskClient
 
-from flow_repository import domain
-from flow_repository.services.history import definition_entry, status_entry
-from flow_repository.store import FlowStore, utcnow
+from flow_repository.adapters.store import FlowStore, utcnow
+from flow_repository.domain import flow as domain
+from flow_repository.services.entries import definition_entry, status_entry
 
 Headers = Callable[..., dict[str, str]]
 # What another request's write records in history (every write records one entry).

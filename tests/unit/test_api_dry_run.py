@@ -9,7 +9,7 @@ import pytest
 from bson import ObjectId
 from flask.testing import FlaskClient
 
-from flow_repository.store import FlowStore
+from flow_repository.adapters.store import FlowStore
 
 Headers = Callable[..., dict[str, str]]
 Create = Callable[..., dict[str, Any]]

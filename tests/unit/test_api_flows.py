@@ -11,7 +11,7 @@ import pytest
 from bson import ObjectId
 from flask.testing import FlaskClient
 
-from flow_repository.store import FlowStore
+from flow_repository.adapters.store import FlowStore
 
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 HEX_ID = re.compile(r"^[0-9a-f]{24}$")

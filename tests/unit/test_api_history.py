@@ -12,7 +12,7 @@ import pytest
 from bson import ObjectId
 from flask.testing import FlaskClient
 
-from flow_repository.store import FlowStore, StoreUnavailable
+from flow_repository.adapters.store import FlowStore, StoreUnavailable
 
 Headers = Callable[..., dict[str, str]]
 Create = Callable[..., dict[str, Any]]

@@ -1,4 +1,4 @@
-"""Unit tests for flow_repository.auth: headers, claims, introspection, JWT and dev tokens."""
+"""Unit tests for flow_repository.adapters.auth: headers, claims, introspection, JWT and dev tokens."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import RSAAlgorithm
 
-from flow_repository.auth import (
+from flow_repository.adapters.auth import (
     AuthError,
     IdentityUnavailable,
     IntrospectionAuthenticator,
@@ -33,7 +33,7 @@ from flow_repository.auth import (
     mint_token,
     principal_from_claims,
 )
-from flow_repository.settings import Settings, SettingsError
+from flow_repository.server.settings import Settings, SettingsError
 
 BASIC_URL = "http://iam.test/api/v1/tokens/introspect"
 OIDC_URL = "http://iam.test/op/token/introspection"
@@ -1222,7 +1222,7 @@ def test_dev_secret_file_of_another_user_is_refused(
 def test_identity_mode_is_logged_and_dev_mode_warns(
     tmp_path: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level("INFO", logger="flow_repository.auth")
+    caplog.set_level("INFO", logger="flow_repository.adapters.auth")
     build_authenticator(Settings.from_env({}, dev_token_secret_file=str(tmp_path / "s")))
     build_authenticator(Settings.from_env({}, jwt_secret="s" * 32))
     build_authenticator(Settings.from_env({}, introspect_type="oidc",

@@ -6,7 +6,7 @@ from typing import Any
 
 import requests
 
-from flow_repository.client import FlowRepositoryClient, Unavailable
+from flow_repository.client.rest import FlowRepositoryClient, Unavailable
 
 
 class Busy(requests.Session):

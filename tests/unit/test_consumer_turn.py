@@ -8,9 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from flow_repository import runtime as runtime_module
-from flow_repository.runtime import ConsumerTurn, WorkerPresence, database_in_use
-from flow_repository.settings import Settings
+from flow_repository.server import bootstrap as runtime_module
+from flow_repository.server.bootstrap import ConsumerTurn, WorkerPresence, database_in_use
+from flow_repository.server.settings import Settings
 
 
 class FakeConsumer:

@@ -1,4 +1,4 @@
-"""Unit tests for flow_repository.domain: graph rules, owners, lifecycle table, public view."""
+"""Unit tests for flow_repository.domain.flow: graph rules, owners, lifecycle table, public view."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 from bson import ObjectId
 
-from flow_repository import domain
-from flow_repository.domain import (
+from flow_repository.domain import flow as domain
+from flow_repository.domain.flow import (
     Problem,
     Timeouts,
     describe,

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 from bson import ObjectId
 
-from flow_repository.events import BrokerUnavailable, OutboxRelay, envelope, pending_event
-from flow_repository.store import FlowStore, utcnow
+from flow_repository.adapters.outbox import envelope, pending_event
+from flow_repository.adapters.rabbitmq import BrokerUnavailable
+from flow_repository.adapters.relay import OutboxRelay
+from flow_repository.adapters.store import FlowStore, utcnow
 
 
 def test_a_change_event_carries_its_literal_payload_and_the_oih_headers() -> None:

@@ -7,15 +7,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from flow_repository.client import (
-    Conflict,
-    FlowRepositoryError,
-    ValidationError,
-    dry_run_of,
-    error_for,
-    revision_of,
-)
-from flow_repository.gitops import (
+from flow_repository.client.gitops import (
     Manifest,
     ManifestError,
     desired_body,
@@ -25,6 +17,14 @@ from flow_repository.gitops import (
     json_patch,
     load_manifests,
     read_manifest,
+)
+from flow_repository.client.rest import (
+    Conflict,
+    FlowRepositoryError,
+    ValidationError,
+    dry_run_of,
+    error_for,
+    revision_of,
 )
 
 FLOW_ID = "0123456789abcdef01234567"

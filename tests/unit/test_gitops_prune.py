@@ -11,15 +11,15 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
-from flow_repository import client_cli
-from flow_repository.client import DryRun, NotFound
-from flow_repository.gitops import (
+from flow_repository.client import cli as client_cli
+from flow_repository.client.gitops import (
     WHOAMI_FLOW,
     ApplyOptions,
     ManifestError,
     apply_plan,
     make_plan,
 )
+from flow_repository.client.rest import DryRun, NotFound
 
 ME = [{"id": "me", "type": "user"}, {"id": "acme", "type": "tenant"}]
 

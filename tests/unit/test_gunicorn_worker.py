@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flow_repository.gunicorn_worker import RequestBuffer, error_bytes
+from flow_repository.server.gunicorn_worker import RequestBuffer, error_bytes
 
 HEAD = b"POST /flows HTTP/1.1\r\nHost: x\r\n"
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from flow_repository.domain import ListQuery
+from flow_repository.domain.flow import ListQuery
 
 BIG = "x" * 3000  # a setting that makes each flow about 3.5 kB of JSON
 

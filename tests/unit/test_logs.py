@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from flow_repository.logs import REQUEST_ID, JsonFormatter
+from flow_repository.server.logs import REQUEST_ID, JsonFormatter
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from flask.testing import FlaskClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flow_repository.domain import InvalidFlow, parse_number
+from flow_repository.domain.flow import InvalidFlow, parse_number
 
 # Text a client might send where a number belongs: anything, and the near misses.
 NEAR_MISSES = ["\u00b9", "\u00b2", "\u0663", "\uff11", "1_0", " 1", "1 ", "+1", "-1", "0x1",

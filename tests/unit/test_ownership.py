@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
-from flow_repository.ownership import owner_change_problems
+from flow_repository.domain.ownership import owner_change_problems
 
 Headers = Callable[..., dict[str, str]]
 

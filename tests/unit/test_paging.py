@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import pytest
 
-from flow_repository.paging import page_meta, page_size_within
+from flow_repository.domain.paging import page_meta, page_size_within
 
 BLOB = 12_000  # bytes of free-form data per flow
 BUDGET = 4 * BLOB + 4_000  # room for four such flows, not five

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from flow_repository.logs import JsonFormatter
-from flow_repository.redaction import redact
+from flow_repository.server.logs import JsonFormatter
+from flow_repository.server.redaction import redact
 
 
 @pytest.mark.parametrize(("text", "secret"), [

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pymongo
 
-from flow_repository.runtime import Runtime
-from flow_repository.store import FlowStore, utcnow
+from flow_repository.adapters.store import FlowStore, utcnow
+from flow_repository.server.bootstrap import Runtime
 
 
 def runtime_with_queue(settings, store, connected: bool) -> Runtime:

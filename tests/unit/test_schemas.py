@@ -1,4 +1,4 @@
-"""Unit tests for flow_repository.schemas: flow validation, free-form JSON limits, list queries."""
+"""Unit tests for flow_repository.contract.schemas: flow validation, free-form JSON limits, list queries."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ from typing import Any
 import pytest
 from marshmallow import ValidationError
 
-from flow_repository.domain import InvalidFlow
-from flow_repository.schemas import (
+from flow_repository.contract.schemas import (
     JSON_MAX_DEPTH,
     ListArgumentsSchema,
     json_problems,
     list_query,
     validate_flow,
 )
+from flow_repository.domain.flow import InvalidFlow
 
 COMPONENT = "5f3e2d1c0b9a887766554433"
 STATUS_MESSAGE = ("status: must be the flow's current status, inactive: use "

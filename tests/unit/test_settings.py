@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from flow_repository.auth import build_authenticator
-from flow_repository.settings import Settings, SettingsError
+from flow_repository.adapters.auth import build_authenticator
+from flow_repository.server.settings import Settings, SettingsError, reference_table
 
 
 def test_the_queue_type_defaults_to_classic_and_reads_quorum_in_any_case() -> None:
@@ -63,7 +63,8 @@ def test_numbers_take_ascii_digits_only(value: str) -> None:
 
 
 def test_the_readme_names_every_setting_and_its_range() -> None:
-    readme = (Path(__file__).resolve().parents[2] / "README.rst").read_text()
+    # The settings table of docs/configuration.rst, rendered from Settings at build time.
+    readme = reference_table()
     for name, bounds in Settings.bounds().items():
         row = next((line for line in readme.splitlines() if line.startswith(f"``{name}``")),
                    None)
@@ -116,7 +117,7 @@ def test_serve_on_mongodb_without_identity_exits_naming_the_settings(tmp_path: P
     env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path),
            "MONGODB_URL": "mongodb://127.0.0.1:9/flows", "PORT": "1",
            "DEV_TOKEN_SECRET_FILE": str(tmp_path / "secret")}
-    done = subprocess.run([sys.executable, "-m", "flow_repository.cli", "serve"], env=env,
+    done = subprocess.run([sys.executable, "-m", "flow_repository.entrypoints.cli", "serve"], env=env,
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2
     assert "INTROSPECT_TYPE" in done.stderr and "DEV_TOKENS=allow" in done.stderr

@@ -12,8 +12,7 @@ import pymongo
 import pytest
 from bson import ObjectId
 
-from flow_repository.domain import STATUSES, ListQuery
-from flow_repository.store import (
+from flow_repository.adapters.store import (
     FlowStore,
     Store,
     StoreUnavailable,
@@ -21,6 +20,7 @@ from flow_repository.store import (
     encode_keys,
     utcnow,
 )
+from flow_repository.domain.flow import STATUSES, ListQuery
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

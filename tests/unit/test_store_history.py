@@ -12,9 +12,9 @@ import pymongo
 import pytest
 from bson import ObjectId
 
-from flow_repository.store import FlowStore
-from flow_repository.store.history import HistoryStore, MongoHistoryStore
-from flow_repository.store.sqlite import Database, SqliteHistoryStore
+from flow_repository.adapters.store import FlowStore
+from flow_repository.adapters.store.history import HistoryStore, MongoHistoryStore
+from flow_repository.adapters.store.sqlite import Database, SqliteHistoryStore
 
 MOMENT = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
 

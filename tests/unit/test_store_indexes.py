@@ -1,6 +1,6 @@
 """Every steady-state query is index-backed on a real MongoDB server (explain, executionStats).
 
-The queries are the ones flow_repository/store/queries.py builds for the MongoDB backend,
+The queries are the ones flow_repository/adapters/store/queries.py builds for the MongoDB backend,
 run through FlowStore.explain exactly as the store runs them (same filter, sort and hint).
 """
 
@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from bson import ObjectId
 
-from flow_repository.domain import STATUSES, ListQuery
-from flow_repository.store import FlowStore, queries, utcnow
+from flow_repository.adapters.store import FlowStore, queries, utcnow
+from flow_repository.domain.flow import STATUSES, ListQuery
 
 MOMENT = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
 INDEX_STAGES = {"IXSCAN", "IDHACK", "COUNT_SCAN", "DISTINCT_SCAN", "EXPRESS_IXSCAN",

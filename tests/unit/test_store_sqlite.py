@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 from bson import ObjectId
 
-from flow_repository.cli import main
-from flow_repository.domain import STATUSES, ListQuery
-from flow_repository.settings import Settings
-from flow_repository.store import SqliteFlowStore, utcnow
+from flow_repository.adapters.store import SqliteFlowStore, utcnow
+from flow_repository.domain.flow import STATUSES, ListQuery
+from flow_repository.entrypoints.cli import main
+from flow_repository.server.settings import Settings
 
 MOMENT = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
 ENTRY = {"entryId": "h1", "kind": "definition", "change": "updated", "at": MOMENT}
@@ -175,7 +175,7 @@ def test_values_that_look_like_the_encodings_tags_come_back_verbatim(
 
 def test_a_busy_database_is_unavailable_not_an_error(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from flow_repository.store import StoreUnavailable, sqlite
+    from flow_repository.adapters.store import StoreUnavailable, sqlite
 
     monkeypatch.setattr(sqlite, "BUSY_TIMEOUT_SECONDS", 0.05)
     path = str(tmp_path / "flows.sqlite3")

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import requests
 
-from flow_repository.runtime import Runtime
+from flow_repository.server.bootstrap import Runtime
 from worker.main import health_server
 
 

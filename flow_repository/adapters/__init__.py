@@ -1,0 +1,12 @@
+"""Adapters: everything that talks to the world outside the process.
+
+Lives here: the store backends (``store``: SQLite and MongoDB behind one contract),
+identity (``auth``: IAM introspection, JWT, dev tokens), the outbox entry and OIH
+envelope (``outbox``), the RabbitMQ publisher (``rabbitmq``), the outbox relay
+(``relay``), the component/secret reference checks (``references``) and the step logs
+client (``step_logs``).
+
+May import: ``domain``, ``contract``, ``server.settings`` and other adapters; never
+``services``, ``entrypoints`` or the rest of ``server``. Only ``store`` backends import
+pymongo or sqlite3; only ``rabbitmq`` and ``relay`` (and the consumer) touch pika.
+"""

@@ -1,0 +1,60 @@
+"""The outbox entry a write stores beside the flow, and the OIH envelope it is published in.
+
+No broker here: services build entries with :func:`pending_event`; the relay renders them
+with :func:`envelope` when it publishes.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from flow_repository.adapters.store.base import utcnow
+from flow_repository.domain.flow import public_flow
+
+SERVICE_NAME = "flow-repository"
+FLOW_PAYLOAD = "flow"  # the payload is the flow itself, rendered when the event is published
+
+
+def pending_event(
+    name: str, payload: Mapping[str, Any] | None = None, *, revision: int | None = None,
+    **flow_overrides: Any,
+) -> dict[str, Any]:
+    """An outbox entry. Without ``payload`` the event carries the flow, with ``flow_overrides``.
+
+    ``revision``, when the change's revision is known before it is written, goes out as the
+    ``revision`` header, so a subscriber can order a flow's changes.
+    """
+    now = utcnow()
+    event: dict[str, Any] = {
+        "eventId": uuid.uuid4().hex,
+        "name": name,
+        "storedAt": now,
+        "createdAt": int(now.timestamp() * 1000),
+    }
+    if revision is not None:
+        event["revision"] = revision
+    if payload is None:
+        event["payloadKind"] = FLOW_PAYLOAD
+        event["flowOverrides"] = dict(flow_overrides)
+    else:
+        event["payload"] = dict(payload)
+    return event
+
+
+def envelope(event: Mapping[str, Any], flow: Mapping[str, Any]) -> dict[str, Any]:
+    """The OIH wire format of an outbox entry: ``{headers: {...}, payload: {...}}``."""
+    if event.get("payloadKind") == FLOW_PAYLOAD:
+        payload = {**public_flow(flow), **event.get("flowOverrides", {})}
+    else:
+        payload = dict(event.get("payload") or {})
+    headers = {
+        "name": event["name"],
+        "createdAt": event["createdAt"],
+        "serviceName": SERVICE_NAME,
+        "eventId": event["eventId"],
+    }
+    if "revision" in event:
+        headers["revision"] = event["revision"]
+    return {"headers": headers, "payload": payload}

@@ -1,0 +1,228 @@
+"""The outbox relay: publishes each flow's pending events in order, under a per-flow lease."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from datetime import timedelta
+from typing import Any
+
+from flow_repository.adapters.outbox import envelope
+from flow_repository.adapters.rabbitmq import BrokerUnavailable, Publisher, back_off
+from flow_repository.adapters.store import Lease, Store, StoreUnavailable, utcnow
+
+log = logging.getLogger(__name__)
+
+CLAIM_BATCH = 100  # flows the relay leases at once
+WANTED_RETRY_SECONDS = 0.02  # how soon to try again for a flow another relay was finishing
+# Records the pending history entries of flows; returns the ids recorded, per flow.
+RecordHistory = Callable[[Sequence[Mapping[str, Any]]], Mapping[Any, Sequence[str]]]
+
+
+class OutboxRelay:
+    """Publishes pending events flow by flow, in order, holding a per-flow lease.
+
+    Several relays (API processes, worker replicas) may run at once: the lease in the flow
+    document means only one publishes a given flow's events at a time, so events of one
+    flow never overtake each other. An event leaves the outbox only after the broker
+    confirmed it, so a crash at any point re-publishes (at least once) instead of losing.
+
+    A write in this process usually takes the lease along (:meth:`lease`) and hands the
+    written flow over (:meth:`hand_off`): the relay records its pending history entries and
+    publishes its events without claiming it first. Whatever it was handed, claimed or
+    found by its poll is finished together: one history write, the events published back
+    to back, one store call that drops what went out and gives the leases back.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        publisher: Publisher,
+        *,
+        poll_seconds: float = 1.0,
+        lease_seconds: float = 30.0,
+        batch_size: int = CLAIM_BATCH,
+        on_published: Callable[[str], None] = lambda name: None,
+        record_history: RecordHistory = lambda flows: {},
+    ) -> None:
+        self._store = store
+        self._publisher = publisher
+        self._poll_seconds = poll_seconds
+        self._lease = timedelta(seconds=lease_seconds)
+        self._margin = timedelta(seconds=lease_seconds / 3)
+        self._batch_size = batch_size
+        self._on_published = on_published
+        self._record_history = record_history
+        self.relay_id = uuid.uuid4().hex
+        self._handed: list[tuple[dict[str, Any], Lease | None]] = []
+        self._handed_lock = threading.Lock()
+        # Flows written here whose lease another relay held: claimed as soon as it is free.
+        self._wanted: dict[Any, float] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._publisher.connected
+
+    def lease(self) -> Lease:
+        """The lease a write takes along for this relay."""
+        return self.relay_id, utcnow() + self._lease
+
+    def wake(self) -> None:
+        """Ask the relay to look for pending events now rather than at its next poll."""
+        self._wake.set()
+
+    def hand_off(self, flow: Mapping[str, Any], lease: Lease | None) -> None:
+        """Take over a flow just written in this process (the whole document as written)
+        by a write that asked for ``lease``."""
+        with self._handed_lock:
+            self._handed.append((dict(flow), lease))
+        self._wake.set()
+
+    def relay_handed(self) -> int:
+        """Finish what was handed over; returns how many events went out."""
+        with self._handed_lock:
+            handed, self._handed = self._handed, []
+        if not handed:
+            return 0
+        newest: dict[Any, dict[str, Any]] = {}
+        taken: dict[Any, Any] = {}  # flow id -> end of a lease a write here took just now
+        for flow, lease in handed:
+            flow_id = flow["_id"]
+            if lease is not None and (flow.get("relayLeaseOwner"),
+                                      flow.get("relayLeaseUntil")) == lease:
+                taken[flow_id] = lease[1]
+            if flow_id not in newest or flow["revision"] > newest[flow_id]["revision"]:
+                newest[flow_id] = flow
+        # A flow is ours to publish when a write here took its lease and the newest version
+        # written still holds that same lease: its outbox lists every event still pending.
+        mine = [flow for flow_id, flow in newest.items()
+                if flow_id in taken and flow.get("relayLeaseOwner") == self.relay_id
+                and flow.get("relayLeaseUntil") == taken[flow_id]]
+        ours = {flow["_id"] for flow in mine}
+        for flow_id, flow in newest.items():
+            if flow.get("outbox") and flow_id not in ours:
+                self._wanted.setdefault(flow_id, time.monotonic())
+        return self._finish(list(newest.values()), mine)
+
+    def publish_pending(self, flow_ids: Sequence[Any] | None = None) -> int:
+        """Publish everything claimable (of ``flow_ids`` only, when given); returns how
+        many events went out."""
+        published = 0
+        while not self._stop.is_set():
+            # One batch of flows is leased at once; a flow another relay holds is skipped.
+            flows = self._store.claim_batch(self.relay_id, self._lease, self._batch_size,
+                                            flow_ids)
+            if not flows:
+                return published
+            sent = self._finish(flows, flows)
+            if not sent or flow_ids is not None:
+                return published + sent  # leases ran short, or stopping: the next round retries
+            published += sent
+        return published
+
+    def _finish(self, flows: Sequence[Mapping[str, Any]],
+                leased: Sequence[Mapping[str, Any]]) -> int:
+        """Record the flows' pending history, publish the leased ones' events, and drop
+        what went out in one store call; returns how many events went out."""
+        recorded = self._record_history(flows)
+        published: dict[Any, list[str]] = {flow["_id"]: [] for flow in leased}
+        deleted: list[Any] = []
+        try:
+            sent = self._publish(leased, published)
+        finally:
+            for flow in leased:
+                if flow.get("deletedAt") is not None \
+                        and len(published[flow["_id"]]) == len(flow.get("outbox", [])):
+                    deleted.append(flow["_id"])
+            self._store.finish_batch(self.relay_id, published=published, recorded=recorded,
+                                     deleted=deleted)
+        for flow in leased:
+            self._wanted.pop(flow["_id"], None)
+        return sent
+
+    def _publish(self, flows: Sequence[Mapping[str, Any]],
+                 published: dict[Any, list[str]]) -> int:
+        """Publish the events of the leased ``flows`` back to back, flow by flow in order;
+        fills ``published`` with the confirmed ones and returns how many."""
+        now = utcnow()
+        # A lease running short may pass to another relay, which could then publish a
+        # flow's next event first: flows whose lease ends within the margin are left, and
+        # the confirms are awaited no longer than the earliest lease allows.
+        ready = [flow for flow in flows
+                 if flow.get("outbox") and now + self._margin < flow["relayLeaseUntil"]]
+        if not ready or self._stop.is_set():
+            return 0
+        earliest = min(flow["relayLeaseUntil"] for flow in ready)
+        deadline = time.monotonic() + (earliest - self._margin - now).total_seconds()
+        batch = [(flow, event) for flow in ready for event in flow["outbox"]]
+        confirmed = 0
+        try:
+            confirmed = self._publisher.publish_batch(
+                [envelope(event, flow) for flow, event in batch], deadline)
+        except BrokerUnavailable as error:
+            confirmed = error.confirmed
+            raise
+        finally:
+            for flow, event in batch[:confirmed]:
+                published[flow["_id"]].append(event["eventId"])
+                self._on_published(event["name"])
+        return confirmed
+
+    def run(self) -> None:
+        """Relay until stopped, backing off while RabbitMQ or MongoDB are away."""
+        delay = 0.0
+        next_poll = 0.0
+        while not self._stop.is_set():
+            if delay:  # backing off: new writes must not shorten the pause (nor double it)
+                self._stop.wait(delay)
+            else:
+                self._wake.wait(self._retry_in() or max(0.0, next_poll - time.monotonic()))
+            self._wake.clear()
+            try:
+                self._publisher.connect()
+                self.relay_handed()
+                self._claim_wanted()
+                if delay or time.monotonic() >= next_poll:
+                    self.publish_pending()
+                    next_poll = time.monotonic() + self._poll_seconds
+                self._publisher.keep_alive()
+                delay = 0.0
+            except (BrokerUnavailable, StoreUnavailable) as error:
+                delay = back_off(delay, 0.2)
+                log.warning("outbox relay paused", extra={"error": str(error), "retryIn": delay})
+            except Exception:
+                delay = back_off(delay, 0.2)
+                log.exception("outbox relay failed", extra={"retryIn": delay})
+        self._publisher.close()
+
+    def _retry_in(self) -> float | None:
+        """How soon to try the wanted flows again: soon, as their holder is about done."""
+        return WANTED_RETRY_SECONDS if self._wanted else None
+
+    def _claim_wanted(self) -> None:
+        """Claim the flows whose lease another relay held when they were written."""
+        if not self._wanted:
+            return
+        give_up = time.monotonic() - self._lease.total_seconds()
+        for flow_id, since in list(self._wanted.items()):
+            if since < give_up:  # the poll finds it; its holder may have died with it
+                del self._wanted[flow_id]
+        ids = list(self._wanted)
+        if ids:
+            self.publish_pending(ids)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="outbox-relay", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)

@@ -1,0 +1,227 @@
+"""What every store backend shares: the Store contract, the outage error, the clock, keys."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+from bson import ObjectId
+from pymongo import DeleteOne, UpdateOne
+from pymongo.errors import BulkWriteError, ConnectionFailure, DuplicateKeyError
+
+from flow_repository.domain.flow import ListQuery
+
+# Keys MongoDB cannot hold (or would read as operators / paths) are escaped reversibly:
+# "~" is the escape character itself, so the mapping stays one-to-one.
+_KEY_ESCAPES = {"~": "~t", ".": "~d", "$": "~s", "\x00": "~0"}
+_KEY_UNESCAPES = {escaped[1]: raw for raw, escaped in _KEY_ESCAPES.items()}
+_NEEDS_ESCAPE = re.compile(r"[~.$\x00]")
+_ESCAPED = re.compile(r"~(.)", re.DOTALL)
+DUPLICATE_KEY = 11000
+
+
+# A relay lease a write may take along: the relay's id and when the lease ends.
+Lease = tuple[str, datetime]
+
+
+class StoreUnavailable(Exception):
+    """The database could not be reached; the request may be retried later."""
+
+    def __init__(self, cause: Exception, database: str = "MongoDB") -> None:
+        # The class name only: pymongo's text names hosts and topology (SQLite's, paths),
+        # which /healthcheck would otherwise show to anyone.
+        super().__init__(f"{database} is unavailable: {type(cause).__name__}")
+
+
+@contextlib.contextmanager
+def database_call(lock: threading.RLock | None) -> Iterator[None]:
+    """Run one database call under ``lock`` (mongomock is not thread-safe; a server needs
+    none), turning a lost connection into StoreUnavailable."""
+    try:
+        if lock is None:
+            yield
+        else:
+            with lock:
+                yield
+    except ConnectionFailure as error:
+        raise StoreUnavailable(error) from error
+
+
+@dataclass(frozen=True)
+class Write:
+    """One write of a batch: an update (``change``; ``upsert``) or, without ``change``, a
+    delete of the one document ``filter`` matches."""
+
+    filter: Mapping[str, Any]
+    change: Mapping[str, Any] | None = None
+    upsert: bool = False
+
+
+def write_all(collection: Any, writes: Sequence[Write], *, real: bool,
+              ordered: bool = False) -> None:
+    """Apply ``writes`` in one round trip (``bulk_write``; ``ordered``: one after the
+    other) on a real server; one by one on mongomock, whose bulk API lags pymongo's. A
+    duplicate key of an upsert is not an error: a concurrent writer stored it first."""
+    if not writes:
+        return
+    if not real:
+        for write in writes:
+            try:
+                if write.change is None:
+                    collection.delete_one(write.filter)
+                else:
+                    collection.update_one(write.filter, write.change, upsert=write.upsert)
+            except DuplicateKeyError:
+                pass
+        return
+    try:
+        collection.bulk_write([
+            DeleteOne(write.filter) if write.change is None
+            else UpdateOne(write.filter, write.change, upsert=write.upsert)
+            for write in writes], ordered=ordered)
+    except BulkWriteError as error:
+        if any(failure.get("code") != DUPLICATE_KEY
+               for failure in error.details.get("writeErrors", [])):
+            raise
+
+
+def utcnow() -> datetime:
+    """Now, at the millisecond precision MongoDB keeps."""
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+def stored_copy(value: Any) -> Any:
+    """A stored copy, with MongoDB's value rules: lists for tuples, dates in UTC milliseconds."""
+    kind = type(value)
+    if kind is str or kind is int or kind is ObjectId or value is None:
+        return value  # the common leaves first: isinstance on an ABC is slow
+    if kind is dict or isinstance(value, Mapping):
+        return {key: stored_copy(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [stored_copy(item) for item in value]
+    if isinstance(value, datetime):
+        moment = value if value.tzinfo else value.replace(tzinfo=UTC)
+        return moment.astimezone(UTC).replace(microsecond=moment.microsecond // 1000 * 1000)
+    return value
+
+
+def encode_keys(value: Any) -> Any:
+    """Escape user-supplied keys so that MongoDB stores them verbatim."""
+    if isinstance(value, Mapping):
+        return {
+            (_NEEDS_ESCAPE.sub(lambda m: _KEY_ESCAPES[m.group()], key)): encode_keys(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [encode_keys(item) for item in value]
+    return value
+
+
+def decode_keys(value: Any) -> Any:
+    """Undo :func:`encode_keys`; stored dates come back timezone-aware (UTC)."""
+    if isinstance(value, Mapping):
+        return {
+            (_ESCAPED.sub(lambda m: _KEY_UNESCAPES.get(m.group(1), m.group()), key)
+             if "~" in key else key): decode_keys(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [decode_keys(item) for item in value]
+    if isinstance(value, datetime) and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+def owned_by_any(document: Mapping[str, Any], owner_ids: Sequence[str]) -> bool:
+    """True when one of ``owner_ids`` is among the document's owner ids (``owners.id``)."""
+    owners = document.get("owners")
+    if not isinstance(owners, list):
+        return False
+    return any(isinstance(owner, Mapping) and owner.get("id") in owner_ids for owner in owners)
+
+
+# Called with each document of a page as it is read; reading stops after the first one for
+# which it answers False (that one is still returned), so a page is read no further than the
+# caller's byte budget reaches (issue 16: bounded in memory, not only in the answer).
+Fits = Callable[[dict], bool]
+READ_BATCH = 32  # documents fetched at once while a page is read up to its byte budget
+
+
+def read_until(documents: Iterable[dict], fits: Fits | None) -> list[dict]:
+    """The documents of a page, read one at a time until ``fits`` says the budget is spent."""
+    kept = []
+    for document in documents:
+        kept.append(document)
+        if fits is not None and not fits(document):
+            break
+    return kept
+
+
+class HistoryStore(Protocol):
+    """What the use cases need of a history backend (MongoDB/mongomock, or SQLite)."""
+
+    def ensure_indexes(self) -> None: ...
+
+    def record(self, entries: Sequence[Mapping[str, Any]]) -> None: ...
+
+    def page(self, flow_id: ObjectId, page_number: int, page_size: int, *,
+             fits: Fits | None = None) -> tuple[list[dict], int]: ...
+
+    def get(self, flow_id: ObjectId, revision: int) -> dict | None: ...
+
+    def definition_at(self, flow_id: ObjectId, revision: int) -> dict | None: ...
+
+    def trim(self, flow_id: ObjectId, below_revision: int) -> None: ...
+
+    def drop(self, flow_id: ObjectId) -> None: ...
+
+    def drop_flows(self, flow_ids: Sequence[ObjectId]) -> None: ...
+
+    def pseudonymise(self, flow_id: ObjectId, real_id: str, pseudonym: str) -> int: ...
+
+
+class Store(Protocol):
+    """The contract every backend keeps (MongoDB in mongo.py, SQLite in sqlite.py).
+
+    Flows are documents with an ``_id``; a flow is live until ``deletedAt`` is set, and a
+    deleted flow stays as a hidden tombstone until the relay has published its last event.
+    Every method returns fresh copies: callers never hold stored state. Each change also
+    queues one history entry (``historyOutbox``) for ``history``, where it is written next.
+    """
+
+    history: HistoryStore
+
+    def ensure_indexes(self) -> None: ...
+    def ping(self) -> None: ...
+    def get(self, flow_id: ObjectId, owner_ids: Sequence[str] | None = None) -> dict | None: ...
+    def list(self, query: ListQuery, owner_ids: Sequence[str] | None, *,
+             fits: Fits | None = None) -> tuple[list[dict], int]: ...
+    def stuck(self, status: str, changed_before: datetime, *, retries: int,
+              limit: int = 100) -> list[dict]: ...
+    def owned_by(self, owner_id: str) -> list[ObjectId]: ...
+    def count_by_status(self, statuses: Sequence[str]) -> dict[str, int]: ...
+    def outbox_backlog(self) -> tuple[int, datetime | None]: ...
+    def insert(self, document: Mapping[str, Any]) -> dict: ...
+    def update(self, flow_id: ObjectId, *, owner_ids: Sequence[str] | None = None,
+               owner_count: int | None = None, statuses: Sequence[str] | None = None,
+               revision: int | Sequence[int] | None = None,
+               changes: Mapping[str, Any] | None = None, remove_owner: str | None = None,
+               events: Sequence[Mapping[str, Any]] = (),
+               history: Mapping[str, Any],
+               returning: Sequence[str] | None = None,
+               lease: Lease | None = None) -> dict | None: ...
+    def drop_pending_history(self, flow_id: ObjectId, entry_ids: Sequence[str]) -> None: ...
+    def pending_flows(self, limit: int) -> list[ObjectId]: ...
+    def claim_batch(self, relay_id: str, lease: timedelta, limit: int,
+                    flow_ids: Sequence[ObjectId] | None = None) -> list[dict]: ...
+    def finish_batch(self, relay_id: str, *, published: Mapping[ObjectId, Sequence[str]],
+                     recorded: Mapping[ObjectId, Sequence[str]] | None = None,
+                     deleted: Sequence[ObjectId] = ()) -> None: ...
+    def raw(self, flow_id: ObjectId) -> dict | None: ...
+    def drop_all(self) -> None: ...

@@ -1,0 +1,34 @@
+"""One page of any list (flows, history entries), cut to the bytes one answer may hold."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from flow_repository.adapters.store.base import Fits
+from flow_repository.domain import paging
+
+
+def bounded_page(read: Callable[[Fits], tuple[list[dict], int]],
+                 public: Callable[[dict], dict], page_number: int, page_size: int,
+                 max_list_bytes: int) -> tuple[list[dict], dict[str, Any]]:
+    """One page of any list, read no further than ``max_list_bytes`` of answer.
+
+    ``read(fits)`` is the store call; ``fits`` turns each stored document into its public
+    form as it is read, keeps it and measures it, and stops the read once the budget is
+    spent, so the page is never held whole before it is cut (paging.page_size_within).
+    """
+    kept: list[dict] = []
+    sizes: list[int] = []
+
+    def fits(document: dict) -> bool:
+        item = public(document)
+        kept.append(item)
+        sizes.append(len(json.dumps(item, default=str)))
+        return len(sizes) == 1 or sum(sizes) <= max_list_bytes
+
+    _, total = read(fits)
+    offset = (page_number - 1) * page_size
+    size = paging.page_size_within(sizes, offset, page_size, max_list_bytes)
+    return kept[:size], paging.page_meta(total, offset, size, page_size)

@@ -1,0 +1,98 @@
+"""Recording history: pending entries move from a flow document into the history."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+from bson import ObjectId
+
+from flow_repository.adapters.store import Lease, Store, StoreUnavailable
+
+from .entries import pseudonym
+
+log = logging.getLogger(__name__)
+
+
+class RelayLink(Protocol):
+    """What a use case needs of this process's outbox relay."""
+
+    def lease(self) -> Lease: ...
+
+    def hand_off(self, flow: Mapping[str, Any], lease: Lease | None) -> None: ...
+
+
+class HistoryRecorder:
+    """Moves pending history entries from a flow document into the history, idempotently.
+
+    Every write that changes a flow pushes one pending entry into the document's history
+    outbox in the same atomic update as the change. The writer then records it here; if it
+    dies first, the next write of that flow or the next read of its history records it
+    (the entry's revision follows from its place in the outbox). So an applied change
+    always has its entry and a refused one (no write) never has one.
+
+    With an outbox relay in this process (``relay``), a write takes the relay's lease along
+    and hands the written flow over: the relay records the history and publishes the events.
+    """
+
+    def __init__(self, store: Store, *, history_max_revisions: int = 100,
+                 relay: RelayLink | None = None) -> None:
+        self._store = store
+        self._history_max_revisions = history_max_revisions  # 0 keeps every revision
+        self._relay = relay  # this process's outbox relay, when it runs one
+
+    def record_pending_history(self, flows: Sequence[Mapping[str, Any]]
+                               ) -> dict[ObjectId, list[str]]:
+        """Write the pending history entries of ``flows`` in one call (old ones trimmed);
+        returns the entry ids written, per flow, for the caller to drop from the flows."""
+        entries = []
+        recorded: dict[ObjectId, list[str]] = {}
+        for flow in flows:
+            pending = flow.get("historyOutbox") or []
+            if not pending or flow.get("deletedAt") is not None:
+                continue  # a deleted flow's history is dropped with it
+            first = flow["revision"] - len(pending) + 1
+            entries += [{**entry, "flowId": flow["_id"], "revision": first + offset}
+                        for offset, entry in enumerate(pending)]
+            recorded[flow["_id"]] = [entry["entryId"] for entry in pending]
+        history = self._store.history
+        history.record(entries)
+        keep = self._history_max_revisions
+        for flow in flows:
+            if keep and flow["_id"] in recorded and flow["revision"] > keep:
+                history.trim(flow["_id"], flow["revision"] - keep + 1)
+        return recorded
+
+    def record(self, flow: Mapping[str, Any]) -> None:
+        """Record a flow's pending entries now and drop them from its document."""
+        for flow_id, entry_ids in self.record_pending_history([flow]).items():
+            self._store.drop_pending_history(flow_id, entry_ids)
+
+    def lease(self) -> Lease | None:
+        """The relay lease a write takes along (None when this process runs no relay)."""
+        return None if self._relay is None else self._relay.lease()
+
+    def after_write(self, flow: Mapping[str, Any], lease: Lease | None) -> None:
+        """Hand a flow just written (asking for ``lease``) to this process's relay, which
+        records its history and publishes its events; with no relay here, record its
+        history now."""
+        if self._relay is not None:
+            self._relay.hand_off(flow, lease)
+        else:
+            self._record_history_after_write(flow)
+
+    def _record_history_after_write(self, flow: Mapping[str, Any]) -> None:
+        """Record right after a change; a failure here loses nothing (the entry waits)."""
+        try:
+            self.record(flow)
+        except StoreUnavailable as error:
+            log.warning("history entry left pending", extra={"flowId": str(flow["_id"]),
+                                                             "error": str(error)})
+
+    def forget_owner(self, flow_id: ObjectId, owner_id: str) -> None:
+        """Replace a deleted owner's id in a flow's history (authors, owners, tenant)."""
+        flow = self._store.get(flow_id)
+        if flow is not None:
+            self.record(flow)  # pending entries are pseudonymised too
+        self._store.history.pseudonymise(flow_id, owner_id, pseudonym())

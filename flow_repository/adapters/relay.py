@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 CLAIM_BATCH = 100  # flows the relay leases at once
 WANTED_RETRY_SECONDS = 0.02  # how soon to try again for a flow another relay was finishing
+LEASE_STEP = timedelta(milliseconds=1)  # the precision leases are stored at
 # Records the pending history entries of flows; returns the ids recorded, per flow.
 RecordHistory = Callable[[Sequence[Mapping[str, Any]]], Mapping[Any, Sequence[str]]]
 
@@ -59,6 +60,7 @@ class OutboxRelay:
         self.relay_id = uuid.uuid4().hex
         self._handed: list[tuple[dict[str, Any], Lease | None]] = []
         self._handed_lock = threading.Lock()
+        self._last_until = utcnow()
         # Flows written here whose lease another relay held: claimed as soon as it is free.
         self._wanted: dict[Any, float] = {}
         self._wake = threading.Event()
@@ -70,8 +72,14 @@ class OutboxRelay:
         return self._publisher.connected
 
     def lease(self) -> Lease:
-        """The lease a write takes along for this relay."""
-        return self.relay_id, utcnow() + self._lease
+        """The lease a write takes along for this relay: its end is never the end of an
+        earlier one, so a written flow shows whether this very write took the lease (two
+        writes in one millisecond would otherwise look alike, and the second would pass
+        for a lease taker while holding a stale outbox)."""
+        with self._handed_lock:
+            until = max(utcnow() + self._lease, self._last_until + LEASE_STEP)
+            self._last_until = until
+        return self.relay_id, until
 
     def wake(self) -> None:
         """Ask the relay to look for pending events now rather than at its next poll."""

@@ -141,3 +141,26 @@ def test_a_deleted_flow_is_kept_until_its_deletion_event_is_published(
     assert relay.publish_pending() == 1
     assert publisher.names == ["flowrepo.flow.created", "flowrepo.flow.deleted"]
     assert store.raw(flow_id) is None
+
+
+def test_leases_taken_in_one_millisecond_still_tell_their_writes_apart(store) -> None:
+    relay = OutboxRelay(store, RecordingPublisher())
+    ends = [relay.lease()[1] for _ in range(50)]  # far more than one per millisecond
+    assert len(set(ends)) == len(ends) and ends == sorted(ends)
+
+
+def test_a_flow_handed_over_by_a_write_that_did_not_take_the_lease_is_not_published(
+        store) -> None:
+    publisher = RecordingPublisher()
+    relay = OutboxRelay(store, publisher)
+    first, second = relay.lease(), relay.lease()  # two writes, one millisecond
+    flow = store.insert({"name": "n", "status": "starting", "revision": 1,
+                         "outbox": [pending_event("flow.starting", status="starting")],
+                         "relayLeaseOwner": first[0], "relayLeaseUntil": first[1]})
+    relay.hand_off(flow, first)
+    assert relay.relay_handed() == 1
+    # a later write in the same millisecond asked for a lease of its own but found this
+    # relay's (already given back) one in its stale copy: nothing is published again
+    relay.hand_off(flow, second)
+    assert relay.relay_handed() == 0
+    assert publisher.names == ["flow.starting"]

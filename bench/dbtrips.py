@@ -30,7 +30,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from harness import QUEUE_URL, delete_broker_objects, drop_mongodb_database, unique_name
+from harness import (
+    QUEUE_URL,
+    delete_broker_objects,
+    drop_mongodb_database,
+    mongodb_database_url,
+    unique_name,
+)
 
 OIH_NODE = {"GET /flows/{id}": 1, "GET /flows (a page)": 2, "POST /flows": 1,
             "PATCH /flows/{id}": 2, "DELETE /flows/{id}": 2, "POST /flows/{id}/start": 2,
@@ -111,8 +117,7 @@ def run(url: str, count: int) -> tuple[float, dict[str, Window]]:
     exchange, queue = unique_name("exchange"), unique_name("queue")
     secret = Path(tempfile.mkdtemp()) / "dev-secret"
     settings = Settings.from_env(
-        {}, mongodb_url=f"{url.split('?')[0].rstrip('/')}/{database}"
-        + (f"?{url.split('?')[1]}" if "?" in url else ""),
+        {}, mongodb_url=mongodb_database_url(url, database),
         queue_url=QUEUE_URL, event_exchange=exchange, event_queue=queue,
         dev_token_secret_file=str(secret), dev_tokens="allow", log_level="ERROR")
     app = create_app(settings, background=True)  # the API process: its relay

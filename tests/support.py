@@ -82,6 +82,15 @@ def eventually(
         time.sleep(interval)
 
 
+def statuses(store, flows: list[str]) -> dict[str, int]:
+    """How many of ``flows`` are in each status, as stored."""
+    counts: dict[str, int] = {}
+    for flow_id in flows:
+        status = store.raw(ObjectId(flow_id))["status"]
+        counts[status] = counts.get(status, 0) + 1
+    return counts
+
+
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 

@@ -43,7 +43,6 @@ class Ledger:
     last_command: dict[str, str] = field(default_factory=dict)
     deleted: set[str] = field(default_factory=set)
     flows: list[str] = field(default_factory=list)
-    failed_starts: dict[str, str] = field(default_factory=dict)  # flow -> eventId failed
 
     def answered(self, what: str, status: int, at: float) -> None:
         with self.lock:
@@ -56,10 +55,8 @@ class Orchestrator:
     """Answers flow.starting with flow.started (one in eight with flow.failed) and
     flow.stopping with flow.stopped, straight on the broker (not through the cut)."""
 
-    def __init__(self, settings, bus: Bus, ledger: Ledger) -> None:
+    def __init__(self, settings) -> None:
         self._settings = settings
-        self._bus = bus
-        self._ledger = ledger
         self._stop = threading.Event()
         self._random = random.Random(7)
         self.answers: Counter = Counter()
@@ -132,7 +129,7 @@ def test_a_fault_run_keeps_every_promise(deploy, settings, iam: FakeIam, bus: Bu
         workers=2, apis=2, QUEUE_URL=broker_proxy.url(settings.queue_url),
         RELAY_LEASE_SECONDS="2", RECONCILE_INTERVAL_SECONDS="1",
         START_TIMEOUT_SECONDS=str(TIMEOUT_SECONDS), STOP_TIMEOUT_SECONDS=str(TIMEOUT_SECONDS))
-    orchestrator = Orchestrator(settings, bus, ledger)
+    orchestrator = Orchestrator(settings)
     orchestrator.start()
     headers = bearer(iam.grant("fault-user", "tenant-f"))
     urls = [api.base_url for api in deployment.apis]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from bson import ObjectId
 
-from support import Bus, Listener, bearer, eventually
+from support import Bus, Listener, bearer, eventually, statuses
 
 from .conftest import FakeIam
 
@@ -39,14 +39,6 @@ def create_and_start(topology, headers: dict[str, str], flow_body, count: int) -
         assert started.status_code == 200, started.get_json()
         assert {item["data"]["status"] for item in started.get_json()} == {"starting"}
     return flows
-
-
-def statuses(store, flows: list[str]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for flow_id in flows:
-        status = store.raw(ObjectId(flow_id))["status"]
-        counts[status] = counts.get(status, 0) + 1
-    return counts
 
 
 def test_back_to_back_reports_end_every_flow_where_the_last_report_says(

@@ -15,7 +15,7 @@ from bson import ObjectId
 
 from flow_repository.entrypoints.consumer import QueueMismatch, StatusConsumer
 from flow_repository.server.metrics import Metrics
-from support import eventually
+from support import eventually, statuses
 
 pytestmark = pytest.mark.integration
 
@@ -79,14 +79,6 @@ def started_flows(make_app, drive, queue_settings, count: int = FLOWS):
     started = driver.client.post("/flows/multiple/start", headers=driver.headers, json=flows)
     assert [item["data"]["status"] for item in started.get_json()] == ["starting"] * count
     return deployment, driver, flows
-
-
-def statuses(store, flows: list[str]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for flow_id in flows:
-        status = store.raw(ObjectId(flow_id))["status"]
-        counts[status] = counts.get(status, 0) + 1
-    return counts
 
 
 @pytest.mark.parametrize("last, expected", [("flow.stopped", "inactive"),

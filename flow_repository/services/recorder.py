@@ -46,6 +46,9 @@ class HistoryRecorder:
                                ) -> dict[ObjectId, list[str]]:
         """Write the pending history entries of ``flows`` in one call (old ones trimmed);
         returns the entry ids written, per flow, for the caller to drop from the flows."""
+        # The change feed first (on MongoDB; SQLite wrote it with the change): the pending
+        # entries leave the documents only after this call, so a failure here retries both.
+        self._store.changes.record([flow for flow in flows if flow.get("historyOutbox")])
         entries = []
         recorded: dict[ObjectId, list[str]] = {}
         for flow in flows:
@@ -95,4 +98,6 @@ class HistoryRecorder:
         flow = self._store.get(flow_id)
         if flow is not None:
             self.record(flow)  # pending entries are pseudonymised too
-        self._store.history.pseudonymise(flow_id, owner_id, pseudonym())
+        replacement = pseudonym()
+        self._store.history.pseudonymise(flow_id, owner_id, replacement)
+        self._store.changes.forget_owner(flow_id, owner_id, replacement)

@@ -186,6 +186,85 @@ class HistoryStore(Protocol):
     def pseudonymise(self, flow_id: ObjectId, real_id: str, pseudonym: str) -> int: ...
 
 
+# What a change is called in the change feed (GET /flows/events), from its history entry.
+_DEFINITION_CHANGES = {"created": "created", "restored": "restored"}
+
+
+def change_name(entry: Mapping[str, Any]) -> str:
+    """The feed's name of a change: created, modified, restored, status or deleted."""
+    kind = entry.get("kind")
+    if kind == "definition":
+        return _DEFINITION_CHANGES.get(entry.get("change"), "modified")
+    if kind in ("status", "deleted"):
+        return kind
+    return "modified"  # owners removed in IAM, and anything newer
+
+
+def feed_entry(flow: Mapping[str, Any], entry: Mapping[str, Any], revision: int, *,
+               status: Any = None, owners: Any = None) -> dict[str, Any]:
+    """The change feed's record of one change of ``flow`` (its history ``entry``, at
+    ``revision``): what a watcher is told, and what its visibility and filters are checked
+    against (the flow's owner ids, status, type and template as the change left them)."""
+    found = owners if owners is not None else flow.get("owners")
+    owner_ids = [owner.get("id") for owner in found or [] if isinstance(owner, Mapping)]
+    return {"flowId": flow["_id"], "revision": revision, "change": change_name(entry),
+            "status": status if status is not None else flow.get("status"),
+            "owners": [owner for owner in owner_ids if isinstance(owner, str)],
+            "type": flow.get("type"), "fromTemplate": flow.get("fromTemplate"),
+            "at": entry.get("at") or utcnow()}
+
+
+def pending_feed_entries(flow: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The feed records of a flow document's pending history entries, oldest first.
+
+    Pending entries are consecutive and the last is at the document's revision. The status
+    each left is walked back from the document's: a status entry names its own, and the
+    entries before it were made in the status it came from."""
+    pending = [entry for entry in flow.get("historyOutbox") or [] if isinstance(entry, Mapping)]
+    first = (flow.get("revision") or 0) - len(pending) + 1
+    status = flow.get("status")
+    records = []
+    for offset in reversed(range(len(pending))):
+        entry = pending[offset]
+        change = entry.get("status") if entry.get("kind") == "status" else None
+        if isinstance(change, Mapping) and change.get("to"):
+            status = change["to"]
+        definition = entry.get("flow") if entry.get("kind") == "definition" else None
+        owners = definition.get("owners") if isinstance(definition, Mapping) else None
+        records.append(feed_entry(flow, entry, first + offset, status=status, owners=owners))
+        if isinstance(change, Mapping) and change.get("from"):
+            status = change["from"]
+    records.reverse()
+    return records
+
+
+class ChangeFeed(Protocol):
+    """The service-wide change feed behind GET /flows/events (docs/watch.rst).
+
+    Every change gets a sequence number (``seq``) ordering it among all changes; reads are
+    by ``seq``. A number may be a *hole* (``{"seq": n, "hole": True}``): a number no
+    change holds, decided once and for all by :meth:`abandon`.
+    """
+
+    def ensure_indexes(self) -> None: ...
+
+    def record(self, flows: Sequence[Mapping[str, Any]]) -> None: ...
+
+    def after(self, seq: int, limit: int) -> list[dict]: ...
+
+    def newest(self) -> int: ...
+
+    def allocated(self) -> int: ...
+
+    def trimmed_through(self) -> int: ...
+
+    def abandon(self, seq: int) -> None: ...
+
+    def trim(self, before: datetime) -> int: ...
+
+    def forget_owner(self, flow_id: ObjectId, real_id: str, pseudonym: str) -> None: ...
+
+
 class Store(Protocol):
     """The contract every backend keeps (MongoDB in mongo.py, SQLite in sqlite.py).
 
@@ -196,6 +275,7 @@ class Store(Protocol):
     """
 
     history: HistoryStore
+    changes: ChangeFeed
 
     def ensure_indexes(self) -> None: ...
     def ping(self) -> None: ...

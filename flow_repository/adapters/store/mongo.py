@@ -34,6 +34,7 @@ from .base import (
     utcnow,
     write_all,
 )
+from .changes import MongoChangeFeed
 from .history import HistoryStore, MongoHistoryStore
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ class FlowStore:
         # mongomock is not thread-safe; a real MongoDB serializes per document itself.
         self._lock = threading.RLock() if serialize else None
         self.history = history or MongoHistoryStore(database, self._lock)
+        self.changes = MongoChangeFeed(database, self._lock)
         self._real = isinstance(database, pymongo.database.Database)
         self._indexed = False
 
@@ -141,6 +143,7 @@ class FlowStore:
                 self._flows.create_index(list(index.keys), name=index.name,
                                          **dict(index.options))
         self.history.ensure_indexes()
+        self.changes.ensure_indexes()
         self._indexed = self._real
 
     def ping(self) -> None:
@@ -422,6 +425,7 @@ class FlowStore:
             self._flows.drop()
         self._indexed = False  # the indexes went with the collection
         self.history.drop_all()
+        self.changes.drop_all()
 
     @staticmethod
     def _out(document: Mapping[str, Any] | None) -> dict | None:

@@ -32,6 +32,7 @@ from .base import (
     Lease,
     StoreUnavailable,
     encode_keys,
+    feed_entry,
     owned_by_any,
     read_until,
     stored_copy,
@@ -40,7 +41,7 @@ from .base import (
 from .history import pseudonymised
 
 MEMORY = ":memory:"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the change feed (flow_changes, feed_state)
 # How long a write waits for another process's transaction before giving up (503).
 BUSY_TIMEOUT_SECONDS = 10.0
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -80,6 +81,17 @@ SCHEMA = (
     """CREATE TABLE IF NOT EXISTS flow_history (
         fid BLOB NOT NULL, revision INTEGER NOT NULL, kind TEXT, entry TEXT NOT NULL,
         PRIMARY KEY (fid, revision))""",
+    # The change feed (GET /flows/events): seq orders every change of every flow. It is
+    # allocated inside the write transaction of the change itself, and SQLite runs one
+    # write transaction at a time, so changes become visible in seq order: a reader that
+    # sees seq n can never see a smaller one appear later. AUTOINCREMENT: a number is
+    # never used twice, even after the rows holding the largest were trimmed. A row
+    # without fid is a hole (a number no change holds).
+    """CREATE TABLE IF NOT EXISTS flow_changes (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT, fid BLOB, revision INTEGER,
+        at INTEGER NOT NULL, entry TEXT NOT NULL)""",
+    # trimmed: the change feed holds nothing at or below this seq any more
+    """CREATE TABLE IF NOT EXISTS feed_state (name TEXT PRIMARY KEY, value INTEGER NOT NULL)""",
 )
 
 # name -> (definition, the queries it serves: docs/scale.rst "Indexes")
@@ -103,6 +115,9 @@ INDEXES: dict[str, tuple[str, str]] = {
     "outbox_pending": (("ON flows (pending_at, id, lease_until, pending_count) "
                        "WHERE pending_at IS NOT NULL"),
                        "the outbox relay's pending scan, oldest event first; /metrics backlog"),
+    "changes_at": ("ON flow_changes (at)", "trimming the change feed to WATCH_RETENTION_SECONDS"),
+    "changes_flow": ("ON flow_changes (fid)",
+                     "replacing a deleted owner's id in the change feed (IAM deletion events)"),
 }
 
 
@@ -459,6 +474,7 @@ class SqliteFlowStore:
     def __init__(self, database: Database) -> None:
         self.database = database
         self.history = SqliteHistoryStore(database)
+        self.changes = SqliteChangeFeed(database)
 
     @classmethod
     def open(cls, path: str) -> SqliteFlowStore:
@@ -580,6 +596,10 @@ class SqliteFlowStore:
             except sqlite3.IntegrityError:
                 raise ValueError(f"a flow with id {stored['_id']} is already stored") from None
             self._list_owners(connection, key, body, replace=False)
+            pending = body.get("historyOutbox")
+            if isinstance(pending, list) and pending and isinstance(pending[-1], Mapping):
+                self.changes.write(connection, feed_entry(
+                    stored, pending[-1], body.get("revision") or 1))
         return stored
 
     @staticmethod
@@ -674,6 +694,7 @@ class SqliteFlowStore:
                     isinstance(owner, Mapping) and owner.get("id") == remove_owner)]
             self._rewrite(connection, key, updated)
             self._list_owners(connection, key, updated, previous=previous_owners)
+            self.changes.write(connection, feed_entry(updated, history, updated["revision"]))
             if lease is not None and (row[2] is None or row[2] < millis(utcnow())):
                 updated["relayLeaseOwner"], updated["relayLeaseUntil"] = lease
                 connection.execute("UPDATE flows SET lease_until = ?, lease_owner = ? "
@@ -791,7 +812,7 @@ class SqliteFlowStore:
     def drop_all(self) -> None:
         """Remove every flow and every history entry."""
         with self.database.writing() as connection:
-            for table in ("flows", "flow_owners", "flow_history"):
+            for table in ("flows", "flow_owners", "flow_history", "flow_changes", "feed_state"):
                 connection.execute(f"DELETE FROM {table}")
 
     def backup(self, target: str) -> None:
@@ -957,3 +978,96 @@ class SqliteHistoryStore:
     def drop_all(self) -> None:
         with self._database.writing() as connection:
             connection.execute("DELETE FROM flow_history")
+
+
+# ----------------------------------------------------------------------------- change feed
+
+_HOLE = '{"hole":true}'
+
+
+class SqliteChangeFeed:
+    """The change feed in the ``flow_changes`` table (see SCHEMA for why it has no gaps).
+
+    A change's row is written by the store's own write transaction (:meth:`write`), so the
+    feed needs nothing from the relay: :meth:`record` has nothing to do here.
+    """
+
+    def __init__(self, database: Database) -> None:
+        self._database = database
+
+    def ensure_indexes(self) -> None:
+        """Nothing to create: the schema holds the table and its indexes."""
+
+    @staticmethod
+    def write(connection: sqlite3.Connection, entry: Mapping[str, Any]) -> None:
+        """Append one change, inside the caller's write transaction."""
+        connection.execute(
+            "INSERT INTO flow_changes (fid, revision, at, entry) VALUES (?, ?, ?, ?)",
+            (flow_key(entry["flowId"]), entry["revision"], millis(entry["at"]), dumps(entry)))
+
+    def record(self, flows: Sequence[Mapping[str, Any]]) -> None:
+        """Nothing: every change was written with the change itself."""
+
+    def after(self, seq: int, limit: int) -> list[dict]:
+        """Up to ``limit`` changes (and holes) after ``seq``, in seq order."""
+        rows = self._database.query(
+            "SELECT seq, entry FROM flow_changes WHERE seq > ? ORDER BY seq LIMIT ?",
+            (seq, limit))
+        return [{**loads(entry), "seq": number} for number, entry in rows]
+
+    def newest(self) -> int:
+        """The largest seq the feed holds (or last trimmed)."""
+        rows = self._database.query("SELECT max(seq) FROM flow_changes")
+        return rows[0][0] if rows and rows[0][0] is not None else self.trimmed_through()
+
+    def allocated(self) -> int:
+        """The largest seq ever handed out."""
+        rows = self._database.query(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'flow_changes'")
+        return max(rows[0][0] if rows else 0, self.trimmed_through())
+
+    def trimmed_through(self) -> int:
+        rows = self._database.query("SELECT value FROM feed_state WHERE name = 'trimmed'")
+        return rows[0][0] if rows else 0
+
+    def abandon(self, seq: int) -> None:
+        """Make ``seq`` a hole unless a change holds it (never below the trimmed mark)."""
+        with self._database.writing() as connection:
+            trimmed = connection.execute(
+                "SELECT value FROM feed_state WHERE name = 'trimmed'").fetchone()
+            if trimmed is None or seq > trimmed[0]:
+                connection.execute(
+                    "INSERT OR IGNORE INTO flow_changes (seq, fid, revision, at, entry) "
+                    "VALUES (?, NULL, NULL, ?, ?)", (seq, millis(utcnow()), _HOLE))
+
+    def trim(self, before: datetime) -> int:
+        """Remove the changes older than ``before`` (up to the newest of them, by seq) and
+        raise the trimmed mark with them, in one transaction; returns the mark."""
+        with self._database.writing() as connection:
+            found = connection.execute(
+                "SELECT seq FROM flow_changes WHERE at < ? ORDER BY at DESC LIMIT 1",
+                (millis(before),)).fetchone()
+            if found is None:
+                row = connection.execute(
+                    "SELECT value FROM feed_state WHERE name = 'trimmed'").fetchone()
+                return row[0] if row else 0
+            connection.execute(
+                "INSERT INTO feed_state (name, value) VALUES ('trimmed', ?) ON CONFLICT(name) "
+                "DO UPDATE SET value = max(value, excluded.value)", (found[0],))
+            connection.execute("DELETE FROM flow_changes WHERE seq <= ?", (found[0],))
+            return connection.execute(
+                "SELECT value FROM feed_state WHERE name = 'trimmed'").fetchone()[0]
+
+    def forget_owner(self, flow_id: ObjectId, real_id: str, pseudonym: str) -> None:
+        """Replace a deleted owner's id in the flow's changes."""
+        key = flow_key(flow_id)
+        with self._database.writing() as connection:
+            rows = connection.execute("SELECT seq, entry FROM flow_changes WHERE fid = ?",
+                                      (key,)).fetchall()
+            for seq, text in rows:
+                entry = loads(text)
+                if real_id in entry.get("owners", []):
+                    entry["owners"] = [pseudonym if owner == real_id else owner
+                                       for owner in entry["owners"]]
+                    connection.execute("UPDATE flow_changes SET entry = ? WHERE seq = ?",
+                                       (dumps(entry), seq))

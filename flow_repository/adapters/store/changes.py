@@ -1,0 +1,147 @@
+"""The change feed on MongoDB: a counter hands out seqs, holes are decided by a unique _id.
+
+Without multi-document transactions a change cannot take its seq in the write that makes
+it, so the feed is written after the change, where its history entry is recorded (the
+relay, or the writer itself without one). Writers allocate a seq from a counter
+(``find_one_and_update`` with ``$inc``) and then insert the change with ``_id: seq``. Two
+writers can therefore commit out of order: seq 20 may be visible before seq 15 is. A
+reader never skips a number it has not seen: it waits for it (``WATCH_GAP_SECONDS``), and
+then *abandons* it by inserting a hole with that ``_id``. The ``_id`` is unique, so exactly
+one of the hole and the change ever holds the number: a writer whose insert meets a hole
+takes a new seq and inserts again. Every number is thus decided once, for every reader,
+and no change is lost or delivered twice; a change whose writer was slower than the wait
+arrives later than changes made after it (its order is that of its new seq).
+
+Recording is idempotent: ``key`` (flow id and revision) is unique, so a change recorded
+again (a retry, two relays, read-repair) keeps its first seq, and the seq the repeat took
+becomes a hole at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import pymongo
+from bson import ObjectId
+from pymongo import ReturnDocument
+from pymongo.errors import DuplicateKeyError
+
+from .base import database_call, decode_keys, pending_feed_entries, utcnow
+
+COLLECTION = "flow_changes"
+STATE = "flow_changes_state"  # {_id: "seq", value}: the counter; {_id: "trimmed", value}
+BY_KEY = [("key", pymongo.ASCENDING)]
+BY_TIME = [("at", pymongo.ASCENDING)]
+BY_FLOW = [("flowId", pymongo.ASCENDING)]
+
+
+class MongoChangeFeed:
+    """The change feed in the ``flow_changes`` collection (see the module docstring)."""
+
+    def __init__(self, database: Any, lock: threading.RLock | None = None) -> None:
+        self._changes = database[COLLECTION]
+        self._state = database[STATE]
+        self._lock = lock  # mongomock is not thread-safe: share the flow store's lock
+
+    def _call(self) -> contextlib.AbstractContextManager[None]:
+        return database_call(self._lock)
+
+    def ensure_indexes(self) -> None:
+        with self._call():
+            self._changes.create_index(BY_KEY, name="changes_key", unique=True)
+            self._changes.create_index(BY_TIME, name="changes_at")
+            self._changes.create_index(BY_FLOW, name="changes_flow")
+
+    def _next_seq(self) -> int:
+        with self._call():
+            counter = self._state.find_one_and_update(
+                {"_id": "seq"}, {"$inc": {"value": 1}}, upsert=True,
+                return_document=ReturnDocument.AFTER)
+        return int(counter["value"])
+
+    def record(self, flows: Sequence[Mapping[str, Any]]) -> None:
+        """Append the changes of the flows' pending history entries, each flow's in
+        revision order (an entry is allocated its seq only once the one before is in)."""
+        for flow in flows:
+            for entry in pending_feed_entries(flow):
+                self._append(entry)
+
+    def _append(self, entry: Mapping[str, Any]) -> None:
+        key = f"{entry['flowId']}:{entry['revision']}"
+        while True:
+            seq = self._next_seq()
+            try:
+                with self._call():
+                    self._changes.insert_one({**entry, "_id": seq, "key": key})
+                return
+            except DuplicateKeyError:
+                with self._call():
+                    recorded = self._changes.find_one({"key": key}, {"_id": 1})
+                if recorded is not None and recorded["_id"] != seq:
+                    self.abandon(seq)  # recorded before: our number becomes a hole now
+                    return
+                # a reader abandoned our number (we were slower than its wait): next one
+
+    def after(self, seq: int, limit: int) -> list[dict]:
+        """Up to ``limit`` changes (and holes) after ``seq``, in seq order (the _id index)."""
+        with self._call():
+            found = list(self._changes.find({"_id": {"$gt": seq}}, {"key": 0})
+                         .sort("_id", pymongo.ASCENDING).limit(limit))
+        return [{**decode_keys({k: v for k, v in doc.items() if k != "_id"}), "seq": doc["_id"]}
+                for doc in found]
+
+    def newest(self) -> int:
+        """The largest seq the feed holds (or last trimmed)."""
+        with self._call():
+            found = list(self._changes.find({}, {"_id": 1}).sort("_id", -1).limit(1))
+        return int(found[0]["_id"]) if found else self.trimmed_through()
+
+    def allocated(self) -> int:
+        """The largest seq ever handed out."""
+        with self._call():
+            counter = self._state.find_one({"_id": "seq"})
+        return int(counter["value"]) if counter else 0
+
+    def trimmed_through(self) -> int:
+        with self._call():
+            state = self._state.find_one({"_id": "trimmed"})
+        return int(state["value"]) if state else 0
+
+    def abandon(self, seq: int) -> None:
+        """Make ``seq`` a hole unless a change already holds it."""
+        if seq <= self.trimmed_through():
+            return
+        with self._call(), contextlib.suppress(DuplicateKeyError):
+            self._changes.insert_one({"_id": seq, "hole": True, "key": f"hole:{seq}",
+                                      "at": utcnow()})
+
+    def trim(self, before: datetime) -> int:
+        """Remove the changes older than ``before`` (up to the newest of them, by seq).
+
+        The trimmed mark is raised first and the entries removed after, so a reader that
+        checks the mark after its read can tell that its read may have missed entries."""
+        with self._call():
+            found = list(self._changes.find({"at": {"$lt": before}}, {"_id": 1})
+                         .sort("at", -1).limit(1))
+            if found:
+                self._state.update_one({"_id": "trimmed"}, {"$max": {"value": found[0]["_id"]}},
+                                       upsert=True)
+                self._changes.delete_many({"_id": {"$lte": found[0]["_id"]}})
+        return self.trimmed_through()
+
+    def forget_owner(self, flow_id: ObjectId, real_id: str, pseudonym: str) -> None:
+        """Replace a deleted owner's id in the flow's changes."""
+        with self._call():
+            for doc in list(self._changes.find({"flowId": flow_id, "owners": real_id},
+                                               {"owners": 1})):
+                owners = [pseudonym if owner == real_id else owner for owner in doc["owners"]]
+                self._changes.update_one({"_id": doc["_id"]}, {"$set": {"owners": owners}})
+
+    def drop_all(self) -> None:
+        with self._call():
+            self._changes.drop()
+            self._state.drop()

@@ -285,6 +285,35 @@ class ListArgumentsSchema(PageArgumentsSchema):
     search = _text(SEARCH_MAX_LENGTH)
 
 
+class WatchArgumentsSchema(Schema):
+    """GET /flows/events query arguments: the filters of GET /flows, a position, include."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    status = fields.String(data_key="filter[status]",
+                           validate=validate.OneOf([*STATUSES, *STATUS_CODES]))
+    type = _text(50, data_key="filter[type]")
+    user = _text(200, data_key="filter[user]")
+    from_template = ObjectIdString(data_key="filter[fromTemplate]")
+    since = fields.String(metadata={"description": "resume after this event id (as the "
+                                                   "Last-Event-ID header, which wins)"})
+    include = fields.String(validate=validate.OneOf(["flow"]), metadata={
+        "description": "`flow`: each event carries the flow as it is now (null once it is "
+                       "gone or no longer visible)"})
+
+
+WATCH_FILTERS = frozenset({"filter[status]", "filter[type]", "filter[user]",
+                           "filter[fromTemplate]"})
+
+
+def watch_query(arguments: Mapping[str, Any]) -> ListQuery:
+    """The filters of a watch, as the query object of GET /flows (paging unused)."""
+    status = arguments.get("status")
+    return ListQuery(status=STATUS_CODES.get(status, status), type=arguments.get("type"),
+                     user=arguments.get("user"), from_template=arguments.get("from_template"))
+
+
 class DiffArgumentsSchema(Schema):
     class Meta:
         unknown = EXCLUDE

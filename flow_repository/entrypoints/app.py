@@ -143,9 +143,9 @@ def create_app(
 
     api = FlowApi(app, spec_kwargs={"components": {"securitySchemes": {
         "bearer": {"type": "http", "scheme": "bearer"}}}, "security": [{"bearer": []}]})
-    from flow_repository.entrypoints.api import flows, health, history, lifecycle
+    from flow_repository.entrypoints.api import events, flows, health, history, lifecycle
 
-    for blueprint in (health.blp, flows.blp, lifecycle.blp, history.blp):
+    for blueprint in (health.blp, flows.blp, events.blp, lifecycle.blp, history.blp):
         api.register_blueprint(blueprint)
     app.add_url_rule(f"{SWAGGER_ASSETS}/<path:filename>", "swagger_ui_assets",
                      lambda filename: send_from_directory(swagger_ui_path, filename))
@@ -159,7 +159,7 @@ def create_app(
 def _install_error_handlers(app: Flask) -> None:
     @app.errorhandler(FlowError)
     def flow_error(error: FlowError) -> Response:
-        return error_response(error.status, error.messages())
+        return error_response(error.status, error.messages(), getattr(error, "headers", None))
 
     @app.errorhandler(AuthError)
     def auth_error(error: AuthError) -> Response:

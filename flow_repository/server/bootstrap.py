@@ -22,8 +22,11 @@ from flow_repository.entrypoints.consumer import StatusConsumer
 from flow_repository.server.metrics import Metrics
 from flow_repository.server.settings import Settings
 from flow_repository.services import FlowService
+from flow_repository.services.watch import ChangeWatch, WatchLimits
 
 log = logging.getLogger(__name__)
+
+FEED_TRIM_SECONDS = 60.0  # how often a relaying process trims the change feed
 
 
 class Periodic:
@@ -187,6 +190,7 @@ class Runtime:
     consumer: StatusConsumer | None = None
     loops: list[Periodic] = field(default_factory=list)
     turn: ConsumerTurn | None = None
+    watch: ChangeWatch | None = None  # GET /flows/events streams of this process
     clock: Callable[[], float] = time.monotonic  # when the flow counts were last read
     _counts_read_at: float | None = field(default=None, init=False, repr=False)
 
@@ -234,6 +238,14 @@ class Runtime:
             max_list_bytes=settings.max_list_bytes,
         )
         runtime = cls(settings, store, service, metrics, outbox)
+        runtime.watch = ChangeWatch(store, WatchLimits(
+            max_watchers=settings.max_watchers,
+            max_per_caller=settings.max_watchers_per_caller,
+            poll_seconds=settings.watch_poll_seconds, gap_seconds=settings.watch_gap_seconds,
+            retention_seconds=settings.watch_retention_seconds))
+        if relay:  # every process that relays also trims the change feed (idempotent)
+            runtime.loops.append(Periodic("change-feed-trim", FEED_TRIM_SECONDS,
+                                          runtime.watch.trim))
         if take_turns and (consumer or reconciler):
             runtime.turn = ConsumerTurn(runtime, settings.embedded_database)
             return runtime
@@ -257,6 +269,8 @@ class Runtime:
 
     def stop(self) -> None:
         """Stop consuming first, so that no new work arrives, then the loops and the relay."""
+        if self.watch:
+            self.watch.shutdown()
         if self.turn:
             self.turn.stop()
         elif self.consumer:

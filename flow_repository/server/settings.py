@@ -179,6 +179,21 @@ class Settings:
     metrics_flow_count_seconds: float = _setting("METRICS_FLOW_COUNT_SECONDS", 15.0, _number,
                                                  Bounds(0, 3600))
 
+    # The change feed, GET /flows/events (docs/watch.rst).
+    max_watchers: int = _setting("MAX_WATCHERS", 64, _integer, Bounds(0, 10_000))
+    max_watchers_per_caller: int = _setting("MAX_WATCHERS_PER_CALLER", 4, _integer,
+                                            Bounds(1, 10_000))
+    watch_heartbeat_seconds: float = _setting("WATCH_HEARTBEAT_SECONDS", 15.0, _number,
+                                              Bounds(0.05, 300))
+    watch_poll_seconds: float = _setting("WATCH_POLL_SECONDS", 0.05, _number, Bounds(0.01, 10))
+    watch_gap_seconds: float = _setting("WATCH_GAP_SECONDS", 2.0, _number, Bounds(0.05, 60))
+    watch_retention_seconds: float = _setting("WATCH_RETENTION_SECONDS", 7 * 86400.0, _number,
+                                              Bounds(60, 366 * 86400))
+    watch_send_timeout_seconds: float = _setting("WATCH_SEND_TIMEOUT_SECONDS", 10.0, _number,
+                                                 Bounds(0.1, 600))
+    watch_max_seconds: float = _setting("WATCH_MAX_SECONDS", 900.0, _number,
+                                        Bounds(1, 86400))
+
     web_concurrency: int = _setting("WEB_CONCURRENCY", 2, _integer, Bounds(1, 64))
     gunicorn_threads: int = _setting("GUNICORN_THREADS", 4, _integer, Bounds(1, 256))
     gunicorn_timeout: int = _setting("GUNICORN_TIMEOUT", 30, _integer, Bounds(1, 3600))
@@ -351,6 +366,15 @@ MEANING: dict[str, str] = {
     "WORKER_HEALTH_PORT": "worker's /livez, /healthcheck, /metrics",
     "METRICS_TOKEN": "when set, /metrics needs it as Bearer",
     "METRICS_FLOW_COUNT_SECONDS": "how long /metrics reuses its flow counts",
+    "MAX_WATCHERS": "open ``GET /flows/events`` streams per API process (503 beyond)",
+    "MAX_WATCHERS_PER_CALLER": "open streams per caller (``sub``) and process (429 beyond)",
+    "WATCH_HEARTBEAT_SECONDS": "a ``: keep-alive`` comment after this long without events",
+    "WATCH_POLL_SECONDS": "how often a process looks for new changes while streams are open",
+    "WATCH_GAP_SECONDS": "MongoDB: how long a reader waits for a missing seq before it "
+                         "is abandoned",
+    "WATCH_RETENTION_SECONDS": "how long changes stay resumable (410 beyond)",
+    "WATCH_SEND_TIMEOUT_SECONDS": "a stream whose reader takes no bytes this long is dropped",
+    "WATCH_MAX_SECONDS": "a stream ends after this long; the client reconnects",
     "WEB_CONCURRENCY": "gunicorn worker processes (1 with ``:memory:``)",
     "GUNICORN_THREADS": "threads per gunicorn worker",
     "GUNICORN_TIMEOUT": "gunicorn worker timeout (s)",

@@ -27,9 +27,11 @@ from flow_repository.client.rest import (
     FlowRepositoryClient,
     FlowRepositoryError,
     Forbidden,
+    Gone,
     NotFound,
     PreconditionFailed,
     StatusTimeout,
+    TooManyRequests,
     Unauthorized,
     Unavailable,
     ValidationError,
@@ -54,7 +56,8 @@ EXIT_CODES = f"""exit codes:
 EXIT_BY_ERROR: tuple[tuple[type[FlowRepositoryError], int], ...] = (
     (StatusTimeout, TIMEOUT), (NotFound, NOT_FOUND), (Conflict, CONFLICT),
     (PreconditionFailed, CONFLICT), (ValidationError, INVALID), (Unauthorized, REFUSED),
-    (Forbidden, REFUSED), (Unavailable, UNAVAILABLE),
+    (Forbidden, REFUSED), (Unavailable, UNAVAILABLE), (TooManyRequests, UNAVAILABLE),
+    (Gone, FAILED),
 )
 EXIT_BY_OUTCOME = {"conflict": CONFLICT, "blocked": CONFLICT, "invalid": INVALID,
                    "timeout": TIMEOUT}
@@ -137,6 +140,21 @@ def register(commands: argparse._SubParsersAction) -> None:
                                  formatter_class=formatter, help="a flow's revisions")
     history.add_argument("id")
     history.set_defaults(handler=show_history)
+    watching = actions.add_parser(
+        "watch", parents=[connection, output], epilog=EXIT_CODES, formatter_class=formatter,
+        help="print one line per change of the flows you can see, as it happens",
+        description="Follow GET /flows/events: one line per change (created, modified,\n"
+                    "restored, status, deleted); reconnects by itself without losing one.")
+    watching.add_argument("--status", help="only changes that leave a flow in this status")
+    watching.add_argument("--type", help="only flows of this type")
+    watching.add_argument("--user", help="only flows this user owns")
+    watching.add_argument("--from-template", help="only flows made from this template id")
+    watching.add_argument("--since", metavar="EVENT_ID",
+                          help="resume after this event id (printed first on each line)")
+    watching.add_argument("--count", type=int, metavar="N", help="stop after N changes")
+    watching.add_argument("--for", dest="duration", type=float, metavar="SECONDS",
+                          help="stop after this many seconds (default: never)")
+    watching.set_defaults(handler=watch_flows)
     diffing = actions.add_parser("diff", parents=[connection], epilog=EXIT_CODES,
                                  formatter_class=formatter,
                                  help="JSON Patch between two revisions of a flow")
@@ -253,6 +271,30 @@ def change_status(client: FlowRepositoryClient, arguments: argparse.Namespace) -
             progress.done()
         answer = {"id": arguments.id, "status": arguments.target}
     print(f"{answer.get('id', arguments.id)} {answer.get('status')}")
+    return OK
+
+
+def watch_flows(client: FlowRepositoryClient, arguments: argparse.Namespace) -> int:
+    changes = client.watch(status=arguments.status, type=arguments.type, user=arguments.user,
+                           from_template=arguments.from_template, last_event_id=arguments.since,
+                           timeout=arguments.duration)
+    seen = 0
+    try:
+        for change in changes:
+            if arguments.output == "json":
+                print(json.dumps({"eventId": change.id, "event": change.event, **change.data},
+                                 ensure_ascii=False), flush=True)
+            else:
+                print(f"{change.id}  {change.event:<8}  {change.flow_id}  "
+                      f"r{change.revision}  {change.status}  {change.data.get('at', '')}",
+                      flush=True)
+            seen += 1
+            if arguments.count is not None and seen >= arguments.count:
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        changes.close()
     return OK
 
 

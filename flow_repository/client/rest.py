@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import codecs
+import json
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -68,6 +70,18 @@ class Unavailable(FlowRepositoryError):
     """503 (IAM or the database is down), or the service could not be reached at all."""
 
 
+class Gone(FlowRepositoryError):
+    """410: a watch resumed from an event no longer kept; list the flows again."""
+
+
+class TooManyRequests(FlowRepositoryError):
+    """429: this caller has as many change streams open as the service allows."""
+
+
+class WatchNotSupported(FlowRepositoryError):
+    """The service has no change feed (an OIH original or an older version)."""
+
+
 class StatusTimeout(FlowRepositoryError):
     """wait_for_status gave up; ``flow`` is the flow as last read."""
 
@@ -78,7 +92,8 @@ class StatusTimeout(FlowRepositoryError):
 
 ERRORS_BY_STATUS: dict[int, type[FlowRepositoryError]] = {
     400: ValidationError, 401: Unauthorized, 403: Forbidden, 404: NotFound,
-    409: Conflict, 412: PreconditionFailed, 503: Unavailable,
+    409: Conflict, 410: Gone, 412: PreconditionFailed, 429: TooManyRequests,
+    503: Unavailable,
 }
 
 
@@ -103,6 +118,55 @@ def error_for(response: requests.Response) -> FlowRepositoryError:
 # ----------------------------------------------------------------------------- answers
 
 
+@dataclass(frozen=True)
+class FlowChange:
+    """One event of GET /flows/events: its id (for Last-Event-ID), name and data."""
+
+    id: str
+    event: str  # created, modified, restored, status or deleted
+    data: dict[str, Any]
+
+    @property
+    def flow_id(self) -> str | None:
+        return self.data.get("id")
+
+    @property
+    def status(self) -> str | None:
+        return self.data.get("status")
+
+    @property
+    def revision(self) -> int | None:
+        return self.data.get("revision")
+
+
+def parse_events(chunks: Iterable[bytes]) -> Iterator[FlowChange | None]:
+    """The events of a text/event-stream, as bytes arrive; None for each block without an
+    event (the opening comment, a keep-alive), so a reader can look at its clock."""
+    buffer = ""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    for chunk in chunks:
+        buffer += decoder.decode(chunk)
+        buffer = buffer.replace("\r\n", "\n")
+        while "\n\n" in buffer:
+            block, buffer = buffer.split("\n\n", 1)
+            fields: dict[str, str] = {}
+            for line in block.split("\n"):
+                if not line or line.startswith(":"):
+                    continue
+                name, _, value = line.partition(":")
+                value = value.removeprefix(" ")
+                fields[name] = f"{fields[name]}\n{value}" if name in fields else value
+            if "data" not in fields:
+                yield None
+                continue
+            try:
+                data = json.loads(fields["data"])
+            except ValueError:
+                data = {"raw": fields["data"]}
+            yield FlowChange(fields.get("id", ""), fields.get("event", "message"),
+                             data if isinstance(data, dict) else {"value": data})
+
+
 class StoredFlow(NamedTuple):
     """A flow as the service returns it, with its revision (the ETag): ``flow, rev = ...``."""
 
@@ -117,6 +181,17 @@ class DryRun:
     flow: dict[str, Any]
     ignored_fields: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+
+
+def error_for_event(change: FlowChange) -> FlowRepositoryError:
+    """The error an ``event: error`` of the stream carries (410, 503, ...)."""
+    errors = change.data.get("errors")
+    first = errors[0] if isinstance(errors, list) and errors else {}
+    code = first.get("code") if isinstance(first, Mapping) else None
+    message = first.get("message") if isinstance(first, Mapping) else None
+    status = code if isinstance(code, int) else 0
+    kind = ERRORS_BY_STATUS.get(status, FlowRepositoryError)
+    return kind(status, [str(message or "the change stream failed")], change.data)
 
 
 def revision_of(response: requests.Response, flow: Mapping[str, Any] | None = None) -> int | None:
@@ -329,14 +404,132 @@ class FlowRepositoryClient:
         """Ask for a stop; answers ``{id, status}`` (status ``stopping``)."""
         return _data(self._json("POST", f"/flows/{flow_id}/stop"))
 
+    # ------------------------------------------------------------------ watching
+
+    def watch(self, *, status: str | None = None, type: str | None = None,
+              user: str | None = None, from_template: str | None = None,
+              include_flow: bool = False, last_event_id: str | None = None,
+              timeout: float | None = None, read_timeout: float = 60.0
+              ) -> Iterator[FlowChange]:
+        """Every change of the flows the caller may read, as it happens (GET /flows/events).
+
+        A generator: it reconnects by itself (with back-off) when the stream ends or
+        breaks, sending the id of the last change it yielded as Last-Event-ID, so no
+        change is lost or repeated. ``last_event_id`` resumes from an earlier run;
+        ``timeout`` ends it after that many seconds (None: never). Raises Gone (410) when
+        the resume point is no longer kept, WatchNotSupported when the service has no
+        change feed, and the usual errors (401, 403, 400) at once."""
+        params: dict[str, Any] = {}
+        for name, value in (("filter[status]", status), ("filter[type]", type),
+                            ("filter[user]", user), ("filter[fromTemplate]", from_template)):
+            if value is not None:
+                params[name] = value
+        if include_flow:
+            params["include"] = "flow"
+        deadline = None if timeout is None else time.monotonic() + timeout
+        stream = self._changes(params, last_event_id, deadline, read_timeout)
+        try:
+            for change in stream:
+                if change is not None:
+                    yield change
+        finally:
+            stream.close()
+
+    def _changes(self, params: Mapping[str, Any], last_event_id: str | None,
+                 deadline: float | None, read_timeout: float
+                 ) -> Iterator[FlowChange | None]:
+        """The events of GET /flows/events across reconnections; None whenever the stream
+        (re)opens or sends a keep-alive. Ends at ``deadline``."""
+        attempt = 0
+        last = last_event_id
+        while deadline is None or time.monotonic() < deadline:
+            headers = {"Accept": "text/event-stream"}
+            token = self._token_provider()
+            if token:
+                headers["Authorization"] = f"Bearer {token}"
+            if last:
+                headers["Last-Event-ID"] = last
+            left = None if deadline is None else max(0.1, deadline - time.monotonic())
+            wait = read_timeout if left is None else min(read_timeout, left)
+            failure: FlowRepositoryError | None = None
+            retry_after = None
+            try:
+                with self.session.get(self.base_url + "/flows/events", params=params,
+                                      headers=headers, stream=True,
+                                      timeout=(self.timeout, wait)) as response:
+                    if response.status_code in (404, 405, 501):
+                        raise WatchNotSupported(response.status_code, [
+                            (f"{self.base_url} has no change feed (GET /flows/events "
+                            f"answered {response.status_code})")])
+                    if response.status_code >= 300:
+                        failure = error_for(response)
+                        retry_after = response.headers.get("Retry-After")
+                        if not isinstance(failure, Unavailable | TooManyRequests):
+                            raise failure
+                    elif not response.headers.get("Content-Type", "").startswith(
+                            "text/event-stream"):
+                        raise WatchNotSupported(response.status_code, [
+                            (f"{self.base_url} answered GET /flows/events with "
+                            f"{response.headers.get('Content-Type')}, not an event stream")])
+                    else:
+                        for change in parse_events(response.iter_content(chunk_size=None)):
+                            if change is not None and change.event == "error":
+                                failure = error_for_event(change)
+                                if not isinstance(failure, Unavailable):
+                                    raise failure
+                                break
+                            attempt = 0
+                            if change is not None and change.id:
+                                last = change.id
+                            yield change
+                            if deadline is not None and time.monotonic() >= deadline:
+                                return
+            except (requests.ConnectionError, requests.Timeout):
+                pass  # a stream cut or quiet for read_timeout: reconnect
+            if failure is not None or attempt:
+                time.sleep(self._delay(attempt, retry_after))
+            attempt += 1
+
     def wait_for_status(self, flow_id: str, status: str | Iterable[str], timeout: float = 60.0,
                         interval: float = 0.5,
                         progress: Callable[[dict[str, Any]], None] | None = None
                         ) -> dict[str, Any]:
-        """Poll until the flow's status is ``status`` (or one of several); StatusTimeout
-        after ``timeout`` seconds. ``progress`` sees the flow after every read."""
+        """Wait until the flow's status is ``status`` (or one of several); StatusTimeout
+        after ``timeout`` seconds. ``progress`` sees the flow after every read.
+
+        Watches the change feed (one read when the flow changes); against a service
+        without one (an OIH original) it polls every ``interval`` seconds."""
         wanted = {status} if isinstance(status, str) else set(status)
         deadline = time.monotonic() + timeout
+        stream = self._changes({}, None, deadline, read_timeout=max(1.0, timeout))
+        try:
+            next(stream, None)  # opened: no change from now on can be missed
+        except (WatchNotSupported, ValidationError):
+            stream.close()
+            return self._poll_status(flow_id, wanted, timeout, deadline, interval, progress)
+        try:
+            flow = self.get(flow_id).flow
+            while True:
+                if progress is not None:
+                    progress(flow)
+                if flow.get("status") in wanted:
+                    return flow
+                for change in stream:
+                    if change is not None and change.flow_id == flow_id:
+                        if change.event == "deleted":
+                            raise NotFound(404, [f"flow {flow_id} was deleted"])
+                        break
+                else:
+                    raise StatusTimeout(
+                        f"flow {flow_id} is still {flow.get('status')} after {timeout:g}s "
+                        f"(waited for {' or '.join(sorted(wanted))})", flow)
+                flow = self.get(flow_id).flow
+        finally:
+            stream.close()
+
+    def _poll_status(self, flow_id: str, wanted: set[str], timeout: float, deadline: float,
+                     interval: float, progress: Callable[[dict[str, Any]], None] | None
+                     ) -> dict[str, Any]:
         while True:
             flow = self.get(flow_id).flow
             if progress is not None:

@@ -14,6 +14,11 @@ worth together (503 for the connection that would go beyond). Everything else (t
 keep-alive, graceful shutdown, the relay and pika threads of the process) is gthread's,
 unchanged: nothing is monkey-patched.
 
+Change streams (issue 20): ``GET /flows/events`` holds its connection for minutes. Such a
+request is served by a thread pool of its own (``MAX_WATCHERS`` threads and a few spare for
+quick refusals), never by the request threads, so open streams cannot starve the other
+requests; on SIGTERM every stream is told to end, so the graceful shutdown is not held up.
+
 Connection slots (issue 16): ``worker_connections`` bounds the API's connections, but the
 listeners stay open when they are all taken, and a new connection then gets a quick 503 with
 Retry-After instead of waiting unanswered in the kernel's backlog. With ``HEALTH_PORT`` set,
@@ -29,6 +34,7 @@ import re
 import selectors
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -48,6 +54,8 @@ BUFFER_BUDGET_BODIES = 64  # requests being received by one worker hold at most 
 REFUSED = "refused by the HTTP server before reaching the application"
 HEALTH_CONNECTIONS = 16  # connections the health listener holds at once, beside the API's
 HEALTH_PATHS = frozenset({b"/livez", b"/readyz", b"/healthcheck"})
+STREAM_PATHS = frozenset({b"/flows/events"})
+STREAM_SPARE_THREADS = 4  # beyond MAX_WATCHERS: a stream over the bound is refused quickly
 
 
 def error_bytes(status: int, reason: str, message: str, extra_headers: str = "") -> bytes:
@@ -247,6 +255,14 @@ def health_request(head: bytes) -> bool:
     return path.rstrip(b"/") in HEALTH_PATHS
 
 
+def stream_request(head: bytes) -> bool:
+    """True for a GET of the change stream (query and trailing slash allowed)."""
+    parts = head.split(b"\r\n", 1)[0].split(b" ")
+    if len(parts) != 3 or parts[0] != b"GET":
+        return False
+    return parts[1].split(b"?", 1)[0].rstrip(b"/") in STREAM_PATHS
+
+
 @dataclass
 class Reading:
     """A connection whose request is still arriving."""
@@ -265,6 +281,32 @@ class BufferedThreadWorker(JsonErrorWorker):
         self._reading: dict[TConn, Reading] = {}
         self._buffered = 0  # bytes held by all of self._reading
         self._health_open = 0  # connections of the health listener, counted in nr_conns too
+        self._streams: ThreadPoolExecutor | None = None  # GET /flows/events threads
+
+    def _runtime(self) -> Any:
+        return getattr(self.wsgi, "extensions", {}).get("flow_repository")
+
+    def init_process(self) -> None:
+        runtime = self._runtime()
+        if runtime is not None and runtime.watch is not None:
+            self._streams = ThreadPoolExecutor(
+                max_workers=runtime.settings.max_watchers + STREAM_SPARE_THREADS,
+                thread_name_prefix="stream")
+        super().init_process()
+
+    def handle_exit(self, sig: Any, frame: Any) -> None:
+        """SIGTERM: the graceful shutdown begins, and every open stream is told to end."""
+        super().handle_exit(sig, frame)
+        runtime = self._runtime()
+        if runtime is not None and runtime.watch is not None:
+            self.method_queue.defer(runtime.watch.shutdown)
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            if self._streams is not None:
+                self._streams.shutdown(wait=False)
 
     def _health_port(self) -> int:
         runtime = getattr(self.wsgi, "extensions", {}).get("flow_repository")
@@ -417,6 +459,11 @@ class BufferedThreadWorker(JsonErrorWorker):
         conn.parser.unreader.unread(reading.buffer.request_bytes())
         conn.data_ready = True
         conn.request_read = True
+        if self._streams is not None and stream_request(bytes(reading.buffer.data[:512])):
+            future = self._streams.submit(self.handle, conn)
+            future.add_done_callback(
+                lambda done: self.method_queue.defer(self.finish_request, conn, done))
+            return
         super().enqueue_req(conn)
 
     def _answer(self, conn: TConn, registered: bool, answer: bytes) -> None:

@@ -284,15 +284,7 @@ class BufferedThreadWorker(JsonErrorWorker):
         self._streams: ThreadPoolExecutor | None = None  # GET /flows/events threads
 
     def _runtime(self) -> Any:
-        return getattr(self.wsgi, "extensions", {}).get("flow_repository")
-
-    def init_process(self) -> None:
-        runtime = self._runtime()
-        if runtime is not None and runtime.watch is not None:
-            self._streams = ThreadPoolExecutor(
-                max_workers=runtime.settings.max_watchers + STREAM_SPARE_THREADS,
-                thread_name_prefix="stream")
-        super().init_process()
+        return getattr(getattr(self, "wsgi", None), "extensions", {}).get("flow_repository")
 
     def handle_exit(self, sig: Any, frame: Any) -> None:
         """SIGTERM: the graceful shutdown begins, and every open stream is told to end."""
@@ -302,6 +294,11 @@ class BufferedThreadWorker(JsonErrorWorker):
             self.method_queue.defer(runtime.watch.shutdown)
 
     def run(self) -> None:
+        runtime = self._runtime()  # the app is loaded by now
+        if runtime is not None and runtime.watch is not None:
+            self._streams = ThreadPoolExecutor(
+                max_workers=runtime.settings.max_watchers + STREAM_SPARE_THREADS,
+                thread_name_prefix="stream")
         try:
             super().run()
         finally:

@@ -70,6 +70,53 @@ def test_stalled_and_idle_connections_do_not_stop_other_requests(
             sock.recv(1)
 
 
+def open_stream(served: Served, token: str) -> socket.socket:
+    """GET /flows/events on a raw socket; returned once the answer's head has arrived."""
+    sock = connect(served)
+    sock.sendall(f"GET /flows/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}"
+                 f"\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return sock
+
+
+def test_open_change_streams_and_stalled_clients_do_not_stop_other_requests(
+    serve, iam: FakeIam, flow_body, stalled_sockets: list[socket.socket]
+) -> None:
+    # Two request threads and one gunicorn worker; six streams (each held for minutes)
+    # beside stalled and idle connections: on the request threads, they would stop it all.
+    streams = 6
+    served = serve(WEB_CONCURRENCY="1", GUNICORN_THREADS="2", GUNICORN_REQUEST_TIMEOUT="600",
+                   MAX_WATCHERS=str(streams), MAX_WATCHERS_PER_CALLER=str(streams))
+    watcher = iam.grant("watcher", "tenant-1")
+    opened = [open_stream(served, watcher) for _ in range(streams)]
+    stalled_sockets.extend(opened)
+    for index in range(40):
+        sock = connect(served)
+        sock.sendall(PARTIAL_REQUESTS[index % len(PARTIAL_REQUESTS)])
+        stalled_sockets.append(sock)
+    headers = bearer(iam.grant("writer", "tenant-1"))
+    for round_number in range(5):
+        started = time.monotonic()
+        assert served.get("/livez", timeout=PER_REQUEST_TIMEOUT).status_code == 200
+        created = served.request("POST", "/flows", headers=headers,
+                                 json=flow_body(name=f"flow {round_number}"),
+                                 timeout=PER_REQUEST_TIMEOUT)
+        assert created.status_code == 201, created.text
+        assert time.monotonic() - started < 2
+    beyond = served.get("/flows/events", headers=bearer(iam.grant("late", "tenant-1")),
+                        timeout=PER_REQUEST_TIMEOUT)
+    assert beyond.status_code == 503 and beyond.headers["Retry-After"]
+    assert beyond.json()["errors"][0]["code"] == 503
+    # every stream got the five creations (same tenant)
+    for sock in opened:
+        received = b""
+        while received.count(b"event: created") < 5:
+            received += sock.recv(65536)
+
+
 def read_to_close(sock: socket.socket) -> bytes:
     answer = b""
     while chunk := sock.recv(4096):  # the server closes the connection after answering

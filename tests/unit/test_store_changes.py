@@ -3,6 +3,7 @@ mongomock, and the real server with --mongodb=secantus."""
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable
 from datetime import timedelta
@@ -142,3 +143,16 @@ def test_concurrent_writers_leave_no_number_undecided(store: Store) -> None:
     assert [c["seq"] for c in seen] == list(range(seen[0]["seq"], newest + 1))
     recorded = [c["flowId"] for c in seen if not c.get("hole")]
     assert sorted(recorded) == sorted(flow["_id"] for flow in flows)
+
+
+def test_every_query_of_the_feed_reads_an_index(store: Store, backend: str) -> None:
+    if backend != "server":
+        pytest.skip("explain() plans exist only on a real MongoDB server (--mongodb=secantus)")
+    flows = [new_flow(store) for _ in range(20)]
+    record_pending(store, *(flow["_id"] for flow in flows))
+    for name, plan in store.changes.explain_reads(flows[3]["_id"]).items():
+        stages = json.dumps(plan["queryPlanner"]["winningPlan"], default=str)
+        assert "COLLSCAN" not in stages, (name, stages)
+        assert "IXSCAN" in stages or "IDHACK" in stages or "EXPRESS" in stages, (name, stages)
+        if name in ("recorded", "forgetOwner"):  # one flow's changes, never another's
+            assert plan["executionStats"]["totalDocsExamined"] <= 1, (name, stages)

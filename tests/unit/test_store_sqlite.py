@@ -89,6 +89,14 @@ def steady_state(store: SqliteFlowStore) -> None:
     store.history.drop_flows([flow_id])
     store.finish_batch("relay-a", published={flow_id: []}, deleted=[flow_id])
     store.history.drop(flow_id)
+    store.changes.after(0, 10)
+    store.changes.newest()
+    store.changes.allocated()
+    store.changes.trimmed_through()
+    store.changes.abandon(10_000)
+    store.changes.trim(MOMENT)
+    store.changes.trim(utcnow() + timedelta(seconds=1))
+    store.changes.forget_owner(flow_id, "alice", "someone")
     assert claimed["_id"] == flow_id
 
 

@@ -46,6 +46,8 @@ class MongoChangeFeed:
         self._changes = database[COLLECTION]
         self._state = database[STATE]
         self._lock = lock  # mongomock is not thread-safe: share the flow store's lock
+        self._real = isinstance(database, pymongo.database.Database)
+        self._indexed = False  # hints only once the indexes exist (mongomock takes none)
 
     def _call(self) -> contextlib.AbstractContextManager[None]:
         return database_call(self._lock)
@@ -55,6 +57,30 @@ class MongoChangeFeed:
             self._changes.create_index(BY_KEY, name="changes_key", unique=True)
             self._changes.create_index(BY_TIME, name="changes_at")
             self._changes.create_index(BY_FLOW, name="changes_flow")
+        self._indexed = self._real
+
+    def _hint(self, name: str) -> dict[str, Any]:
+        return {"hint": name} if self._indexed or (self._real and name == "_id_") else {}
+
+    def _after(self, seq: int, limit: int) -> Any:
+        return (self._changes.find({"_id": {"$gt": seq}}, {"key": 0}, **self._hint("_id_"))
+                .sort("_id", pymongo.ASCENDING).limit(limit))
+
+    def _newest(self) -> Any:
+        return (self._changes.find({}, {"_id": 1}, **self._hint("_id_"))
+                .sort("_id", pymongo.DESCENDING).limit(1))
+
+    def _recorded(self, key: str) -> Any:
+        return self._changes.find({"key": key}, {"_id": 1}, **self._hint("changes_key")).limit(1)
+
+    def _oldest_kept(self, before: datetime) -> Any:
+        return (self._changes.find({"at": {"$lt": before}}, {"_id": 1},
+                                   **self._hint("changes_at"))
+                .sort("at", pymongo.DESCENDING).limit(1))
+
+    def _of_owner(self, flow_id: ObjectId, owner_id: str) -> Any:
+        return self._changes.find({"flowId": flow_id, "owners": owner_id}, {"owners": 1},
+                                  **self._hint("changes_flow"))
 
     def _next_seq(self) -> int:
         with self._call():
@@ -80,7 +106,7 @@ class MongoChangeFeed:
                 return
             except DuplicateKeyError:
                 with self._call():
-                    recorded = self._changes.find_one({"key": key}, {"_id": 1})
+                    recorded = next(iter(self._recorded(key)), None)
                 if recorded is not None and recorded["_id"] != seq:
                     self.abandon(seq)  # recorded before: our number becomes a hole now
                     return
@@ -89,15 +115,14 @@ class MongoChangeFeed:
     def after(self, seq: int, limit: int) -> list[dict]:
         """Up to ``limit`` changes (and holes) after ``seq``, in seq order (the _id index)."""
         with self._call():
-            found = list(self._changes.find({"_id": {"$gt": seq}}, {"key": 0})
-                         .sort("_id", pymongo.ASCENDING).limit(limit))
+            found = list(self._after(seq, limit))
         return [{**decode_keys({k: v for k, v in doc.items() if k != "_id"}), "seq": doc["_id"]}
                 for doc in found]
 
     def newest(self) -> int:
         """The largest seq the feed holds (or last trimmed)."""
         with self._call():
-            found = list(self._changes.find({}, {"_id": 1}).sort("_id", -1).limit(1))
+            found = list(self._newest())
         return int(found[0]["_id"]) if found else self.trimmed_through()
 
     def allocated(self) -> int:
@@ -125,8 +150,7 @@ class MongoChangeFeed:
         The trimmed mark is raised first and the entries removed after, so a reader that
         checks the mark after its read can tell that its read may have missed entries."""
         with self._call():
-            found = list(self._changes.find({"at": {"$lt": before}}, {"_id": 1})
-                         .sort("at", -1).limit(1))
+            found = list(self._oldest_kept(before))
             if found:
                 self._state.update_one({"_id": "trimmed"}, {"$max": {"value": found[0]["_id"]}},
                                        upsert=True)
@@ -136,10 +160,18 @@ class MongoChangeFeed:
     def forget_owner(self, flow_id: ObjectId, real_id: str, pseudonym: str) -> None:
         """Replace a deleted owner's id in the flow's changes."""
         with self._call():
-            for doc in list(self._changes.find({"flowId": flow_id, "owners": real_id},
-                                               {"owners": 1})):
+            for doc in list(self._of_owner(flow_id, real_id)):
                 owners = [pseudonym if owner == real_id else owner for owner in doc["owners"]]
                 self._changes.update_one({"_id": doc["_id"]}, {"$set": {"owners": owners}})
+
+    def explain_reads(self, flow_id: ObjectId) -> dict[str, dict]:
+        """``explain()`` of every query of the feed (tests check the plans on a real server)."""
+        with self._call():
+            return {"after": self._after(1, 10).explain(),
+                    "newest": self._newest().explain(),
+                    "recorded": self._recorded(f"{flow_id}:1").explain(),
+                    "trim": self._oldest_kept(utcnow()).explain(),
+                    "forgetOwner": self._of_owner(flow_id, "x").explain()}
 
     def drop_all(self) -> None:
         with self._call():

@@ -1021,10 +1021,9 @@ class SqliteChangeFeed:
         return rows[0][0] if rows and rows[0][0] is not None else self.trimmed_through()
 
     def allocated(self) -> int:
-        """The largest seq ever handed out."""
-        rows = self._database.query(
-            "SELECT seq FROM sqlite_sequence WHERE name = 'flow_changes'")
-        return max(rows[0][0] if rows else 0, self.trimmed_through())
+        """The largest seq ever handed out: the newest, as a number is committed with its
+        change and rows only ever leave from the oldest end."""
+        return self.newest()
 
     def trimmed_through(self) -> int:
         rows = self._database.query("SELECT value FROM feed_state WHERE name = 'trimmed'")

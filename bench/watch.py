@@ -10,6 +10,7 @@ The target is a p99 under 200 ms in the embedded default.
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 import tempfile
 import threading
@@ -90,7 +91,8 @@ def run(arguments: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 if arrived < answered:
                     early += 1
                 latencies.append(max(0.0, arrived - answered) * 1000)
-                time.sleep(arguments.pause_ms / 1000)
+                # random pauses, so that PATCHes do not fall in step with the stream's polls
+                time.sleep(random.uniform(0, 2 * arguments.pause_ms) / 1000)
         finally:
             reader.close()
         return {
@@ -117,8 +119,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=20, help="unmeasured PATCHes first")
     parser.add_argument("--flows", type=int, default=20, help="flows the PATCHes rotate over")
     parser.add_argument("--workers", type=int, default=2, help="WEB_CONCURRENCY")
-    parser.add_argument("--pause-ms", type=float, default=10.0,
-                        help="pause after each measured PATCH")
+    parser.add_argument("--pause-ms", type=float, default=40.0,
+                        help="mean of the random pause after each measured PATCH")
     parser.add_argument("--timeout", type=float, default=10.0,
                         help="seconds to wait for each event")
     parser.add_argument("--mongodb-url", default=None,

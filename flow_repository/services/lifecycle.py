@@ -28,8 +28,10 @@ from .results import InvalidEvent, ItemResult
 
 log = logging.getLogger(__name__)
 
-# What applying an orchestrator report reads back: its log line and the history recorder.
-REPORT_FIELDS = ("status", "revision", "deletedAt", "historyOutbox")
+# What applying an orchestrator report reads back: its log line, the history recorder and
+# the change feed (owners, type and template: who may see the change, and the filters).
+REPORT_FIELDS = ("status", "revision", "deletedAt", "historyOutbox", "owners", "type",
+                 "fromTemplate")
 
 
 @dataclass(frozen=True, kw_only=True)

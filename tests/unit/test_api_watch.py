@@ -107,17 +107,20 @@ def test_reconnecting_with_the_first_event_id_resumes_at_the_second(
 
 
 def test_status_changes_deletes_and_restores_are_events_with_the_full_flow_on_request(
-        watch, client: FlaskClient, auth, flow_body) -> None:
+        watch, client: FlaskClient, auth, flow_body, app: Flask) -> None:
     stream = watch(ALICE, query="?include=flow")
     flow_id = client.post("/flows", json=flow_body(), headers=auth(*ALICE)).get_json()["data"]["id"]
     client.patch(f"/flows/{flow_id}", json={"name": "two"}, headers=auth(*ALICE))
     client.post(f"/flows/{flow_id}/restore", json={"revision": 1}, headers=auth(*ALICE))
     client.post(f"/flows/{flow_id}/start", headers=auth(*ALICE))
+    # the orchestrator's report, as the consumer applies it
+    app.extensions["flow_repository"].service.apply_status_event("flow.started", {"id": flow_id})
     client.post(f"/flows/{flow_id}/stop", headers=auth(*ALICE))
-    events = read(stream, 5)
+    events = read(stream, 6)
     assert [e["event"] for e in events] == ["created", "modified", "restored", "status",
-                                            "status"]
-    assert [e["data"]["status"] for e in events[3:]] == ["starting", "stopping"]
+                                            "status", "status"]
+    assert [e["data"]["status"] for e in events[3:]] == ["starting", "active", "stopping"]
+    assert [e["data"]["revision"] for e in events] == [1, 2, 3, 4, 5, 6]
     assert events[0]["data"]["flow"]["id"] == flow_id
 
 

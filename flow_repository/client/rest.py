@@ -436,11 +436,13 @@ class FlowRepositoryClient:
             stream.close()
 
     def _changes(self, params: Mapping[str, Any], last_event_id: str | None,
-                 deadline: float | None, read_timeout: float
+                 deadline: float | None, read_timeout: float, *, first_try_only: bool = False
                  ) -> Iterator[FlowChange | None]:
         """The events of GET /flows/events across reconnections; None whenever the stream
-        (re)opens or sends a keep-alive. Ends at ``deadline``."""
+        (re)opens or sends a keep-alive. Ends at ``deadline``. ``first_try_only``: a first
+        opening that fails (429, 503, unreachable) raises instead of being retried."""
         attempt = 0
+        opened = False
         last = last_event_id
         while deadline is None or time.monotonic() < deadline:
             headers = {"Accept": "text/event-stream"}
@@ -464,7 +466,8 @@ class FlowRepositoryClient:
                     if response.status_code >= 300:
                         failure = error_for(response)
                         retry_after = response.headers.get("Retry-After")
-                        if not isinstance(failure, Unavailable | TooManyRequests):
+                        if not isinstance(failure, Unavailable | TooManyRequests) or (
+                                first_try_only and not opened):
                             raise failure
                     elif not response.headers.get("Content-Type", "").startswith(
                             "text/event-stream"):
@@ -472,6 +475,7 @@ class FlowRepositoryClient:
                             (f"{self.base_url} answered GET /flows/events with "
                             f"{response.headers.get('Content-Type')}, not an event stream")])
                     else:
+                        opened = True
                         for change in parse_events(response.iter_content(chunk_size=None)):
                             if change is not None and change.event == "error":
                                 failure = error_for_event(change)
@@ -484,8 +488,11 @@ class FlowRepositoryClient:
                             yield change
                             if deadline is not None and time.monotonic() >= deadline:
                                 return
-            except (requests.ConnectionError, requests.Timeout):
-                pass  # a stream cut or quiet for read_timeout: reconnect
+            except (requests.ConnectionError, requests.Timeout) as error:
+                if first_try_only and not opened:
+                    raise Unavailable(0, [(f"{self.base_url} could not be reached: "
+                                          f"{error.__class__.__name__}")]) from None
+                # a stream cut or quiet for read_timeout: reconnect
             if failure is not None or attempt:
                 time.sleep(self._delay(attempt, retry_after))
             attempt += 1
@@ -501,10 +508,12 @@ class FlowRepositoryClient:
         without one (an OIH original) it polls every ``interval`` seconds."""
         wanted = {status} if isinstance(status, str) else set(status)
         deadline = time.monotonic() + timeout
-        stream = self._changes({}, None, deadline, read_timeout=max(1.0, timeout))
+        stream = self._changes({}, None, deadline, read_timeout=max(1.0, timeout),
+                               first_try_only=True)
         try:
             next(stream, None)  # opened: no change from now on can be missed
-        except (WatchNotSupported, ValidationError):
+        except (WatchNotSupported, ValidationError, TooManyRequests, Unavailable):
+            # no change feed (an OIH original, an older version), or none for us now
             stream.close()
             return self._poll_status(flow_id, wanted, timeout, deadline, interval, progress)
         try:

@@ -238,3 +238,11 @@ def test_the_route_is_not_taken_for_a_flow_id(watch, client: FlaskClient, auth,
     answers = document["paths"]["/flows/events"]["get"]["responses"]
     assert "text/event-stream" in answers["200"]["content"]
     assert {"400", "401", "410", "429", "503"} <= set(answers)
+
+
+def test_head_answers_like_get_without_opening_a_stream(client: FlaskClient, auth,
+                                                         app: Flask, error_messages) -> None:
+    response = client.head("/flows/events", headers=auth(*ALICE))
+    assert (response.status_code, response.mimetype) == (200, "text/event-stream")
+    assert app.extensions["flow_repository"].watch.open_streams == 0
+    assert client.head("/flows/events").status_code == 401

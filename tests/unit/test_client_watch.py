@@ -3,6 +3,7 @@ that hands requests to the Flask test client), and the polling fallback."""
 
 from __future__ import annotations
 
+import json as jsonlib
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -47,10 +48,10 @@ class Raw:
 class AppSession(requests.Session):
     """A requests session whose requests the Flask app answers (streams stay streams)."""
 
-    def __init__(self, client: FlaskClient, missing: set[str] | None = None) -> None:
+    def __init__(self, client: FlaskClient, refused: dict[str, int] | None = None) -> None:
         super().__init__()
         self.client = client
-        self.missing = missing or set()
+        self.refused = refused or {}  # path -> the status it answers instead
         self.paths: list[str] = []
 
     def request(self, method: str, url: str, params: Any = None, json: Any = None,
@@ -60,9 +61,11 @@ class AppSession(requests.Session):
         self.paths.append(path)
         response = requests.Response()
         response.url = url
-        if path in self.missing:
-            response.status_code = 404
-            response._content = b'{"errors": [{"message": "not found", "code": 404}]}'
+        if path in self.refused:
+            status = self.refused[path]
+            response.status_code = status
+            response._content = jsonlib.dumps({"errors": [{"message": "no", "code": status}]}
+                                           ).encode()
             response._content_consumed = True
             return response
         query = f"?{urlencode(params)}" if params else ""
@@ -160,15 +163,17 @@ def test_wait_for_status_follows_the_change_feed(alice: FlowRepositoryClient, se
         alice.wait_for_status(flow["id"], "active", timeout=0.5)
 
 
-def test_wait_for_status_polls_a_service_without_a_change_feed(
-        app: Flask, token, flow_body) -> None:
-    session = AppSession(app.test_client(), missing={"/flows/events"})
+@pytest.mark.parametrize("refusal", [404, 405, 429, 503])
+def test_wait_for_status_polls_a_service_without_a_change_feed_for_it(
+        app: Flask, token, flow_body, refusal: int) -> None:
+    session = AppSession(app.test_client(), refused={"/flows/events": refusal})
     client = FlowRepositoryClient("http://oih.test", token("alice", "acme"), session=session)
     flow = client.create(flow_body()).flow
     client.start(flow["id"])
     assert client.wait_for_status(flow["id"], "starting", timeout=2)["status"] == "starting"
-    with pytest.raises(WatchNotSupported):
-        next(client.watch(timeout=1))
+    if refusal in (404, 405):
+        with pytest.raises(WatchNotSupported):
+            next(client.watch(timeout=1))
 
 
 def test_watch_refusals_are_raised(session: AppSession, token, alice, flow_body) -> None:

@@ -288,3 +288,33 @@ def test_backup_points_mongodb_users_to_mongodump(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("MONGODB_URL", "mongodb://127.0.0.1:1/flows")
     assert main(["backup", "-o", "x"]) == 2
     assert "mongodump" in capsys.readouterr().err
+
+
+def test_a_database_or_backup_of_schema_1_is_upgraded_with_the_change_feed(
+        tmp_path: Path) -> None:
+    old = tmp_path / "schema-1.sqlite3"
+    connection = sqlite3.connect(old)
+    connection.executescript(
+        "CREATE TABLE flows (id BLOB NOT NULL UNIQUE, doc TEXT NOT NULL, lease_until INTEGER,"
+        " lease_owner TEXT, deleted INTEGER, status, type, template, name, created, updated,"
+        " retries, changed INTEGER, revision, owner_count INTEGER, search_name BLOB,"
+        " search_description BLOB, pending_at, pending_count INTEGER);"
+        "CREATE TABLE flow_owners (fid BLOB NOT NULL, owner NOT NULL, name, created, updated,"
+        " PRIMARY KEY (fid, owner)) WITHOUT ROWID;"
+        "CREATE TABLE flow_history (fid BLOB NOT NULL, revision INTEGER NOT NULL, kind TEXT,"
+        " entry TEXT NOT NULL, PRIMARY KEY (fid, revision));"
+        "PRAGMA user_version = 1;")
+    connection.close()
+    backup = tmp_path / "schema-1-backup.sqlite3"
+    backup.write_bytes(old.read_bytes())
+    reopened = SqliteFlowStore.open(str(old))  # a file an older version wrote
+    flow = reopened.insert(document(historyOutbox=[{"entryId": "h", "kind": "definition",
+                                                    "change": "created", "at": utcnow()}]))
+    assert [change["flowId"] for change in reopened.changes.after(0, 10)] == [flow["_id"]]
+    reopened.close()
+    target = SqliteFlowStore.open(str(tmp_path / "restored.sqlite3"))
+    target.restore(str(backup))  # a backup an older version made
+    target.insert(document(historyOutbox=[{"entryId": "h", "kind": "definition",
+                                           "change": "created", "at": utcnow()}]))
+    assert len(target.changes.after(0, 10)) == 1
+    target.close()

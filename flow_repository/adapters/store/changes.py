@@ -92,12 +92,22 @@ class MongoChangeFeed:
     def record(self, flows: Sequence[Mapping[str, Any]]) -> None:
         """Append the changes of the flows' pending history entries, each flow's in
         revision order (an entry is allocated its seq only once the one before is in)."""
-        for flow in flows:
-            for entry in pending_feed_entries(flow):
-                self._append(entry)
+        entries = [entry for flow in flows for entry in pending_feed_entries(flow)]
+        if not entries:
+            return
+        keys = [self._key(entry) for entry in entries]
+        with self._call():  # one read for the batch: what is recorded already takes no number
+            known = {doc["key"] for doc in self._changes.find(
+                {"key": {"$in": keys}}, {"key": 1, "_id": 0}, **self._hint("changes_key"))}
+        for entry, key in zip(entries, keys, strict=True):
+            if key not in known:
+                self._append(entry, key)
 
-    def _append(self, entry: Mapping[str, Any]) -> None:
-        key = f"{entry['flowId']}:{entry['revision']}"
+    @staticmethod
+    def _key(entry: Mapping[str, Any]) -> str:
+        return f"{entry['flowId']}:{entry['revision']}"
+
+    def _append(self, entry: Mapping[str, Any], key: str) -> None:
         while True:
             seq = self._next_seq()
             try:

@@ -429,12 +429,14 @@ class Database:
             version = original.execute("PRAGMA user_version").fetchone()[0]
             tables = {name for (name,) in original.execute(
                 "SELECT name FROM sqlite_master WHERE type = 'table'")}
-            if version != SCHEMA_VERSION or not {"flows", "flow_owners",
-                                                 "flow_history"} <= tables:
+            # a backup of an older schema is upgraded once restored (schema 1: no feed)
+            if not 1 <= version <= SCHEMA_VERSION or not {"flows", "flow_owners",
+                                                          "flow_history"} <= tables:
                 raise ValueError(f"{source} is not a flow-repository backup "
                                  f"(schema {version})")
             with self._using() as connection:
                 original.backup(connection)
+                self._create_schema(connection)
         finally:
             original.close()
 

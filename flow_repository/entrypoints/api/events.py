@@ -49,6 +49,8 @@ def watch_flows(principal: Principal, arguments: dict[str, Any]) -> Response:
     if unknown:
         raise InvalidFlow(f"unknown filter {unknown[0][:60]!r}; the filters are "
                           f"{', '.join(sorted(WATCH_FILTERS))}")
+    if request.method == "HEAD":  # what a GET would answer, without opening a stream
+        return Response(mimetype="text/event-stream")
     header = request.headers.get("Last-Event-ID")
     since = parse_position(header if header is not None else arguments.get("since"))
     names = settings()

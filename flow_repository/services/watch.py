@@ -242,8 +242,8 @@ class Watcher:
             remaining = deadline - hub.clock()
             if remaining <= 0:
                 return []
-            if self._gap_since is not None:  # look again when the gap's wait is over
-                remaining = min(remaining, max(
+            if self._gap_since is not None:  # a missing number: look again at every poll
+                remaining = min(remaining, hub.limits.poll_seconds, max(
                     0.01, self._gap_since + hub.limits.gap_seconds - hub.clock()))
             hub.wait(version, remaining)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flow_repository.server.gunicorn_worker import RequestBuffer, error_bytes
+from flow_repository.server.gunicorn_worker import RequestBuffer, error_bytes, stream_request
 
 HEAD = b"POST /flows HTTP/1.1\r\nHost: x\r\n"
 
@@ -96,3 +96,16 @@ def test_error_answers_are_complete_json_responses() -> None:
     assert b"Retry-After: 5" in head and b"Connection: close" in head
     assert f"Content-Length: {len(body)}".encode() in head
     assert body == b'{"errors": [{"message": "busy", "code": 503}]}'
+
+
+@pytest.mark.parametrize(("head", "stream"), [
+    (b"GET /flows/events HTTP/1.1\r\nHost: x", True),
+    (b"GET /flows/events/?filter[status]=active HTTP/1.1\r\n", True),
+    (b"GET /flows/eventsx HTTP/1.1\r\n", False),
+    (b"GET /flows/65f0c1d2e3a4b5c6d7e8f901 HTTP/1.1\r\n", False),
+    (b"HEAD /flows/events HTTP/1.1\r\n", False),  # answered at once: a request thread
+    (b"POST /flows/events HTTP/1.1\r\n", False),
+    (b"GET /flows/events", False),
+])
+def test_change_streams_are_told_from_other_requests(head: bytes, stream: bool) -> None:
+    assert stream_request(head) is stream

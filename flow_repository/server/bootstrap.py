@@ -242,7 +242,8 @@ class Runtime:
             max_watchers=settings.max_watchers,
             max_per_caller=settings.max_watchers_per_caller,
             poll_seconds=settings.watch_poll_seconds, gap_seconds=settings.watch_gap_seconds,
-            retention_seconds=settings.watch_retention_seconds))
+            retention_seconds=settings.watch_retention_seconds),
+            on_count=metrics.set_watch_streams)
         if relay:  # every process that relays also trims the change feed (idempotent)
             runtime.loops.append(Periodic("change-feed-trim", FEED_TRIM_SECONDS,
                                           runtime.watch.trim))

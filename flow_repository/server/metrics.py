@@ -57,6 +57,10 @@ class Metrics:
             f"{PREFIX}_outbox_oldest_pending_seconds", "Age of the oldest unpublished event",
             registry=self.registry, multiprocess_mode="mostrecent",
         )
+        self._streams = Gauge(
+            f"{PREFIX}_watch_streams", "Open GET /flows/events streams",
+            registry=self.registry, multiprocess_mode="livesum",
+        )
         self._published = Counter(
             f"{PREFIX}_events_published_total", "Events confirmed by RabbitMQ", ["name"],
             registry=self.registry,
@@ -85,6 +89,10 @@ class Metrics:
 
     def event_dead_lettered(self, name: str) -> None:
         self._dead.labels(name).inc()
+
+    def set_watch_streams(self, count: int) -> None:
+        """This process's open change streams (summed over the live processes)."""
+        self._streams.set(count)
 
     def set_flow_counts(self, counts: dict[str, int]) -> None:
         for status in STATUSES:

@@ -78,6 +78,7 @@ class ChangeWatch:
     store: Store
     limits: WatchLimits = field(default_factory=WatchLimits)
     clock: Callable[[], float] = time.monotonic
+    on_count: Callable[[int], None] = lambda count: None  # told the open streams after a change
     _condition: threading.Condition = field(default_factory=threading.Condition, init=False)
     _version: int = field(default=0, init=False)
     _newest: int | None = field(default=None, init=False)
@@ -123,10 +124,12 @@ class ChangeWatch:
                                         f"open already (MAX_WATCHERS_PER_CALLER); close one",
                                    5)
             self._callers[principal.sub] = self._callers.get(principal.sub, 0) + 1
+            count = sum(self._callers.values())
             if self._poller is None:
                 self._poller = threading.Thread(target=self._poll, name="watch-poller",
                                                 daemon=True)
                 self._poller.start()
+        self.on_count(count)
         return Watcher(self, principal, position, query)
 
     def _release(self, sub: str) -> None:
@@ -136,6 +139,8 @@ class ChangeWatch:
                 self._callers[sub] = left
             else:
                 self._callers.pop(sub, None)
+            count = sum(self._callers.values())
+        self.on_count(count)
 
     def _poll(self) -> None:
         while not self._closing.is_set():

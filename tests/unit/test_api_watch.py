@@ -214,9 +214,13 @@ def test_streams_beyond_max_watchers_are_429_per_caller_and_503_per_process(
     response = watch(("carol", "initech"))
     error_messages(response, 503)
     assert response.headers["Retry-After"]
+    metrics = app.test_client().get("/metrics").get_data(as_text=True)
+    assert "flow_repository_watch_streams 3.0" in metrics
     for stream in opened:
         stream.close()
     assert app.extensions["flow_repository"].watch.open_streams == 0
+    assert "flow_repository_watch_streams 0.0" in app.test_client().get(
+        "/metrics").get_data(as_text=True)
     assert watch(ALICE).status_code == 200
 
 

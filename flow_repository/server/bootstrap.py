@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from flow_repository.adapters.rabbitmq import Publisher
 from flow_repository.adapters.references import ReferenceChecker
@@ -18,12 +18,24 @@ from flow_repository.adapters.relay import OutboxRelay
 from flow_repository.adapters.step_logs import StepLogClient
 from flow_repository.adapters.store import Store, StoreUnavailable, open_store
 from flow_repository.domain import flow as domain
-from flow_repository.entrypoints.consumer import StatusConsumer
 from flow_repository.server.metrics import Metrics
 from flow_repository.server.settings import Settings
 from flow_repository.services import FlowService
 
 log = logging.getLogger(__name__)
+
+
+class Consumer(Protocol):
+    """What a process runs to apply the orchestrator's reports (the entry points' consumer)."""
+
+    connected: bool
+
+    def start(self) -> None: ...
+
+    def stop(self, timeout: float = 10.0) -> None: ...
+
+
+ConsumerFactory = Callable[[Settings, FlowService, Metrics], Consumer]
 
 
 class Periodic:
@@ -151,7 +163,8 @@ class ConsumerTurn:
                 self._stand_down()
         elif runtime.consumer is None:
             settings = runtime.settings
-            runtime.consumer = StatusConsumer(settings, runtime.service, runtime.metrics)
+            runtime.consumer = runtime.consumer_factory(settings, runtime.service,
+                                                        runtime.metrics)
             runtime.consumer.start()
             self._reconciler = Periodic("reconciler", settings.reconcile_interval_seconds,
                                         runtime.service.reconcile)
@@ -184,7 +197,8 @@ class Runtime:
     service: FlowService
     metrics: Metrics
     relay: OutboxRelay | None = None
-    consumer: StatusConsumer | None = None
+    consumer: Consumer | None = None
+    consumer_factory: ConsumerFactory | None = None
     loops: list[Periodic] = field(default_factory=list)
     turn: ConsumerTurn | None = None
     clock: Callable[[], float] = time.monotonic  # when the flow counts were last read
@@ -197,12 +211,14 @@ class Runtime:
         *,
         store: Store | None = None,
         relay: bool = False,
-        consumer: bool = False,
+        consumer: ConsumerFactory | None = None,
         reconciler: bool = False,
         take_turns: bool = False,
     ) -> Runtime:
-        """The parts of one process. ``take_turns`` (embedded ``serve`` on a file): the
-        consumer and the reconciler run only during this process's ConsumerTurn."""
+        """The parts of one process. ``consumer``: how to build the status consumer, when
+        this process consumes (the entry points hand theirs in). ``take_turns`` (embedded
+        ``serve`` on a file): the consumer and the reconciler run only during this
+        process's ConsumerTurn."""
         store = store or open_store(settings)
         try:
             store.ensure_indexes()
@@ -233,12 +249,12 @@ class Runtime:
             ownership_policy=settings.ownership_policy,
             max_list_bytes=settings.max_list_bytes,
         )
-        runtime = cls(settings, store, service, metrics, outbox)
+        runtime = cls(settings, store, service, metrics, outbox, consumer_factory=consumer)
         if take_turns and (consumer or reconciler):
             runtime.turn = ConsumerTurn(runtime, settings.embedded_database)
             return runtime
         if consumer:
-            runtime.consumer = StatusConsumer(settings, service, metrics)
+            runtime.consumer = consumer(settings, service, metrics)
         if reconciler:
             runtime.loops.append(
                 Periodic("reconciler", settings.reconcile_interval_seconds, service.reconcile)

@@ -129,6 +129,13 @@ class FlowStore:
         _look_up_ids_directly(store._committed)
         return store
 
+    atomic_batches = False
+
+    def together(self) -> contextlib.AbstractContextManager[None]:
+        """Each write inside stands on its own (no transaction: a change is one document,
+        already atomic)."""
+        return contextlib.nullcontext()
+
     def _call(self) -> contextlib.AbstractContextManager[None]:
         return database_call(self._lock)
 

@@ -110,7 +110,7 @@ def run(url: str, count: int) -> tuple[float, dict[str, Window]]:
     from flow_repository.entrypoints.app import create_app
     from flow_repository.entrypoints.consumer import StatusConsumer
     from flow_repository.server.bootstrap import Runtime
-    from flow_repository.server.settings import Settings
+    from flow_repository.settings import Settings
 
     counter = Counter()
     monitoring.register(counter)

@@ -12,7 +12,7 @@ from flow_repository.contract import error_body
 from flow_repository.entrypoints.consumer import StatusConsumer
 from flow_repository.server.bootstrap import Runtime, WorkerPresence
 from flow_repository.server.logs import configure_logging
-from flow_repository.server.settings import MEMORY_DATABASE, Settings
+from flow_repository.settings import MEMORY_DATABASE, Settings
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from flow_repository.domain.flow import FlowError
 from flow_repository.entrypoints.consumer import StatusConsumer
 from flow_repository.server.bootstrap import Runtime
 from flow_repository.server.logs import REQUEST_ID, configure_logging
-from flow_repository.server.settings import MEMORY_DATABASE, Settings
+from flow_repository.settings import MEMORY_DATABASE, Settings
 
 log = logging.getLogger(__name__)
 

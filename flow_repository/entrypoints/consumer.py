@@ -14,8 +14,8 @@ import pika.exceptions
 from flow_repository.adapters.rabbitmq import abandon, back_off, broker_parameters, close_quietly
 from flow_repository.adapters.store import StoreUnavailable, utcnow
 from flow_repository.server.metrics import Metrics
-from flow_repository.server.settings import Settings
 from flow_repository.services import FlowService, InvalidEvent
+from flow_repository.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from flow_repository.adapters.step_logs import StepLogClient
 from flow_repository.adapters.store import Store, StoreUnavailable, open_store
 from flow_repository.domain import flow as domain
 from flow_repository.server.metrics import Metrics
-from flow_repository.server.settings import Settings
 from flow_repository.services import FlowService
+from flow_repository.settings import Settings
 
 log = logging.getLogger(__name__)
 

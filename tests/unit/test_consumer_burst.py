@@ -20,8 +20,8 @@ from flow_repository.adapters.store import Store, utcnow
 from flow_repository.domain import flow as domain
 from flow_repository.entrypoints.consumer import StatusConsumer
 from flow_repository.server.metrics import Metrics
-from flow_repository.server.settings import Settings
 from flow_repository.services import FlowService
+from flow_repository.settings import Settings
 
 OWNER = Principal(sub="burst-user", tenant="burst-tenant", permissions=frozenset(),
                   is_admin=False)

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from flow_repository.server.bootstrap import ConsumerTurn, WorkerPresence, database_in_use
-from flow_repository.server.settings import Settings
+from flow_repository.settings import Settings
 
 
 class FakeConsumer:

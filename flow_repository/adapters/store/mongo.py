@@ -17,7 +17,7 @@ from pymongo.errors import PyMongoError
 from pymongo.read_concern import ReadConcern
 
 from flow_repository.domain.flow import ListQuery
-from flow_repository.server.settings import Settings
+from flow_repository.settings import Settings
 
 from . import queries
 from .base import (

@@ -108,8 +108,9 @@ def run(url: str, count: int) -> tuple[float, dict[str, Window]]:
 
     from flow_repository.adapters.auth import mint_token
     from flow_repository.entrypoints.app import create_app
+    from flow_repository.entrypoints.consumer import StatusConsumer
     from flow_repository.server.bootstrap import Runtime
-    from flow_repository.server.settings import Settings
+    from flow_repository.settings import Settings
 
     counter = Counter()
     monitoring.register(counter)
@@ -121,7 +122,7 @@ def run(url: str, count: int) -> tuple[float, dict[str, Window]]:
         queue_url=QUEUE_URL, event_exchange=exchange, event_queue=queue,
         dev_token_secret_file=str(secret), dev_tokens="allow", log_level="ERROR")
     app = create_app(settings, background=True)  # the API process: its relay
-    worker = Runtime.build(settings, relay=True, consumer=True)  # a worker: consumer, relay
+    worker = Runtime.build(settings, relay=True, consumer=StatusConsumer)  # a worker: consumer, relay
     worker.start()
     client = app.test_client()
     token = mint_token(settings, "bench-user", "bench-tenant",

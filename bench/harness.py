@@ -60,7 +60,7 @@ def mint(secret_file: Path, sub: str, tenant: str | None,
          permissions: Sequence[str] = PERMISSIONS) -> str:
     """A dev token the served app accepts (same DEV_TOKEN_SECRET_FILE)."""
     from flow_repository.adapters.auth import mint_token
-    from flow_repository.server.settings import Settings
+    from flow_repository.settings import Settings
 
     settings = Settings.from_env({"DEV_TOKEN_SECRET_FILE": str(secret_file)})
     return mint_token(settings, sub, tenant, list(permissions), 6 * 3600)

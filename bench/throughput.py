@@ -32,7 +32,7 @@ from flow_repository.adapters.rabbitmq import Publisher
 from flow_repository.adapters.relay import OutboxRelay
 from flow_repository.entrypoints.consumer import StatusConsumer, dead_letter_queue, declare_queues
 from flow_repository.server.bootstrap import Runtime
-from flow_repository.server.settings import Settings
+from flow_repository.settings import Settings
 
 TARGET_RATIO = 0.5
 OWNER = Principal(sub="bench-user", tenant="bench-tenant", permissions=frozenset(),

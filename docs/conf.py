@@ -1,5 +1,5 @@
 """Sphinx configuration. Two pages are partly generated at build time so they cannot drift:
-the settings table (from flow_repository.server.settings.Settings) and the route reference
+the settings table (from flow_repository.settings.Settings) and the route reference
 (from the committed openapi.json)."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ GENERATED = DOCS / "_generated"
 
 
 def settings_page() -> str:
-    from flow_repository.server.settings import reference_table
+    from flow_repository.settings import reference_table
 
     return reference_table()
 

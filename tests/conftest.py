@@ -31,7 +31,7 @@ import pytest
 from flow_repository.adapters.auth import mint_token
 from flow_repository.adapters.store import FlowStore, Store, open_store
 from flow_repository.entrypoints.app import create_app
-from flow_repository.server.settings import Settings
+from flow_repository.settings import Settings
 from support import (
     ALL_PERMISSIONS,
     PRODUCT_EVENTS,

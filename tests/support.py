@@ -23,7 +23,7 @@ import requests
 from bson import ObjectId
 
 from flow_repository.entrypoints.consumer import dead_letter_queue
-from flow_repository.server.settings import Settings
+from flow_repository.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 EXECUTABLE = ROOT / ".venv" / "bin" / "flow-repository"

@@ -9,9 +9,10 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from flow_repository.contract import error_body
+from flow_repository.entrypoints.consumer import StatusConsumer
 from flow_repository.server.bootstrap import Runtime, WorkerPresence
 from flow_repository.server.logs import configure_logging
-from flow_repository.server.settings import MEMORY_DATABASE, Settings
+from flow_repository.settings import MEMORY_DATABASE, Settings
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def main(settings: Settings | None = None) -> int:
                  f"{settings.embedded_database}", extra={"database": settings.embedded_database})
         # while this worker runs, the API processes on the file leave consuming to workers
         presence = WorkerPresence(settings.embedded_database)
-    runtime = Runtime.build(settings, relay=True, consumer=True, reconciler=True)
+    runtime = Runtime.build(settings, relay=True, consumer=StatusConsumer, reconciler=True)
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.set())

@@ -6,7 +6,7 @@ envelope (``outbox``), the RabbitMQ publisher (``rabbitmq``), the outbox relay
 (``relay``), the component/secret reference checks (``references``) and the step logs
 client (``step_logs``).
 
-May import: ``domain``, ``contract``, ``server.settings`` and other adapters; never
+May import: ``domain``, ``contract``, ``settings`` and other adapters; never
 ``services``, ``entrypoints`` or the rest of ``server``. Only ``store`` backends import
 pymongo or sqlite3; only ``rabbitmq`` and ``relay`` (and the consumer) touch pika.
 """

@@ -12,7 +12,7 @@ import requests
 
 from flow_repository.adapters.auth.principal import TtlCache
 from flow_repository.domain.flow import FlowError, InvalidFlow, Problem
-from flow_repository.server.settings import Settings
+from flow_repository.settings import Settings
 
 CACHE_MAX_ENTRIES = 10_000
 # Answers meaning "this caller cannot see it": the reference is missing for this caller.

@@ -104,7 +104,8 @@ class OutboxRelay:
             flow_id = flow["_id"]
             if lease is not None and (flow.get("relayLeaseOwner"),
                                       flow.get("relayLeaseUntil")) == lease:
-                taken[flow_id] = lease[1]
+                # hand-offs may arrive out of order: the newest lease a write took counts
+                taken[flow_id] = max(lease[1], taken.get(flow_id, lease[1]))
             if flow_id not in newest or flow["revision"] > newest[flow_id]["revision"]:
                 newest[flow_id] = flow
         # A flow is ours to publish when a write here took its lease and the newest version

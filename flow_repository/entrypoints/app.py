@@ -26,9 +26,10 @@ from flow_repository.adapters.store import Store, StoreUnavailable
 from flow_repository.contract import error_body
 from flow_repository.contract.schemas import ErrorResponseSchema
 from flow_repository.domain.flow import FlowError
+from flow_repository.entrypoints.consumer import StatusConsumer
 from flow_repository.server.bootstrap import Runtime
 from flow_repository.server.logs import REQUEST_ID, configure_logging
-from flow_repository.server.settings import MEMORY_DATABASE, Settings
+from flow_repository.settings import MEMORY_DATABASE, Settings
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ def create_app(
         settings,
         store=store,
         relay=background and (embedded or settings.run_relay_in_api),
-        consumer=background and embedded,
+        consumer=StatusConsumer if background and embedded else None,
         reconciler=background and embedded,
         # a file is shared with this process's sibling workers and with worker processes
         take_turns=embedded and settings.embedded_database != MEMORY_DATABASE,

@@ -10,7 +10,7 @@ import sys
 from typing import Any
 
 from flow_repository.client import cli as client_cli
-from flow_repository.server.settings import MEMORY_DATABASE, Settings, SettingsError
+from flow_repository.settings import MEMORY_DATABASE, Settings, SettingsError
 
 GUNICORN_CONFIG = "python:flow_repository.server.gunicorn_conf"
 
@@ -136,8 +136,10 @@ def openapi_document(settings: Settings | None = None) -> str:
         def authenticate(self, token: str) -> Principal:
             raise AuthError("this app only prints its OpenAPI document")
 
-    app = create_app((settings or Settings.from_env({})).replace(log_level="ERROR"),
-                     authenticator=NoCallers())
+    # no database of the user's is opened (or created) just to print the document
+    app = create_app((settings or Settings.from_env({})).replace(
+        log_level="ERROR", mongodb_url=None, embedded_db_path=MEMORY_DATABASE),
+        authenticator=NoCallers())
     with app.app_context():
         spec = app.extensions["flask-smorest"]["apis"][""]["ext_obj"].spec.to_dict()
     return json.dumps(spec, indent=2, sort_keys=True)

@@ -14,8 +14,8 @@ import pika.exceptions
 from flow_repository.adapters.rabbitmq import abandon, back_off, broker_parameters, close_quietly
 from flow_repository.adapters.store import StoreUnavailable, utcnow
 from flow_repository.server.metrics import Metrics
-from flow_repository.server.settings import Settings
 from flow_repository.services import FlowService, InvalidEvent
+from flow_repository.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,8 @@ class StatusConsumer:
         # Set when consuming cannot work until an operator acts (the queue's arguments).
         self.failure: QueueMismatch | None = None
         self._consumer_tag: str | None = None
+        # The messages one read from the socket delivered, applied together once it ends.
+        self._burst: list[tuple[Any, Any, Any, bytes]] = []
 
     @property
     def connected(self) -> bool:
@@ -165,6 +167,7 @@ class StatusConsumer:
                 log.info("consuming", extra={"queue": self._queue})
                 while not self._stop.is_set():
                     self._connection.process_data_events(time_limit=0.2)
+                    self._apply_burst()
                     self._ack_settled(channel)
                 # Not channel.close(): pika would cancel the consumer first, the broker would
                 # hand the queue to a standby consumer, and the messages held here would
@@ -189,6 +192,7 @@ class StatusConsumer:
         self._connection = pika.BlockingConnection(self._parameters)
         self._unacked_tag = self._unacked_count = 0
         self._halted = False
+        self._burst = []
         channel = self._connection.channel()
         declare_queues(channel, self._settings)
         channel.confirm_delivery()  # so a dead-lettered copy is safe before the original is acked
@@ -228,6 +232,52 @@ class StatusConsumer:
             # consumer (a standby one takes over at once), rather than finished here first.
             self._halted = True
             return
+        self._burst.append((channel, method, properties, body))
+
+    def _apply_burst(self) -> None:
+        """Apply the messages just delivered, in order: together (one transaction on
+        SQLite, acknowledged once it is committed) when there are several, else one by one.
+
+        A message that can never be applied is dead-lettered either way. Anything else
+        going wrong in a burst (the database away, a bug) undoes the whole burst, which is
+        then applied message by message, each with its own retries."""
+        burst, self._burst = self._burst, []
+        if len(burst) > 1 and not self._halted:
+            try:
+                with self._service.together():
+                    outcomes = [self._attempt(method, properties, body)
+                                for _, method, properties, body in burst]
+            except Exception as error:  # undone: each message is tried on its own below
+                log.warning("burst of reports undone; applying them one by one",
+                            extra={"messages": len(burst), "error": repr(error)},
+                            exc_info=not isinstance(error, StoreUnavailable))
+            else:
+                for (channel, method, properties, body), outcome in zip(burst, outcomes,
+                                                                        strict=True):
+                    if isinstance(outcome, InvalidEvent):
+                        self._dead_letter(channel, method, properties, body, str(outcome))
+                    else:
+                        self._applied(channel, method, properties, outcome)
+                return
+        for channel, method, properties, body in burst:
+            if self._halted:
+                return  # left unacked, as _on_message leaves what comes after
+            self._apply_one(channel, method, properties, body)
+
+    def _attempt(self, method: Any, properties: Any, body: bytes) -> str | InvalidEvent:
+        try:
+            return self.handle(event_name(method, properties), body)
+        except InvalidEvent as error:
+            return error
+
+    def _applied(self, channel: Any, method: Any, properties: Any, outcome: str) -> None:
+        name = event_name(method, properties)
+        self._settled(channel, method.delivery_tag)
+        self._metrics.event_consumed(name, "applied")
+        # DEBUG: one line per report would cost more than applying it; /metrics counts them
+        log.debug("event handled", extra={"event": name, "outcome": outcome})
+
+    def _apply_one(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
         name = event_name(method, properties)
         # Deliveries a quorum queue has already counted: earlier workers' attempts.
         attempts = delivery_count(properties)
@@ -256,10 +306,7 @@ class StatusConsumer:
                 if not self._pause(min(0.2 * 2**attempts, 5.0)):
                     self._halted = True
                     return
-        self._settled(channel, method.delivery_tag)
-        self._metrics.event_consumed(name, "applied")
-        # DEBUG: one line per report would cost more than applying it; /metrics counts them
-        log.debug("event handled", extra={"event": name, "outcome": outcome})
+        self._applied(channel, method, properties, outcome)
 
     def handle(self, name: str, body: bytes) -> str:
         """Apply one message; InvalidEvent when it can never be applied."""

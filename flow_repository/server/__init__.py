@@ -1,11 +1,11 @@
 """The server process: configuration and wiring.
 
-Lives here: the settings read from the environment (``settings``), the composition root
-that builds store, services, relay and consumer (``bootstrap``), gunicorn's configuration
+Lives here: the composition root that builds store, services, relay and background
+loops (``bootstrap``; the entry points hand it their consumer), gunicorn's configuration
 and worker (``gunicorn_conf``, ``gunicorn_worker``), JSON logging and redaction (``logs``,
 ``redaction``, ``access_log``) and Prometheus metrics (``metrics``).
 
-May import: anything of the server side (``domain``, ``contract``, ``adapters``,
-``services``, ``entrypoints``); ``settings``, ``logs`` and ``redaction`` import nothing of
-ours, so every layer may read them. Never ``client``.
+May import: ``settings`` and the layers below it (``domain``, ``contract``, ``adapters``,
+``services``); never ``entrypoints``, which stand above it, nor ``client``. ``logs`` and
+``redaction`` import nothing of ours, so every layer may use them.
 """

@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from flow_repository.adapters.rabbitmq import Publisher
 from flow_repository.adapters.references import ReferenceChecker
@@ -18,15 +18,27 @@ from flow_repository.adapters.relay import OutboxRelay
 from flow_repository.adapters.step_logs import StepLogClient
 from flow_repository.adapters.store import Store, StoreUnavailable, open_store
 from flow_repository.domain import flow as domain
-from flow_repository.entrypoints.consumer import StatusConsumer
 from flow_repository.server.metrics import Metrics
-from flow_repository.server.settings import Settings
 from flow_repository.services import FlowService
 from flow_repository.services.watch import ChangeWatch, WatchLimits
+from flow_repository.settings import Settings
 
 log = logging.getLogger(__name__)
 
 FEED_TRIM_SECONDS = 60.0  # how often a relaying process trims the change feed
+
+
+class Consumer(Protocol):
+    """What a process runs to apply the orchestrator's reports (the entry points' consumer)."""
+
+    connected: bool
+
+    def start(self) -> None: ...
+
+    def stop(self, timeout: float = 10.0) -> None: ...
+
+
+ConsumerFactory = Callable[[Settings, FlowService, Metrics], Consumer]
 
 
 class Periodic:
@@ -154,7 +166,8 @@ class ConsumerTurn:
                 self._stand_down()
         elif runtime.consumer is None:
             settings = runtime.settings
-            runtime.consumer = StatusConsumer(settings, runtime.service, runtime.metrics)
+            runtime.consumer = runtime.consumer_factory(settings, runtime.service,
+                                                        runtime.metrics)
             runtime.consumer.start()
             self._reconciler = Periodic("reconciler", settings.reconcile_interval_seconds,
                                         runtime.service.reconcile)
@@ -187,7 +200,8 @@ class Runtime:
     service: FlowService
     metrics: Metrics
     relay: OutboxRelay | None = None
-    consumer: StatusConsumer | None = None
+    consumer: Consumer | None = None
+    consumer_factory: ConsumerFactory | None = None
     loops: list[Periodic] = field(default_factory=list)
     turn: ConsumerTurn | None = None
     watch: ChangeWatch | None = None  # GET /flows/events streams of this process
@@ -201,12 +215,14 @@ class Runtime:
         *,
         store: Store | None = None,
         relay: bool = False,
-        consumer: bool = False,
+        consumer: ConsumerFactory | None = None,
         reconciler: bool = False,
         take_turns: bool = False,
     ) -> Runtime:
-        """The parts of one process. ``take_turns`` (embedded ``serve`` on a file): the
-        consumer and the reconciler run only during this process's ConsumerTurn."""
+        """The parts of one process. ``consumer``: how to build the status consumer, when
+        this process consumes (the entry points hand theirs in). ``take_turns`` (embedded
+        ``serve`` on a file): the consumer and the reconciler run only during this
+        process's ConsumerTurn."""
         store = store or open_store(settings)
         try:
             store.ensure_indexes()
@@ -237,7 +253,7 @@ class Runtime:
             ownership_policy=settings.ownership_policy,
             max_list_bytes=settings.max_list_bytes,
         )
-        runtime = cls(settings, store, service, metrics, outbox)
+        runtime = cls(settings, store, service, metrics, outbox, consumer_factory=consumer)
         runtime.watch = ChangeWatch(store, WatchLimits(
             max_watchers=settings.max_watchers,
             max_per_caller=settings.max_watchers_per_caller,
@@ -251,7 +267,7 @@ class Runtime:
             runtime.turn = ConsumerTurn(runtime, settings.embedded_database)
             return runtime
         if consumer:
-            runtime.consumer = StatusConsumer(settings, service, metrics)
+            runtime.consumer = consumer(settings, service, metrics)
         if reconciler:
             runtime.loops.append(
                 Periodic("reconciler", settings.reconcile_interval_seconds, service.reconcile)

@@ -8,7 +8,7 @@ import os
 import tempfile
 
 from flow_repository.server.logs import JsonFormatter
-from flow_repository.server.settings import MEMORY_DATABASE, Settings
+from flow_repository.settings import MEMORY_DATABASE, Settings
 
 _settings = Settings.from_env()
 

@@ -7,7 +7,7 @@ bounded pages (``listing``), history entries and their recording (``entries``,
 ``recorder``), parsing of ids and If-Match (``parsing``) and the results (``results``).
 
 May import: ``domain``, ``contract`` and the adapters' interfaces (``adapters``, and
-``server.settings``); never pika, pymongo, sqlite3 or flask, nor ``entrypoints``, the rest
+``settings``); never pika, pymongo, sqlite3 or flask, nor ``entrypoints``, the rest
 of ``server`` or ``client``.
 """
 

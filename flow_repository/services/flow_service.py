@@ -60,6 +60,7 @@ class FlowService:
     diff = _Of("history")
     restore = _Of("history")
     record_pending_history = _Of("recorder")
+    together = _Of("recorder")
 
     def __init__(
         self,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from bson import ObjectId
@@ -41,6 +43,7 @@ class HistoryRecorder:
         self._store = store
         self._history_max_revisions = history_max_revisions  # 0 keeps every revision
         self._relay = relay  # this process's outbox relay, when it runs one
+        self._deferred = threading.local()  # hand-offs held back until a batch commits
 
     def record_pending_history(self, flows: Sequence[Mapping[str, Any]]
                                ) -> dict[ObjectId, list[str]]:
@@ -79,11 +82,34 @@ class HistoryRecorder:
     def after_write(self, flow: Mapping[str, Any], lease: Lease | None) -> None:
         """Hand a flow just written (asking for ``lease``) to this process's relay, which
         records its history and publishes its events; with no relay here, record its
-        history now."""
-        if self._relay is not None:
+        history now. Inside :meth:`together`, this waits until the batch commits."""
+        held = getattr(self._deferred, "writes", None)
+        if held is not None:
+            held.append((flow, lease))
+        elif self._relay is not None:
             self._relay.hand_off(flow, lease)
         else:
             self._record_history_after_write(flow)
+
+    @contextlib.contextmanager
+    def together(self) -> Iterator[None]:
+        """The writes made inside, in this thread, as one store transaction where the store
+        can; what they wrote goes to the relay only once it is committed (a relay handed a
+        write that is then rolled back would publish events of a change that never was)."""
+        if getattr(self._deferred, "writes", None) is not None:
+            yield  # already inside one
+            return
+        self._deferred.writes = held = []
+        committed = False
+        try:
+            with self._store.together():
+                yield
+            committed = True
+        finally:
+            self._deferred.writes = None
+            if committed or not self._store.atomic_batches:
+                for flow, lease in held:
+                    self.after_write(flow, lease)
 
     def _record_history_after_write(self, flow: Mapping[str, Any]) -> None:
         """Record right after a change; a failure here loses nothing (the entry waits)."""

@@ -12,7 +12,7 @@ import pytest
 
 from flow_repository.adapters.store import FlowStore
 from flow_repository.entrypoints.app import create_app
-from flow_repository.server.settings import Settings
+from flow_repository.settings import Settings
 from support import (
     Bus,
     Driver,

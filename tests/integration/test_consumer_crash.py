@@ -31,7 +31,7 @@ BLOCKING_CONSUMER = textwrap.dedent('''
     from pathlib import Path
 
     from flow_repository.server.metrics import Metrics
-    from flow_repository.server.settings import Settings
+    from flow_repository.settings import Settings
     from flow_repository.entrypoints.consumer import StatusConsumer
 
     marker = Path(sys.argv[1])

@@ -25,7 +25,7 @@ KILLED_AFTER_THE_WRITE = textwrap.dedent('''
     from flow_repository.adapters.auth import Principal
     from flow_repository.server.bootstrap import Runtime
     from flow_repository.services.recorder import HistoryRecorder
-    from flow_repository.server.settings import Settings
+    from flow_repository.settings import Settings
 
     def killed(self, flow):
         os.kill(os.getpid(), signal.SIGKILL)

@@ -14,7 +14,7 @@ from werkzeug.test import TestResponse
 
 from flow_repository.adapters.store import FlowStore
 from flow_repository.entrypoints.app import create_app
-from flow_repository.server.settings import Settings
+from flow_repository.settings import Settings
 
 UNREACHABLE_MONGODB = "mongodb://127.0.0.1:1"
 

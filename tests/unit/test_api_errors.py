@@ -13,8 +13,8 @@ from flask.testing import FlaskClient
 from flow_repository.adapters.auth import mint_token
 from flow_repository.adapters.store import FlowStore, decode_keys
 from flow_repository.contract.schemas import JSON_MAX_DEPTH
-from flow_repository.server.settings import Settings
 from flow_repository.services import FlowService
+from flow_repository.settings import Settings
 
 Headers = Callable[..., dict[str, str]]
 Create = Callable[..., dict[str, Any]]

@@ -15,7 +15,7 @@ from werkzeug.test import TestResponse
 
 from flow_repository.adapters.store import Store, utcnow
 from flow_repository.entrypoints.app import create_app
-from flow_repository.server.settings import Settings
+from flow_repository.settings import Settings
 
 ALICE = ("alice", "acme")
 BOB = ("bob", "globex")

@@ -33,7 +33,7 @@ from flow_repository.adapters.auth import (
     mint_token,
     principal_from_claims,
 )
-from flow_repository.server.settings import Settings, SettingsError
+from flow_repository.settings import Settings, SettingsError
 
 BASIC_URL = "http://iam.test/api/v1/tokens/introspect"
 OIDC_URL = "http://iam.test/op/token/introspection"

@@ -9,7 +9,7 @@ import pytest
 from flask.testing import FlaskClient
 
 from flow_repository.entrypoints.cli import main
-from flow_repository.server.settings import Settings
+from flow_repository.settings import Settings
 
 AUTH_VARIABLES = ("JWT_SECRET", "JWT_PUBLIC_KEY", "JWT_JWKS_URL", "JWT_AUDIENCE", "JWT_ISSUER",
                   "INTROSPECT_TYPE", "INTROSPECT_ENDPOINT_BASIC", "INTROSPECT_ENDPOINT_OIDC")

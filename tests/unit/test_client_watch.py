@@ -24,7 +24,7 @@ from flow_repository.client.rest import (
     parse_events,
 )
 from flow_repository.entrypoints.app import create_app
-from flow_repository.server.settings import Settings
+from flow_repository.settings import Settings
 
 
 class Raw:

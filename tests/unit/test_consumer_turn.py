@@ -8,9 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from flow_repository.server import bootstrap as runtime_module
 from flow_repository.server.bootstrap import ConsumerTurn, WorkerPresence, database_in_use
-from flow_repository.server.settings import Settings
+from flow_repository.settings import Settings
 
 
 class FakeConsumer:
@@ -27,8 +26,7 @@ class FakeConsumer:
 
 
 @pytest.fixture
-def database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setattr(runtime_module, "StatusConsumer", FakeConsumer)
+def database(tmp_path: Path) -> str:
     return str(tmp_path / "state" / "flows.sqlite3")  # its directory does not exist yet
 
 
@@ -36,7 +34,8 @@ def api_worker(database: str) -> tuple[SimpleNamespace, ConsumerTurn]:
     """An API worker's runtime (what ConsumerTurn uses of it) and its turn."""
     process = SimpleNamespace(
         settings=Settings.from_env({}, embedded_db_path=database),
-        service=SimpleNamespace(reconcile=lambda: None), metrics=None, consumer=None)
+        service=SimpleNamespace(reconcile=lambda: None), metrics=None, consumer=None,
+        consumer_factory=FakeConsumer)
     # a long interval: the test ticks itself
     return process, ConsumerTurn(process, database, interval=3600)
 

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from kubernetes_validate.utils import all_versions
 
-from flow_repository.server.settings import Settings
+from flow_repository.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

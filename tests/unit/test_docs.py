@@ -6,7 +6,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from flow_repository.server.settings import Settings
+from flow_repository.settings import Settings
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 

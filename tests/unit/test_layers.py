@@ -19,21 +19,24 @@ ROOT = Path(__file__).resolve().parents[2] / PACKAGE
 # ``None`` as a rule: no restriction within the server side (only ``client`` is refused).
 SERVER_SIDE = ("flow_repository.domain", "flow_repository.contract",
                "flow_repository.adapters", "flow_repository.services",
-               "flow_repository.entrypoints", "flow_repository.server")
+               "flow_repository.entrypoints", "flow_repository.server",
+               "flow_repository.settings")
 RULES: dict[str, tuple[str, ...]] = {
     "flow_repository.domain": ("flow_repository.domain",),
     "flow_repository.contract": (),
     "flow_repository.contract.schemas": ("flow_repository.domain", "flow_repository.contract"),
     "flow_repository.services": ("flow_repository.domain", "flow_repository.contract",
                                  "flow_repository.adapters", "flow_repository.services",
-                                 "flow_repository.server.settings"),
+                                 "flow_repository.settings"),
     "flow_repository.adapters": ("flow_repository.domain", "flow_repository.contract",
-                                 "flow_repository.adapters", "flow_repository.server.settings"),
+                                 "flow_repository.adapters", "flow_repository.settings"),
     "flow_repository.entrypoints": SERVER_SIDE,
     # the one command line: ``flow-repository flows ...`` is the client's
     "flow_repository.entrypoints.cli": (*SERVER_SIDE, "=flow_repository.client.cli"),
-    "flow_repository.server": SERVER_SIDE,
-    "flow_repository.server.settings": (),
+    # the composition root and the process: below the entry points that start them
+    "flow_repository.server": tuple(layer for layer in SERVER_SIDE
+                                    if layer != "flow_repository.entrypoints"),
+    "flow_repository.settings": (),
     "flow_repository.server.redaction": (),
     "flow_repository.server.logs": ("flow_repository.server.redaction",),
     "flow_repository.client": ("flow_repository.client", "=flow_repository.contract"),

@@ -20,7 +20,7 @@ from flask.testing import FlaskClient
 from flow_repository.adapters.outbox import envelope
 from flow_repository.adapters.store import FlowStore
 from flow_repository.entrypoints.app import create_app
-from flow_repository.server.settings import Settings
+from flow_repository.settings import Settings
 
 SERVICE_TOKEN = "flow-repository-service-token-5f1d"
 COMPONENT = "5d9f1e2a3b4c5d6e7f800abc"

@@ -11,7 +11,7 @@ import pytest
 from flask.testing import FlaskClient
 
 from flow_repository.entrypoints.cli import main, openapi_document
-from flow_repository.server.settings import Settings
+from flow_repository.settings import Settings
 
 COMMITTED = Path(__file__).resolve().parents[2] / "openapi.json"
 REFRESH = ".venv/bin/flow-repository openapi > openapi.json"

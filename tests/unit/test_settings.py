@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from flow_repository.adapters.auth import build_authenticator
-from flow_repository.server.settings import Settings, SettingsError, reference_table
+from flow_repository.settings import Settings, SettingsError, reference_table
 
 
 def test_the_queue_type_defaults_to_classic_and_reads_quorum_in_any_case() -> None:

@@ -17,7 +17,7 @@ from bson import ObjectId
 from flow_repository.adapters.store import SqliteFlowStore, utcnow
 from flow_repository.domain.flow import STATUSES, ListQuery
 from flow_repository.entrypoints.cli import main
-from flow_repository.server.settings import Settings
+from flow_repository.settings import Settings
 
 MOMENT = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
 ENTRY = {"entryId": "h1", "kind": "definition", "change": "updated", "at": MOMENT}

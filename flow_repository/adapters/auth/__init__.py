@@ -9,7 +9,7 @@ from collections.abc import Callable
 import jwt
 import requests
 
-from flow_repository.server.settings import Settings, SettingsError
+from flow_repository.settings import Settings, SettingsError
 
 from .dev_tokens import dev_secret, mint_token
 from .introspection import IntrospectionAuthenticator

@@ -16,7 +16,7 @@ from typing import Any
 
 import jwt
 
-from flow_repository.server.settings import Settings, SettingsError, state_home
+from flow_repository.settings import Settings, SettingsError, state_home
 
 _log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import requests
 
-from flow_repository.server.settings import Settings, SettingsError
+from flow_repository.settings import Settings, SettingsError
 
 from .principal import (
     CACHE_MAX_ENTRIES,

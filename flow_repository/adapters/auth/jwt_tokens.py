@@ -12,7 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
-from flow_repository.server.settings import SettingsError
+from flow_repository.settings import SettingsError
 
 from .principal import (
     CACHE_MAX_ENTRIES,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flow_repository.server.settings import Settings
+from flow_repository.settings import Settings
 
 from . import queries
 from .base import Lease, Store, StoreUnavailable, decode_keys, encode_keys, utcnow

@@ -17,7 +17,7 @@ from pymongo.errors import PyMongoError
 from pymongo.read_concern import ReadConcern
 
 from flow_repository.domain.flow import ListQuery
-from flow_repository.server.settings import Settings
+from flow_repository.settings import Settings
 
 from . import queries
 from .base import (
@@ -130,6 +130,13 @@ class FlowStore:
         _look_up_ids_directly(store._flows)
         _look_up_ids_directly(store._committed)
         return store
+
+    atomic_batches = False
+
+    def together(self) -> contextlib.AbstractContextManager[None]:
+        """Each write inside stands on its own (no transaction: a change is one document,
+        already atomic)."""
+        return contextlib.nullcontext()
 
     def _call(self) -> contextlib.AbstractContextManager[None]:
         return database_call(self._lock)
@@ -371,18 +378,21 @@ class FlowStore:
                     {"_id": flow_id},
                     {"$pull": {"historyOutbox": {"entryId": {"$in": list(entry_ids)}}}}))
         for flow_id, event_ids in published.items():
+            if flow_id in deleted:
+                # Removed in one write, and only while its outbox holds just the events that
+                # went out: dropping them first and the tombstone after would leave, when the
+                # process dies in between, a tombstone with nothing pending that no relay
+                # ever claims again.
+                writes.append(Write({"_id": flow_id, "relayLeaseOwner": relay_id,
+                                     "deletedAt": {"$ne": None}, **_holds_only(event_ids)}))
             if event_ids:
                 writes.append(Write({"_id": flow_id, "relayLeaseOwner": relay_id},
                                     {"$pull": {"outbox": {"eventId": {"$in": list(event_ids)}}}}))
-            if flow_id in deleted:  # gone once its last event is out (checked here again)
-                writes.append(Write({"_id": flow_id, "relayLeaseOwner": relay_id,
-                                     "deletedAt": {"$ne": None}, "outbox": {"$size": 0}}))
             writes.append(Write({"_id": flow_id, "relayLeaseOwner": relay_id},
                                 {"$unset": {"relayLeaseUntil": "", "relayLeaseOwner": ""}}))
         if deleted:
             self.history.drop_flows(deleted)
         with self._call():
-            # in order: a tombstone is removed only after its events left the outbox
             write_all(self._flows, writes, real=self._real, ordered=True)
 
     # ------------------------------------------------------------------------- test support
@@ -430,3 +440,11 @@ class FlowStore:
     @staticmethod
     def _out(document: Mapping[str, Any] | None) -> dict | None:
         return None if document is None else decode_keys(document)
+
+
+def _holds_only(event_ids: Sequence[str]) -> dict[str, Any]:
+    """The condition that a flow's outbox holds exactly the events ``event_ids``."""
+    if not event_ids:
+        return {"outbox": {"$size": 0}}
+    return {"outbox": {"$size": len(event_ids),
+                       "$not": {"$elemMatch": {"eventId": {"$nin": list(event_ids)}}}}}

@@ -491,6 +491,15 @@ class SqliteFlowStore:
             for name, (definition, _) in INDEXES.items():
                 connection.execute(f"CREATE INDEX IF NOT EXISTS {name} {definition}")
 
+    atomic_batches = True
+
+    @contextlib.contextmanager
+    def together(self) -> Iterator[None]:
+        """The writes made inside, in this thread, as one transaction: all or none, and
+        one commit (a burst of status reports costs one, not one each)."""
+        with self.database.writing():
+            yield
+
     def ping(self) -> None:
         """Raise StoreUnavailable unless the database answers."""
         self.database.query("SELECT count(*) FROM flows WHERE id = x''")

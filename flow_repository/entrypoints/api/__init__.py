@@ -14,8 +14,8 @@ from flow_repository.contract import error_body
 from flow_repository.contract.schemas import ErrorResponseSchema
 from flow_repository.domain.flow import Forbidden, InvalidFlow
 from flow_repository.server.bootstrap import Runtime
-from flow_repository.server.settings import Settings
 from flow_repository.services import DryRun, FlowService, ItemResult, Saved
+from flow_repository.settings import Settings
 
 MISSING_PERMISSION = "MISSING_PERMISSION"
 

@@ -134,3 +134,32 @@ def test_a_reader_that_stops_reading_is_dropped(serve, iam: FakeIam, flow_body) 
 
     eventually(freed, 30, message="the stalled reader to be dropped")
     stalled.close()
+
+
+def test_resuming_works_across_api_processes_and_a_restart(serve, iam: FakeIam,
+                                                           flow_body) -> None:
+    """Two ``serve`` processes on one database (the embedded file, or MongoDB with
+    --mongodb=secantus): ids order the changes of both, and a third process started after
+    one stopped resumes where the client left off."""
+    first, second = serve(), serve()
+    token = iam.grant("alice", "acme")
+    through_first = FlowRepositoryClient(first.base_url, token)
+    through_second = FlowRepositoryClient(second.base_url, token)
+    flow = through_first.create(flow_body("shared")).flow
+    through_second.update(flow["id"], {"name": "second"})
+    through_first.update(flow["id"], {"name": "third"})
+    changes = through_second.watch(last_event_id="0", timeout=30)
+    seen = [next(changes) for _ in range(3)]
+    changes.close()
+    assert [(change.event, change.revision) for change in seen] == [
+        ("created", 1), ("modified", 2), ("modified", 3)]
+    assert [int(change.id) for change in seen] == sorted(int(change.id) for change in seen)
+    assert second.terminate(20) == 0
+    third = serve()
+    through_first.update(flow["id"], {"name": "fourth"})
+    resumed = FlowRepositoryClient(third.base_url, token).watch(last_event_id=seen[-1].id,
+                                                                timeout=30)
+    after = next(resumed)
+    resumed.close()
+    assert (after.event, after.revision) == ("modified", 4)
+    assert int(after.id) > int(seen[-1].id)

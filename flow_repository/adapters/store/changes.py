@@ -28,9 +28,9 @@ from typing import Any
 import pymongo
 from bson import ObjectId
 from pymongo import ReturnDocument
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
-from .base import database_call, decode_keys, pending_feed_entries, utcnow
+from .base import DUPLICATE_KEY, database_call, decode_keys, pending_feed_entries, utcnow
 
 COLLECTION = "flow_changes"
 STATE = "flow_changes_state"  # {_id: "seq", value}: the counter; {_id: "trimmed", value}
@@ -82,45 +82,57 @@ class MongoChangeFeed:
         return self._changes.find({"flowId": flow_id, "owners": owner_id}, {"owners": 1},
                                   **self._hint("changes_flow"))
 
-    def _next_seq(self) -> int:
+    def _next_seqs(self, count: int) -> range:
+        """``count`` consecutive seqs, taken from the counter at once."""
         with self._call():
             counter = self._state.find_one_and_update(
-                {"_id": "seq"}, {"$inc": {"value": 1}}, upsert=True,
+                {"_id": "seq"}, {"$inc": {"value": count}}, upsert=True,
                 return_document=ReturnDocument.AFTER)
-        return int(counter["value"])
+        last = int(counter["value"])
+        return range(last - count + 1, last + 1)
+
+    def _next_seq(self) -> int:
+        return self._next_seqs(1)[0]
 
     def record(self, flows: Sequence[Mapping[str, Any]]) -> None:
         """Append the changes of the flows' pending history entries, each flow's in
-        revision order (an entry is allocated its seq only once the one before is in)."""
-        entries = [entry for flow in flows for entry in pending_feed_entries(flow)]
-        if not entries:
-            return
-        keys = [self._key(entry) for entry in entries]
-        with self._call():  # one read for the batch: what is recorded already takes no number
-            known = {doc["key"] for doc in self._changes.find(
-                {"key": {"$in": keys}}, {"key": 1, "_id": 0}, **self._hint("changes_key"))}
-        for entry, key in zip(entries, keys, strict=True):
-            if key not in known:
-                self._append(entry, key)
+        revision order: two round trips for the whole batch (its seqs taken at once, then
+        one ordered insert).
+
+        An insert stops at the first number it cannot have. When that change was recorded
+        before (a retry, read-repair), the number becomes a hole; when a reader abandoned it
+        (this writer was slower than the reader's wait), the change takes a new one. Either
+        way the numbers taken after it are left as holes and what follows takes new ones,
+        so no change ever lands before an earlier one of its flow."""
+        pending = [(entry, self._key(entry))
+                   for flow in flows for entry in pending_feed_entries(flow)]
+        while pending:
+            seqs = self._next_seqs(len(pending))
+            stopped = self._insert([{**entry, "_id": seq, "key": key}
+                                    for (entry, key), seq in zip(pending, seqs, strict=True)])
+            if stopped is None:
+                return
+            self._holes(seqs[stopped:])  # the refused number too, unless a change holds it
+            key = pending[stopped][1]
+            with self._call():
+                recorded = next(iter(self._recorded(key)), None)
+            pending = pending[stopped + (recorded is not None):]
+
+    def _insert(self, documents: list[dict[str, Any]]) -> int | None:
+        """Insert in order; the index of the first one refused (a duplicate), or None."""
+        try:
+            with self._call():
+                self._changes.insert_many(documents, ordered=True)
+        except BulkWriteError as error:
+            failures = error.details.get("writeErrors") or []
+            if not failures or any(failure.get("code") != DUPLICATE_KEY for failure in failures):
+                raise
+            return int(failures[0]["index"])
+        return None
 
     @staticmethod
     def _key(entry: Mapping[str, Any]) -> str:
         return f"{entry['flowId']}:{entry['revision']}"
-
-    def _append(self, entry: Mapping[str, Any], key: str) -> None:
-        while True:
-            seq = self._next_seq()
-            try:
-                with self._call():
-                    self._changes.insert_one({**entry, "_id": seq, "key": key})
-                return
-            except DuplicateKeyError:
-                with self._call():
-                    recorded = next(iter(self._recorded(key)), None)
-                if recorded is not None and recorded["_id"] != seq:
-                    self.abandon(seq)  # recorded before: our number becomes a hole now
-                    return
-                # a reader abandoned our number (we were slower than its wait): next one
 
     def after(self, seq: int, limit: int) -> list[dict]:
         """Up to ``limit`` changes (and holes) after ``seq``, in seq order (the _id index)."""
@@ -146,13 +158,21 @@ class MongoChangeFeed:
             state = self._state.find_one({"_id": "trimmed"})
         return int(state["value"]) if state else 0
 
+    def _holes(self, seqs: Sequence[int]) -> None:
+        """Make each of ``seqs`` a hole unless a change already holds it (one round trip)."""
+        with self._call(), contextlib.suppress(BulkWriteError):  # held: stays the change
+            self._changes.insert_many([self._hole(seq) for seq in seqs], ordered=False)
+
+    @staticmethod
+    def _hole(seq: int) -> dict[str, Any]:
+        return {"_id": seq, "hole": True, "key": f"hole:{seq}", "at": utcnow()}
+
     def abandon(self, seq: int) -> None:
         """Make ``seq`` a hole unless a change already holds it."""
         if seq <= self.trimmed_through():
             return
         with self._call(), contextlib.suppress(DuplicateKeyError):
-            self._changes.insert_one({"_id": seq, "hole": True, "key": f"hole:{seq}",
-                                      "at": utcnow()})
+            self._changes.insert_one(self._hole(seq))
 
     def trim(self, before: datetime) -> int:
         """Remove the changes older than ``before`` (up to the newest of them, by seq).

@@ -784,8 +784,13 @@ class SqliteFlowStore:
         if not keys:
             return
         with self.database.writing() as connection:
+            # Most flows give up every pending item at once: SQLite empties the list in the
+            # stored JSON itself; only the others are decoded and rewritten here.
+            rest = [key for key in keys if not self._emptied(connection, key, relay_id,
+                                                            published, recorded)]
             rows = connection.execute(
-                f"SELECT {_ROW} FROM flows WHERE id IN ({_marks(len(keys))})", keys).fetchall()
+                f"SELECT {_ROW} FROM flows WHERE id IN ({_marks(len(rest))})",
+                rest).fetchall() if rest else []
             for row in rows:
                 document = _document(*row)
                 flow_id = document["_id"]
@@ -810,6 +815,27 @@ class SqliteFlowStore:
                     f"UPDATE flows SET lease_until = NULL, lease_owner = NULL "
                     f"WHERE id IN ({_marks(len(leased))}) AND lease_owner = ?",
                     (*leased, relay_id))
+
+    @staticmethod
+    def _emptied(connection: sqlite3.Connection, key: bytes | str, relay_id: str,
+                 published: Mapping[ObjectId, Sequence[str]],
+                 recorded: Mapping[ObjectId, Sequence[str]]) -> bool:
+        """Empty the flow's history outbox and (while ``relay_id`` holds its lease) its
+        outbox in place when every item in them is among those done; False when some
+        item stays, which the caller then drops item by item."""
+        flow_id = _flow_id(key)
+        entry_ids = list(recorded.get(flow_id, ()))
+        event_ids = list(published.get(flow_id, ()))
+        if entry_ids and not connection.execute(
+                _EMPTY_WHEN_DONE.format(field="historyOutbox", key="entryId", pending="",
+                                        lease="", marks=_marks(len(entry_ids))),
+                (key, *entry_ids)).rowcount:
+            return False
+        return not event_ids or bool(connection.execute(
+            _EMPTY_WHEN_DONE.format(field="outbox", key="eventId",
+                                    pending=", pending_at = NULL, pending_count = 0",
+                                    lease="AND lease_owner = ? ", marks=_marks(len(event_ids))),
+            (key, relay_id, *event_ids)).rowcount)
 
     # ------------------------------------------------------------------------- test support
 
@@ -837,6 +863,15 @@ class SqliteFlowStore:
     def close(self) -> None:
         """Close this process's connections (the CLI's backup and restore)."""
         self.database.close()
+
+
+# Empties a list of the document when each of its items is one of those given by ``key``.
+_EMPTY_WHEN_DONE = (
+    "UPDATE flows SET doc = json_set(doc, '$.{field}', json('[]')){pending} "
+    "WHERE id = ? {lease}AND json_type(doc, '$.{field}') = 'array' AND NOT EXISTS ("
+    "SELECT 1 FROM json_each(flows.doc, '$.{field}') "
+    "WHERE json_extract(value, '$.{key}') IS NULL "
+    "OR json_extract(value, '$.{key}') NOT IN ({marks}))")
 
 
 def _drop_items(document: dict, field: str, key: str, values: Iterable[Any]) -> bool:

@@ -23,8 +23,10 @@ from flow_repository.adapters.auth import (
     build_authenticator,
 )
 from flow_repository.adapters.store import Store, StoreUnavailable
+from flow_repository.adapters.tracing import Tracing
 from flow_repository.contract import error_body
 from flow_repository.contract.schemas import ErrorResponseSchema
+from flow_repository.domain import trace
 from flow_repository.domain.flow import FlowError
 from flow_repository.server.bootstrap import Runtime
 from flow_repository.server.logs import REQUEST_ID, configure_logging
@@ -38,6 +40,7 @@ EXTENSION = "flow_repository"
 # Swagger UI's scripts are served from the installed swagger-ui-bundle, so /api-docs works
 # on installations without internet access.
 SWAGGER_ASSETS = "/api-docs/assets"
+SPAN_KEY = "flow_repository.span"  # the request's span (tracing on), in the WSGI environ
 
 
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
@@ -103,8 +106,10 @@ def create_app(
     store: Store | None = None,
     authenticator: Authenticator | None = None,
     background: bool = False,
+    tracing: Tracing | None = None,
 ) -> Flask:
-    """Build the service. ``background`` starts the relay (and, embedded, consumer/reconciler)."""
+    """Build the service. ``background`` starts the relay (and, embedded, consumer/reconciler).
+    ``tracing``: default, as the OTEL_* settings ask."""
     settings = settings or Settings.from_env()
     configure_logging(settings.log_level)
     if settings.embedded and settings.embedded_database == MEMORY_DATABASE:
@@ -137,6 +142,7 @@ def create_app(
         reconciler=background and embedded,
         # a file is shared with this process's sibling workers and with worker processes
         take_turns=embedded and settings.embedded_database != MEMORY_DATABASE,
+        tracing=tracing,
     )
     app.extensions[EXTENSION] = state
     app.extensions["authenticator"] = authenticator or build_authenticator(settings)
@@ -151,6 +157,7 @@ def create_app(
                      lambda filename: send_from_directory(swagger_ui_path, filename))
     _install_error_handlers(app)
     _install_request_hooks(app, state)
+    app.wsgi_app = traced(app.wsgi_app, state.tracing)  # type: ignore[method-assign]
     if background:
         state.start()
     return app
@@ -211,6 +218,33 @@ def _webargs_messages(error: HTTPException) -> list[str]:
     return [problem.text() for problem in problems_from(located, dict(request.args))]
 
 
+def traced(wsgi_app: Any, tracing: Tracing) -> Any:
+    """``wsgi_app`` in the caller's trace: a request carrying a valid ``traceparent``
+    continues it (a malformed one is ignored), and with tracing on each request is a span.
+
+    The trace context is current while the request is handled (the outbox events, history
+    entries and log lines take it from there) and waits in the environ for the access log.
+    Neither tracing nor a ``traceparent``: the request goes straight through.
+    """
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        parent = None
+        if "HTTP_TRACEPARENT" in environ:
+            parent = trace.parse(environ["HTTP_TRACEPARENT"], environ.get("HTTP_TRACESTATE"))
+        if parent is None and not tracing.enabled:
+            return wsgi_app(environ, start_response)
+        method = environ.get("REQUEST_METHOD", "")
+        attributes = None if not tracing.enabled else {
+            "http.request.method": method, "url.path": environ.get("PATH_INFO", ""),
+            "url.scheme": environ.get("wsgi.url_scheme", "http")}
+        with tracing.incoming(method, parent, attributes=attributes) as span:
+            environ[SPAN_KEY] = span
+            environ[trace.ENVIRON_KEY] = trace.current()
+            return wsgi_app(environ, start_response)
+
+    return app
+
+
 def _install_request_hooks(app: Flask, state: Runtime) -> None:
     whitelist = set(state.settings.origin_whitelist)
 
@@ -250,6 +284,12 @@ def _install_request_hooks(app: Flask, state: Runtime) -> None:
             seconds = time.perf_counter() - started
             route = request.url_rule.rule if request.url_rule else None
             state.metrics.request(request.method, route, response.status_code, seconds)
+            span = request.environ.get(SPAN_KEY)
+            if span is not None:
+                state.tracing.annotate(
+                    span, f"{request.method} {route}" if route else None,
+                    {"http.route": route, "http.response.status_code": response.status_code},
+                    error=response.status_code >= 500)
         return response
 
     @app.teardown_request

@@ -13,6 +13,8 @@ import pika.exceptions
 
 from flow_repository.adapters.rabbitmq import abandon, back_off, broker_parameters, close_quietly
 from flow_repository.adapters.store import StoreUnavailable, utcnow
+from flow_repository.adapters.tracing import Tracing
+from flow_repository.domain import trace
 from flow_repository.server.metrics import Metrics
 from flow_repository.server.settings import Settings
 from flow_repository.services import FlowService, InvalidEvent
@@ -111,10 +113,16 @@ class StatusConsumer:
     (``x-delivery-count``), so a worker restart does not reset the count. A MongoDB outage
     is not the message's fault: the message waits in hand until MongoDB answers, never
     counted, never dead-lettered; on shutdown it goes back to the queue unacked.
+
+    A message whose headers carry a W3C ``traceparent`` continues that trace: its handling
+    is a consumer span of the trace (tracing on), its log lines name the trace, and what
+    it causes (a ``flow.stopping`` after ``flow.failed``, the history entry) carries it on.
     """
 
-    def __init__(self, settings: Settings, service: FlowService, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, service: FlowService, metrics: Metrics,
+                 tracing: Tracing | None = None) -> None:
         self._settings = settings
+        self._tracing = tracing or Tracing()
         self._service = service
         self._metrics = metrics
         self._queue = settings.event_queue
@@ -229,6 +237,23 @@ class StatusConsumer:
             self._halted = True
             return
         name = event_name(method, properties)
+        headers = properties.headers or {}
+        parent = trace.parse(headers.get(trace.TRACEPARENT), headers.get(trace.TRACESTATE))
+        tracing = self._tracing
+        attributes = None if not tracing.enabled else {
+            "messaging.system": "rabbitmq", "messaging.operation.type": "process",
+            "messaging.destination.name": self._queue,
+            "messaging.rabbitmq.destination.routing_key": name,
+            "messaging.message.id": properties.message_id}
+        with tracing.incoming(f"{name} process", parent, kind="consumer",
+                              attributes=attributes) as span:
+            outcome = self._apply(channel, method, properties, body, name)
+            tracing.annotate(span, attributes={"flow_repository.outcome": outcome},
+                             error=outcome != "applied")
+
+    def _apply(self, channel: Any, method: Any, properties: Any, body: bytes, name: str
+               ) -> str:
+        """Apply one message, retrying in place; returns applied, dead-lettered or halted."""
         # Deliveries a quorum queue has already counted: earlier workers' attempts.
         attempts = delivery_count(properties)
         while True:
@@ -237,13 +262,13 @@ class StatusConsumer:
                 break
             except InvalidEvent as error:
                 self._dead_letter(channel, method, properties, body, str(error))
-                return
+                return "dead-lettered"
             except StoreUnavailable as error:
                 log.warning("MongoDB unavailable; message kept in hand",
                             extra={"event": name, "error": str(error)})
                 if not self._pause(2.0):
                     self._halted = True
-                    return
+                    return "halted"
             except Exception as error:  # any bug in a handler must not kill the consumer
                 attempts += 1
                 log.exception("event handler failed", extra={"event": name,
@@ -251,15 +276,16 @@ class StatusConsumer:
                 if attempts >= self._settings.consumer_max_attempts:
                     reason = f"failed {attempts} times: {type(error).__name__}: {error}"
                     self._dead_letter(channel, method, properties, body, reason)
-                    return
+                    return "dead-lettered"
                 self._metrics.event_consumed(name, "retried")
                 if not self._pause(min(0.2 * 2**attempts, 5.0)):
                     self._halted = True
-                    return
+                    return "halted"
         self._settled(channel, method.delivery_tag)
         self._metrics.event_consumed(name, "applied")
         # DEBUG: one line per report would cost more than applying it; /metrics counts them
         log.debug("event handled", extra={"event": name, "outcome": outcome})
+        return "applied"
 
     def handle(self, name: str, body: bytes) -> str:
         """Apply one message; InvalidEvent when it can never be applied."""

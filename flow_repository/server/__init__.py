@@ -6,6 +6,6 @@ and worker (``gunicorn_conf``, ``gunicorn_worker``), JSON logging and redaction 
 ``redaction``, ``access_log``) and Prometheus metrics (``metrics``).
 
 May import: anything of the server side (``domain``, ``contract``, ``adapters``,
-``services``, ``entrypoints``); ``settings``, ``logs`` and ``redaction`` import nothing of
-ours, so every layer may read them. Never ``client``.
+``services``, ``entrypoints``); ``settings`` and ``redaction`` import nothing of ours and
+``logs`` only the domain's trace context, so every layer may read them. Never ``client``.
 """

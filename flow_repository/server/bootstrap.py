@@ -17,6 +17,7 @@ from flow_repository.adapters.references import ReferenceChecker
 from flow_repository.adapters.relay import OutboxRelay
 from flow_repository.adapters.step_logs import StepLogClient
 from flow_repository.adapters.store import Store, StoreUnavailable, open_store
+from flow_repository.adapters.tracing import Tracing, build_tracing
 from flow_repository.domain import flow as domain
 from flow_repository.entrypoints.consumer import StatusConsumer
 from flow_repository.server.metrics import Metrics
@@ -151,7 +152,8 @@ class ConsumerTurn:
                 self._stand_down()
         elif runtime.consumer is None:
             settings = runtime.settings
-            runtime.consumer = StatusConsumer(settings, runtime.service, runtime.metrics)
+            runtime.consumer = StatusConsumer(settings, runtime.service, runtime.metrics,
+                                              runtime.tracing)
             runtime.consumer.start()
             self._reconciler = Periodic("reconciler", settings.reconcile_interval_seconds,
                                         runtime.service.reconcile)
@@ -188,6 +190,8 @@ class Runtime:
     loops: list[Periodic] = field(default_factory=list)
     turn: ConsumerTurn | None = None
     clock: Callable[[], float] = time.monotonic  # when the flow counts were last read
+    tracing: Tracing = field(default_factory=Tracing)
+    owns_tracing: bool = False  # built here (so shut down here), not handed in
     _counts_read_at: float | None = field(default=None, init=False, repr=False)
 
     @classmethod
@@ -200,10 +204,15 @@ class Runtime:
         consumer: bool = False,
         reconciler: bool = False,
         take_turns: bool = False,
+        tracing: Tracing | None = None,
     ) -> Runtime:
         """The parts of one process. ``take_turns`` (embedded ``serve`` on a file): the
-        consumer and the reconciler run only during this process's ConsumerTurn."""
-        store = store or open_store(settings)
+        consumer and the reconciler run only during this process's ConsumerTurn.
+        ``tracing``: default, as the OTEL_* settings ask (one provider per process)."""
+        owns_tracing = tracing is None
+        tracing = (tracing or build_tracing(settings)).with_system(
+            "sqlite" if settings.embedded else "mongodb")
+        store = tracing.store(store or open_store(settings))
         try:
             store.ensure_indexes()
         except StoreUnavailable as error:
@@ -219,6 +228,7 @@ class Runtime:
                 on_published=metrics.event_published,
                 # the history rules live in the service, built next
                 record_history=lambda flows: service.record_pending_history(flows),
+                tracing=tracing,
             )
         service = FlowService(
             store,
@@ -233,12 +243,13 @@ class Runtime:
             ownership_policy=settings.ownership_policy,
             max_list_bytes=settings.max_list_bytes,
         )
-        runtime = cls(settings, store, service, metrics, outbox)
+        runtime = cls(settings, store, service, metrics, outbox, tracing=tracing,
+                      owns_tracing=owns_tracing)
         if take_turns and (consumer or reconciler):
             runtime.turn = ConsumerTurn(runtime, settings.embedded_database)
             return runtime
         if consumer:
-            runtime.consumer = StatusConsumer(settings, service, metrics)
+            runtime.consumer = StatusConsumer(settings, service, metrics, tracing)
         if reconciler:
             runtime.loops.append(
                 Periodic("reconciler", settings.reconcile_interval_seconds, service.reconcile)
@@ -265,6 +276,8 @@ class Runtime:
             loop.stop()
         if self.relay:
             self.relay.stop()
+        if self.owns_tracing:
+            self.tracing.shutdown()
 
     def health(self, *, queue_required: bool) -> tuple[int, dict[str, Any]]:
         """The HTTP status and body of /healthcheck for this process.

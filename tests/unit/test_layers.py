@@ -35,7 +35,8 @@ RULES: dict[str, tuple[str, ...]] = {
     "flow_repository.server": SERVER_SIDE,
     "flow_repository.server.settings": (),
     "flow_repository.server.redaction": (),
-    "flow_repository.server.logs": ("flow_repository.server.redaction",),
+    "flow_repository.server.logs": ("flow_repository.server.redaction",
+                                     "flow_repository.domain.trace"),
     "flow_repository.client": ("flow_repository.client", "=flow_repository.contract"),
 }
 # third-party package -> the only module prefixes that may import it
@@ -48,6 +49,8 @@ THIRD_PARTY: dict[str, tuple[str, ...]] = {
     "flask_smorest": ("flow_repository.entrypoints",),
     "marshmallow": ("flow_repository.contract.schemas",),
     "gunicorn": ("flow_repository.server", "flow_repository.entrypoints.cli"),
+    # the optional ``otel`` extra: one module knows it, and imports it guarded
+    "opentelemetry": ("flow_repository.adapters.tracing",),
 }
 
 

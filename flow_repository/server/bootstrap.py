@@ -10,13 +10,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from flow_repository.adapters.rabbitmq import Publisher
 from flow_repository.adapters.references import ReferenceChecker
 from flow_repository.adapters.relay import OutboxRelay
 from flow_repository.adapters.step_logs import StepLogClient
-from flow_repository.adapters.store import Store, StoreUnavailable, open_store
+from flow_repository.adapters.store import Store, StoreUnavailable, open_store, utcnow
 from flow_repository.adapters.tracing import Tracing, build_tracing
 from flow_repository.domain import flow as domain
 from flow_repository.entrypoints.consumer import StatusConsumer
@@ -25,6 +26,8 @@ from flow_repository.server.settings import Settings
 from flow_repository.services import FlowService
 
 log = logging.getLogger(__name__)
+
+OVERDUE_CAP = 100  # overdue flows counted per status and re-send count, at most, per scrape
 
 
 class Periodic:
@@ -322,6 +325,9 @@ class Runtime:
         what is stored). The flows per status are counted at most once every
         METRICS_FLOW_COUNT_SECONDS: one index count per status, never a scan per scrape.
         """
+        consumer, relay = self.consumer, self.relay
+        self.metrics.set_links(int(consumer is not None and consumer.consuming),
+                               int(relay is not None and relay.connected))
         try:
             pending, oldest = self.store.outbox_backlog()
             self.metrics.set_outbox(pending, oldest)
@@ -329,7 +335,23 @@ class Runtime:
             read_at = self._counts_read_at
             if read_at is None or now - read_at >= self.settings.metrics_flow_count_seconds:
                 self.metrics.set_flow_counts(self.store.count_by_status(domain.STATUSES))
+                self.metrics.set_overdue(self.overdue_counts())
                 self._counts_read_at = now
         except StoreUnavailable:
             pass  # the counters are still worth scraping while MongoDB is away
         return self.metrics.render()
+
+    def overdue_counts(self, cap: int = OVERDUE_CAP) -> dict[str, int]:
+        """Flows in starting or stopping for longer than their timeout, ``cap`` at most
+        per status and re-send count: the reconciler's own index-backed scan, bounded."""
+        timeouts = domain.Timeouts(self.settings.start_timeout_seconds,
+                                   self.settings.stop_timeout_seconds)
+        counts = {}
+        for status in (domain.STARTING, domain.STOPPING):
+            total = 0
+            for retries in (0, 1):
+                _, timeout = timeouts.plan(status, retries)
+                overdue = utcnow() - timedelta(seconds=timeout)
+                total += len(self.store.stuck(status, overdue, retries=retries, limit=cap))
+            counts[status] = total
+        return counts

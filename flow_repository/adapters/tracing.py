@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -42,8 +43,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "flow-repository"
 INSTRUMENTATION = "flow_repository"
-EXPORTERS = ("none", "otlp", "console")
-PROTOCOLS = ("http/protobuf", "grpc")
+SHUTDOWN_SECONDS = 3.0  # how long a stopping process waits for its last spans to go out
 # What a store write's span is called after; reads are not traced (they are the hot path).
 TRACED_STORE_WRITES = ("insert", "update", "finish_batch", "drop_pending_history")
 
@@ -170,14 +170,25 @@ class Tracing:
         copy.enabled = self.enabled
         return copy
 
-    def shutdown(self) -> None:
-        """Export what is left (a short wait at most) and stop the exporter."""
-        if self._provider is not None:
-            try:
-                self._provider.force_flush(2000)
-                self._provider.shutdown()
-            except Exception:  # never let tracing fail a shutdown
-                log.warning("tracing did not shut down cleanly", exc_info=True)
+    def shutdown(self, timeout: float = SHUTDOWN_SECONDS) -> None:
+        """Export what is left and stop the exporter, waiting ``timeout`` seconds at most:
+        a collector that is down must not hold a stopping process (the SDK's own flush
+        waits for its exporter's retries)."""
+        if self._provider is None:
+            return
+        stopping = threading.Thread(target=self._shutdown_provider, name="tracing-shutdown",
+                                    daemon=True)
+        stopping.start()
+        stopping.join(timeout)
+        if stopping.is_alive():
+            log.warning("tracing: spans not exported before shutdown were dropped",
+                        extra={"waitedSeconds": timeout})
+
+    def _shutdown_provider(self) -> None:
+        try:
+            self._provider.shutdown()
+        except Exception:  # never let tracing fail a shutdown
+            log.warning("tracing did not shut down cleanly", exc_info=True)
 
 
 class TracedStore:
@@ -235,7 +246,9 @@ def build_tracing(settings: Settings, environ: Mapping[str, str] | None = None) 
         return Tracing()
     # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES win over the default name.
     defaults = {} if environ.get("OTEL_SERVICE_NAME") else {"service.name": SERVICE_NAME}
-    provider = TracerProvider(resource=Resource.create(defaults))
+    # shut down by the Runtime, within a bound (the SDK's own at-exit hook would wait for a
+    # collector that is down)
+    provider = TracerProvider(resource=Resource.create(defaults), shutdown_on_exit=False)
     provider.add_span_processor(BatchSpanProcessor(exporter))
     log.info("tracing on", extra={"exporter": exporter_name,
                                   "protocol": settings.otel_exporter_otlp_protocol})

@@ -9,6 +9,7 @@ import json
 import logging
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from types import SimpleNamespace
@@ -29,7 +30,12 @@ from opentelemetry.trace import SpanKind
 
 from flow_repository.adapters.outbox import pending_event
 from flow_repository.adapters.relay import OutboxRelay
-from flow_repository.adapters.tracing import Tracing, build_tracing, tracing_with
+from flow_repository.adapters.tracing import (
+    SHUTDOWN_SECONDS,
+    Tracing,
+    build_tracing,
+    tracing_with,
+)
 from flow_repository.domain import trace
 from flow_repository.entrypoints.app import create_app
 from flow_repository.server.access_log import JsonAccessLogger
@@ -310,7 +316,9 @@ def test_the_otlp_exporter_of_the_settings_is_built_and_fails_quietly(
         assert runtime.tracing.enabled and runtime.owns_tracing
         client = app.test_client()
         assert client.post("/flows", json=flow_body(), headers=auth()).status_code == 201
-        runtime.stop()  # flushes at most a short while, and never raises
+        started = time.monotonic()
+        runtime.stop()  # waits for the collector a short while at most, and never raises
+        assert time.monotonic() - started < SHUTDOWN_SECONDS + 2
 
 
 # ----------------------------------------------------------------------------- the relay

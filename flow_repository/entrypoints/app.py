@@ -41,6 +41,8 @@ EXTENSION = "flow_repository"
 # on installations without internet access.
 SWAGGER_ASSETS = "/api-docs/assets"
 SPAN_KEY = "flow_repository.span"  # the request's span (tracing on), in the WSGI environ
+# Probes and scrapes every few seconds: no span of their own (a traceparent still counts).
+UNTRACED_PATHS = frozenset({"/livez", "/readyz", "/healthcheck", "/metrics"})
 
 
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
@@ -224,14 +226,15 @@ def traced(wsgi_app: Any, tracing: Tracing) -> Any:
 
     The trace context is current while the request is handled (the outbox events, history
     entries and log lines take it from there) and waits in the environ for the access log.
-    Neither tracing nor a ``traceparent``: the request goes straight through.
+    Neither tracing nor a ``traceparent`` (or a probe without one): straight through.
     """
 
     def app(environ: dict[str, Any], start_response: Any) -> Any:
         parent = None
         if "HTTP_TRACEPARENT" in environ:
             parent = trace.parse(environ["HTTP_TRACEPARENT"], environ.get("HTTP_TRACESTATE"))
-        if parent is None and not tracing.enabled:
+        if parent is None and (not tracing.enabled
+                               or environ.get("PATH_INFO") in UNTRACED_PATHS):
             return wsgi_app(environ, start_response)
         method = environ.get("REQUEST_METHOD", "")
         attributes = None if not tracing.enabled else {

@@ -36,7 +36,8 @@ def api_worker(database: str) -> tuple[SimpleNamespace, ConsumerTurn]:
     """An API worker's runtime (what ConsumerTurn uses of it) and its turn."""
     process = SimpleNamespace(
         settings=Settings.from_env({}, embedded_db_path=database),
-        service=SimpleNamespace(reconcile=lambda: None), metrics=None, consumer=None)
+        service=SimpleNamespace(reconcile=lambda: None), metrics=None, consumer=None,
+        tracing=None)
     # a long interval: the test ticks itself
     return process, ConsumerTurn(process, database, interval=3600)
 

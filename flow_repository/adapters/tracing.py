@@ -48,6 +48,10 @@ SHUTDOWN_SECONDS = 3.0  # how long a stopping process waits for its last spans t
 TRACED_STORE_WRITES = ("insert", "update", "finish_batch", "drop_pending_history")
 
 
+_KINDS = {} if otel_trace is None else {
+    "server": SpanKind.SERVER, "consumer": SpanKind.CONSUMER, "internal": SpanKind.INTERNAL}
+
+
 def _state(text: str | None) -> Any:
     """An OpenTelemetry TraceState from a checked tracestate header."""
     if not text:
@@ -76,25 +80,37 @@ class Tracing:
         Yields the span (None when off). Off, the caller's context is the current one
         for the block, as it is: its trace id and span id go on unchanged.
         """
+        begun = self.begin(name, parent, kind=kind, attributes=attributes)
+        try:
+            yield begun[0]
+        except BaseException as error:
+            self.finish(begun, error)
+            raise
+        self.finish(begun)
+
+    def begin(self, name: str, parent: TraceContext | None, *, kind: str = "server",
+              attributes: Mapping[str, Any] | None = None) -> tuple[Any, Any, Any]:
+        """:meth:`incoming` in two calls, for a caller that cannot hold a ``with`` (the
+        request's WSGI middleware, on the hot path): (span or None, tokens to give back)."""
         if not self.enabled:
-            with trace.use(parent):
-                yield None
-            return
-        kinds = {"server": SpanKind.SERVER, "consumer": SpanKind.CONSUMER,
-                 "internal": SpanKind.INTERNAL}
-        span = self._tracer.start_span(name, context=self._parent(parent), kind=kinds[kind],
+            return None, None, trace.enter(parent)
+        span = self._tracer.start_span(name, context=self._parent(parent), kind=_KINDS[kind],
                                        attributes=attributes)
         token = otel_context.attach(otel_trace.set_span_in_context(span))
-        try:
-            with trace.use(self._context_of(span, parent)):
-                yield span
-        except BaseException as error:
+        return span, token, trace.enter(self._context_of(span, parent))
+
+    @staticmethod
+    def finish(begun: tuple[Any, Any, Any], error: BaseException | None = None) -> None:
+        """End what :meth:`begin` started; ``error``: the work failed with it."""
+        span, token, current = begun
+        trace.leave(current)
+        if span is None:
+            return
+        otel_context.detach(token)
+        if error is not None:
             span.record_exception(error)
             span.set_status(Status(StatusCode.ERROR, type(error).__name__))
-            raise
-        finally:
-            otel_context.detach(token)
-            span.end()
+        span.end()
 
     @staticmethod
     def _parent(parent: TraceContext | None) -> Any:

@@ -238,12 +238,17 @@ def traced(wsgi_app: Any, tracing: Tracing) -> Any:
             return wsgi_app(environ, start_response)
         method = environ.get("REQUEST_METHOD", "")
         attributes = None if not tracing.enabled else {
-            "http.request.method": method, "url.path": environ.get("PATH_INFO", ""),
-            "url.scheme": environ.get("wsgi.url_scheme", "http")}
-        with tracing.incoming(method, parent, attributes=attributes) as span:
-            environ[SPAN_KEY] = span
+            "http.request.method": method, "url.path": environ.get("PATH_INFO", "")}
+        begun = tracing.begin(method, parent, attributes=attributes)
+        try:
+            environ[SPAN_KEY] = begun[0]
             environ[trace.ENVIRON_KEY] = trace.current()
-            return wsgi_app(environ, start_response)
+            answer = wsgi_app(environ, start_response)
+        except BaseException as error:
+            tracing.finish(begun, error)
+            raise
+        tracing.finish(begun)
+        return answer
 
     return app
 

@@ -208,7 +208,9 @@ class Tracing:
 
 
 class TracedStore:
-    """A store whose writes run in a client span each; everything else is the store's."""
+    """A store whose writes made in a trace (a request's, a report's) are client spans of
+    it; writes of the background loops (relay, reconciler) and everything else are the
+    store's own calls."""
 
     def __init__(self, store: Any, tracer: Any, system: str) -> None:
         self._store = store
@@ -221,6 +223,8 @@ class TracedStore:
         tracer, attributes = self._tracer, {"db.system": self._system, "db.operation": name}
 
         def call(*args: Any, **kwargs: Any) -> Any:
+            if not otel_trace.get_current_span().get_span_context().is_valid:
+                return method(*args, **kwargs)  # a background loop's: no trace of its own
             with tracer.start_as_current_span(f"store.{name}", kind=SpanKind.CLIENT,
                                               attributes=attributes):
                 return method(*args, **kwargs)

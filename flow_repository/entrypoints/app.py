@@ -40,9 +40,8 @@ EXTENSION = "flow_repository"
 # Swagger UI's scripts are served from the installed swagger-ui-bundle, so /api-docs works
 # on installations without internet access.
 SWAGGER_ASSETS = "/api-docs/assets"
-SPAN_KEY = "flow_repository.span"  # the request's span (tracing on), in the WSGI environ
 # Probes and scrapes every few seconds: no span of their own (a traceparent still counts).
-UNTRACED_PATHS = frozenset({"/livez", "/readyz", "/healthcheck", "/metrics"})
+UNTRACED_ROUTES = frozenset({"/livez", "/readyz", "/healthcheck", "/metrics"})
 
 
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
@@ -158,8 +157,8 @@ def create_app(
     app.add_url_rule(f"{SWAGGER_ASSETS}/<path:filename>", "swagger_ui_assets",
                      lambda filename: send_from_directory(swagger_ui_path, filename))
     _install_error_handlers(app)
+    _install_trace_hooks(app, state.tracing)
     _install_request_hooks(app, state)
-    app.wsgi_app = traced(app.wsgi_app, state.tracing)  # type: ignore[method-assign]
     if background:
         state.start()
     return app
@@ -220,37 +219,48 @@ def _webargs_messages(error: HTTPException) -> list[str]:
     return [problem.text() for problem in problems_from(located, dict(request.args))]
 
 
-def traced(wsgi_app: Any, tracing: Tracing) -> Any:
-    """``wsgi_app`` in the caller's trace: a request carrying a valid ``traceparent``
-    continues it (a malformed one is ignored), and with tracing on each request is a span.
+def _install_trace_hooks(app: Flask, tracing: Tracing) -> None:
+    """Each request in the caller's trace: one carrying a valid ``traceparent`` continues it
+    (a malformed one is ignored), and with tracing on each request is a span, named after
+    its route once routing has found it.
 
     The trace context is current while the request is handled (the outbox events, history
     entries and log lines take it from there) and waits in the environ for the access log.
-    Neither tracing nor a ``traceparent`` (or a probe without one): straight through.
+    Neither tracing nor a ``traceparent`` (or a probe without one): nothing is done.
+    Registered first, so its hooks run first and its teardown last.
     """
 
-    def app(environ: dict[str, Any], start_response: Any) -> Any:
+    @app.before_request
+    def begin_trace() -> None:
+        environ = request.environ
         parent = None
         if "HTTP_TRACEPARENT" in environ:
             parent = trace.parse(environ["HTTP_TRACEPARENT"], environ.get("HTTP_TRACESTATE"))
-        if parent is None and (not tracing.enabled
-                               or environ.get("PATH_INFO") in UNTRACED_PATHS):
-            return wsgi_app(environ, start_response)
-        method = environ.get("REQUEST_METHOD", "")
-        attributes = None if not tracing.enabled else {
-            "http.request.method": method, "url.path": environ.get("PATH_INFO", "")}
-        begun = tracing.begin(method, parent, attributes=attributes)
-        try:
-            environ[SPAN_KEY] = begun[0]
-            environ[trace.ENVIRON_KEY] = trace.current()
-            answer = wsgi_app(environ, start_response)
-        except BaseException as error:
-            tracing.finish(begun, error)
-            raise
-        tracing.finish(begun)
-        return answer
+        rule = request.url_rule
+        route = rule.rule if rule is not None else None
+        if parent is None and (not tracing.enabled or route in UNTRACED_ROUTES):
+            return
+        method = request.method
+        attributes = None if not tracing.enabled else {"http.request.method": method,
+                                                       "http.route": route}
+        g.trace = tracing.begin(f"{method} {route}" if route else method, parent,
+                                attributes=attributes)
+        environ[trace.ENVIRON_KEY] = trace.current()
 
-    return app
+    @app.after_request
+    def answer_trace(response: Response) -> Response:
+        begun = g.get("trace")
+        if begun is not None and begun[0] is not None:
+            tracing.annotate(begun[0], attributes={
+                "http.response.status_code": response.status_code},
+                error=response.status_code >= 500)
+        return response
+
+    @app.teardown_request
+    def end_trace(error: BaseException | None) -> None:
+        begun = g.pop("trace", None)
+        if begun is not None:
+            tracing.finish(begun, error)
 
 
 def _install_request_hooks(app: Flask, state: Runtime) -> None:
@@ -292,12 +302,6 @@ def _install_request_hooks(app: Flask, state: Runtime) -> None:
             seconds = time.perf_counter() - started
             route = request.url_rule.rule if request.url_rule else None
             state.metrics.request(request.method, route, response.status_code, seconds)
-            span = request.environ.get(SPAN_KEY)
-            if span is not None:
-                state.tracing.annotate(
-                    span, f"{request.method} {route}" if route else None,
-                    {"http.route": route, "http.response.status_code": response.status_code},
-                    error=response.status_code >= 500)
         return response
 
     @app.teardown_request

@@ -59,3 +59,7 @@ def configure_logging(level: str = "INFO") -> None:
     root.setLevel(level.upper())
     # pika logs every failed reconnect as an ERROR with a traceback; our own warning says it once.
     logging.getLogger("pika").setLevel(logging.CRITICAL)
+    # With its collector down, the OpenTelemetry SDK warns "Queue full, dropping Span" for
+    # every span it drops: a record built per request (then filtered as a duplicate). The
+    # exporter's own errors already say the collector is away.
+    logging.getLogger("opentelemetry.sdk._shared_internal").setLevel(logging.ERROR)

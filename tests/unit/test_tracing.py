@@ -261,6 +261,19 @@ def test_with_tracing_on_a_request_without_traceparent_starts_a_trace(
     assert entry["traceId"] == hex_id(post.context.trace_id, 32)
 
 
+def test_store_writes_outside_a_trace_make_no_span(settings, store, auth, flow_body, spans,
+                                                  tracing) -> None:
+    app = create_app(settings, store=store, tracing=tracing)
+    flow_id = app.test_client().post("/flows", json=flow_body(), headers=auth()
+                                     ).get_json()["data"]["id"]
+    before = len(spans.get_finished_spans())
+    traced_store = app.extensions["flow_repository"].store
+    assert traced_store.wrapped is store
+    # a background loop's write (the reconciler's, the relay's): no orphan trace
+    traced_store.drop_pending_history(ObjectId(flow_id), [])
+    assert len(spans.get_finished_spans()) == before
+
+
 def test_a_failing_request_marks_its_span_as_an_error(settings, down_store, auth, spans,
                                                       tracing) -> None:
     client = create_app(settings, store=down_store, tracing=tracing).test_client()

@@ -241,8 +241,11 @@ def _install_trace_hooks(app: Flask, tracing: Tracing) -> None:
         if parent is None and (not tracing.enabled or route in UNTRACED_ROUTES):
             return
         method = request.method
-        attributes = None if not tracing.enabled else {"http.request.method": method,
-                                                       "http.route": route}
+        attributes = None
+        if tracing.enabled:
+            attributes = {"http.request.method": method}
+            if route is not None:
+                attributes["http.route"] = route
         g.trace = tracing.begin(f"{method} {route}" if route else method, parent,
                                 attributes=attributes)
         environ[trace.ENVIRON_KEY] = trace.current()

@@ -244,7 +244,7 @@ class StatusConsumer:
             "messaging.system": "rabbitmq", "messaging.operation.type": "process",
             "messaging.destination.name": self._queue,
             "messaging.rabbitmq.destination.routing_key": name,
-            "messaging.message.id": properties.message_id}
+            "messaging.message.id": properties.message_id or ""}
         with tracing.incoming(f"{name} process", parent, kind="consumer",
                               attributes=attributes) as span:
             outcome = self._apply(channel, method, properties, body, name)

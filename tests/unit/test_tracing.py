@@ -261,6 +261,20 @@ def test_with_tracing_on_a_request_without_traceparent_starts_a_trace(
     assert entry["traceId"] == hex_id(post.context.trace_id, 32)
 
 
+def test_an_unmatched_request_is_a_span_named_after_its_method_and_probes_make_none(
+        settings, store, spans, tracing) -> None:
+    client = create_app(settings, store=store, tracing=tracing).test_client()
+    assert client.get("/nowhere").status_code == 404
+    for probe in ("/livez", "/healthcheck", "/metrics"):
+        assert client.get(probe).status_code == 200
+    (request,) = spans.get_finished_spans()
+    assert request.name == "GET" and "http.route" not in request.attributes
+    assert request.attributes["http.response.status_code"] == 404 and request.status.is_ok
+    # a probe that carries a traceparent still takes part in that trace
+    assert client.get("/livez", headers={"traceparent": TRACEPARENT}).status_code == 200
+    assert spans.get_finished_spans()[-1].name == "GET /livez"
+
+
 def test_store_writes_outside_a_trace_make_no_span(settings, store, auth, flow_body, spans,
                                                   tracing) -> None:
     app = create_app(settings, store=store, tracing=tracing)

@@ -91,7 +91,7 @@ class Tracing:
     def begin(self, name: str, parent: TraceContext | None, *, kind: str = "server",
               attributes: Mapping[str, Any] | None = None) -> tuple[Any, Any, Any]:
         """:meth:`incoming` in two calls, for a caller that cannot hold a ``with`` (the
-        request's WSGI middleware, on the hot path): (span or None, tokens to give back)."""
+        request's hooks, on the hot path): (span or None, tokens to give back)."""
         if not self.enabled:
             return None, None, trace.enter(parent)
         span = self._tracer.start_span(name, context=self._parent(parent), kind=_KINDS[kind],
@@ -132,7 +132,7 @@ class Tracing:
     @staticmethod
     def annotate(span: Any, name: str | None = None,
                  attributes: Mapping[str, Any] | None = None, error: bool = False) -> None:
-        """Rename a span (a request's, once its route is known) and add attributes."""
+        """Rename a span and add attributes (a request's status, a report's outcome)."""
         if span is None:
             return
         if name:
@@ -265,7 +265,9 @@ def build_tracing(settings: Settings, environ: Mapping[str, str] | None = None) 
     if exporter is None:
         return Tracing()
     # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES win over the default name.
-    defaults = {} if environ.get("OTEL_SERVICE_NAME") else {"service.name": SERVICE_NAME}
+    named = environ.get("OTEL_SERVICE_NAME") or \
+        "service.name=" in environ.get("OTEL_RESOURCE_ATTRIBUTES", "")
+    defaults = {} if named else {"service.name": SERVICE_NAME}
     # shut down by the Runtime, within a bound (the SDK's own at-exit hook would wait for a
     # collector that is down)
     provider = TracerProvider(resource=Resource.create(defaults), shutdown_on_exit=False)

@@ -144,6 +144,23 @@ def test_tracing_is_off_unless_an_exporter_is_named(settings: Settings) -> None:
     on.shutdown()
 
 
+def test_spans_name_the_service_as_otel_service_name_says(settings, monkeypatch) -> None:
+    console = settings.replace(otel_traces_exporter="console")
+    for variable in ("OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES"):
+        monkeypatch.delenv(variable, raising=False)
+    names = []
+    for variable, value in ((None, None), ("OTEL_SERVICE_NAME", "flows-eu"),
+                            ("OTEL_RESOURCE_ATTRIBUTES", "service.name=flows-us,team=ops")):
+        if variable:
+            monkeypatch.setenv(variable, value)
+        tracing = build_tracing(console)
+        names.append(tracing._provider.resource.attributes["service.name"])
+        tracing.shutdown()
+        if variable:
+            monkeypatch.delenv(variable)
+    assert names == ["flow-repository", "flows-eu", "flows-us"]
+
+
 def test_unknown_exporters_and_protocols_are_refused_at_start_up() -> None:
     with pytest.raises(SettingsError, match="OTEL_TRACES_EXPORTER"):
         Settings.from_env({"OTEL_TRACES_EXPORTER": "jaeger"})

@@ -1,4 +1,8 @@
-"""HTTP throughput, latency and worker memory of the served API, driven by wrk (not a test)."""
+"""HTTP throughput, latency and worker memory of the served API, driven by wrk (not a test).
+
+``--tracing on`` serves with tracing on; ``--tracing compare`` measures GET /flows/{id} with
+tracing off and on, alternately, on one seeded database (see :func:`bench_tracing`).
+"""
 
 from __future__ import annotations
 
@@ -162,6 +166,8 @@ def bench_size(size: int, arguments: argparse.Namespace, wrk: str, workdir: Path
     proxy = TcpProxy(broker.hostname or "127.0.0.1", broker.port or 5672)
     proxy.cut()  # the relay cannot publish while the flows are seeded
     env = harness.base_env(secret, mongodb_url, exchange, queue, proxy.url(harness.QUEUE_URL))
+    if arguments.tracing == "on":
+        env = tracing_env(env)
     server = harness.product_server(env, harness.free_port(), workdir, f"flow-repository-{size}")
     print(f"\n== {size} stored flows ==", flush=True)
     server.start()
@@ -259,6 +265,134 @@ def bench_size(size: int, arguments: argparse.Namespace, wrk: str, workdir: Path
         harness.delete_broker_objects(exchange, [queue, f"{queue}.dead-letter"])
         if database:
             harness.drop_mongodb_database(arguments.mongodb_url, database)
+
+
+def tracing_env(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with tracing on, as an operator turns it on: the OTLP exporter (HTTP), the
+    default sampler (parentbased_always_on: every request without a traceparent starts a
+    sampled trace, so every span is exported), and an endpoint where nothing listens: each
+    batch export fails (connection refused) and is retried by the SDK's background thread,
+    the worst case of a collector that is down."""
+    return {**env, "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{harness.free_port()}",
+            "OTEL_SERVICE_NAME": "flow-repository-bench"}
+
+
+def cpu_seconds(server: harness.Server) -> float:
+    """User and system CPU time the server's gunicorn workers used so far (every thread)."""
+    ticks = 0
+    for pid in server.workers():
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def measure_cpu(wrk: str, server: harness.Server, script: Path,
+                arguments: argparse.Namespace, label: str) -> dict[str, Any]:
+    """:func:`measure`, plus the CPU time the workers spent per request while measured:
+    on a machine shared with other work, a steadier figure of the cost than the rate."""
+    if arguments.warmup > 0:
+        run_wrk(wrk, server.url, script, arguments.warmup, arguments)
+    before = cpu_seconds(server)
+    result = run_wrk(wrk, server.url, script, arguments.duration, arguments)
+    result["cpuUsPerRequest"] = round((cpu_seconds(server) - before) / result["requests"]
+                                      * 1e6, 1)
+    print(f"  {label:<44} {result['reqPerSec']:>9.1f} req/s  p50 {result['p50Ms']:>8.2f} ms"
+          f"  p99 {result['p99Ms']:>8.2f} ms  CPU {result['cpuUsPerRequest']:>6.1f} us/req"
+          f"  errors {result['errors']}", flush=True)
+    return result
+
+
+def bench_tracing(size: int, arguments: argparse.Namespace, wrk: str, workdir: Path
+                  ) -> dict[str, Any]:
+    """GET /flows/{id} with tracing off and on, on one seeded database.
+
+    The servers run one at a time on the same database, in the order off, on, on, off
+    (repeated ``--tracing-rounds`` times) so that drift on a shared machine hits both alike;
+    the figures of each mode are averaged and compared: ``slowdown`` is off's rate over
+    on's (1.2 at most is the target), ``p50Ratio`` on's median latency over off's, and
+    ``cpuRatio`` the CPU time the workers spent per request, on's over off's (steadier
+    than the rate when other work shares the machine; wrk's own CPU is not in it).
+    """
+    secret = workdir / "dev-token-secret"
+    token = harness.mint(secret, "bench-user-0", "bench-tenant-0")
+    exchange, queue = harness.unique_name("tracing-exchange"), harness.unique_name("tracing-queue")
+    database = None
+    mongodb_url = arguments.mongodb_url
+    if mongodb_url:
+        database = harness.unique_name(f"tracing-{size}").replace("-", "_")
+        mongodb_url = harness.mongodb_database_url(mongodb_url, database)
+    env = harness.base_env(secret, mongodb_url, exchange, queue)
+    envs = {"off": env, "on": tracing_env(env)}
+    print(f"\n== tracing off and on, {size} stored flows ==", flush=True)
+    runs: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
+    try:
+        server = harness.product_server(env, harness.free_port(), workdir, "tracing-seed")
+        server.start()
+        try:
+            client = harness.Client(server.url, token, requests.Session())
+            owned = harness.seed([client], size, batch=arguments.bulk_size)[0]
+            harness.wait_for_outbox(server.url, arguments.drain_timeout)
+        finally:
+            server.stop()
+        script = rotate_script(workdir, f"tracing-get-{size}",
+                               [f"/flows/{flow_id}" for flow_id in owned[:200]], token)
+        for round_number in range(arguments.tracing_rounds):
+            for mode in ("off", "on", "on", "off"):
+                server = harness.product_server(envs[mode], harness.free_port(), workdir,
+                                                f"tracing-{mode}")
+                server.start()
+                try:
+                    runs[mode].append(measure_cpu(wrk, server, script, arguments,
+                                                  f"GET /flows/{{id}}, tracing {mode} "
+                                                  f"(round {round_number + 1})"))
+                finally:
+                    server.stop()
+    finally:
+        harness.delete_broker_objects(exchange, [queue, f"{queue}.dead-letter"])
+        if database:
+            harness.drop_mongodb_database(arguments.mongodb_url, database)
+    off, on = average(runs["off"]), average(runs["on"])
+    for row, mode in ((off, "off"), (on, "on")):
+        row["cpuUsPerRequest"] = round(sum(run["cpuUsPerRequest"] for run in runs[mode])
+                                       / len(runs[mode]), 1)
+    return {
+        "storedFlows": size,
+        "exporter": "OTLP over HTTP (OTEL_TRACES_EXPORTER=otlp) to a port where nothing "
+                    "listens; default sampler (parentbased_always_on)",
+        "off": off,
+        "on": on,
+        "slowdown": round(off["reqPerSec"] / on["reqPerSec"], 3),
+        "p50Ratio": round(on["p50Ms"] / off["p50Ms"], 3),
+        "p99Ratio": round(on["p99Ms"] / off["p99Ms"], 3),
+        "cpuRatio": round(on["cpuUsPerRequest"] / off["cpuUsPerRequest"], 3),
+        "runs": runs,
+    }
+
+
+def tracing_table(report: dict[str, Any]) -> str:
+    result = report["tracing"]
+    title = (f"GET /flows/{{id}}, {result['storedFlows']} stored flows, tracing off vs on "
+             f"({result['exporter']})")
+    lines = [title, ""]
+    for mode in ("off", "on"):
+        row = result[mode]
+        lines.append(f"  tracing {mode:<4} {row['reqPerSec']:>9.1f} req/s  p50 "
+                     f"{row['p50Ms']:>7.2f} ms  p99 {row['p99Ms']:>7.2f} ms  worker CPU "
+                     f"{row['cpuUsPerRequest']:>6.1f} us/request  ({row['runs']} runs, "
+                     f"{row['errors']} errors)")
+    verdict = "within" if result["slowdown"] <= 1.2 else "OUTSIDE"
+    cpu_verdict = "within" if result["cpuRatio"] <= 1.2 else "OUTSIDE"
+    lines.append(f"\n  slowdown (off rate / on rate): {result['slowdown']:.3f} ({verdict} the "
+                 f"1.2x target); p50 on/off {result['p50Ratio']:.3f}, p99 on/off "
+                 f"{result['p99Ratio']:.3f}")
+    lines.append(f"  worker CPU per request, on/off: {result['cpuRatio']:.3f} ({cpu_verdict} "
+                 "the 1.2x target)")
+    return "\n".join(lines)
 
 
 def peak(memory: dict[str, Any], key: str = "peakRssMiB") -> float:
@@ -372,7 +506,15 @@ def main() -> int:
     parser.add_argument("--mongodb-url", default=None,
                         help="serve against this MongoDB (WEB_CONCURRENCY workers) instead of "
                              "the embedded SQLite store; a scratch database is used")
-    parser.add_argument("--output", default=str(harness.BENCH_DIR / "results" / "api.json"))
+    parser.add_argument("--tracing", choices=("off", "on", "compare"), default="off",
+                        help="on: serve with tracing on (OTLP to an endpoint where nothing "
+                             "listens, default sampler); compare: only GET /flows/{id}, "
+                             "tracing off against on, at the first of --sizes")
+    parser.add_argument("--tracing-rounds", type=int, default=1,
+                        help="with --tracing compare: rounds of off, on, on, off")
+    parser.add_argument("--output", default=None,
+                        help="the JSON report (default bench/results/api.json, or "
+                             "api-tracing.json with --tracing compare)")
     parser.add_argument("--keep-logs", action="store_true",
                         help="keep the temporary directory with server logs and wrk scripts")
     arguments = parser.parse_args()
@@ -386,6 +528,23 @@ def main() -> int:
         return 2
 
     workdir = Path(tempfile.mkdtemp(prefix="flow-repository-bench-"))
+    results = harness.BENCH_DIR / "results"
+    if arguments.tracing == "compare":
+        output = arguments.output or str(results / "api-tracing.json")
+        print(f"wrk: {arguments.threads} threads, {arguments.connections} connections, "
+              f"{arguments.duration:g}s per measurement (+{arguments.warmup:g}s warm-up); "
+              f"logs in {workdir}", flush=True)
+        report = {"benchmark": "bench/api.py --tracing compare",
+                  "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  "store": harness.describe_store(arguments.mongodb_url, {"?": None}),
+                  "machine": machine(),
+                  "wrk": {"threads": arguments.threads, "connections": arguments.connections,
+                          "durationSeconds": arguments.duration,
+                          "warmupSeconds": arguments.warmup},
+                  "tracing": bench_tracing(sizes[0], arguments, wrk, workdir)}
+        return harness.finish(report, output, tracing_table(report), workdir,
+                              arguments.keep_logs)
+    output = arguments.output or str(results / "api.json")
     store_note = harness.describe_store(arguments.mongodb_url, {"?": None})
     print(f"store: {store_note}\nwrk: {arguments.threads} threads, {arguments.connections} "
           f"connections, {arguments.duration:g}s per measurement (+{arguments.warmup:g}s "
@@ -407,6 +566,7 @@ def main() -> int:
         "store": harness.describe_store(arguments.mongodb_url, workers),
         "embedded": not arguments.mongodb_url,
         "brokerUnreachable": arguments.broker_unreachable,
+        "tracing": arguments.tracing,
         "machine": machine(),
         "wrk": {"threads": arguments.threads, "connections": arguments.connections,
                 "durationSeconds": arguments.duration, "warmupSeconds": arguments.warmup},
@@ -418,7 +578,7 @@ def main() -> int:
     if arguments.broker_unreachable:
         summary = ("broker: UNREACHABLE on purpose (--broker-unreachable): relay idle, "
                    f"events held\n\n{summary}")
-    return harness.finish(report, arguments.output, summary, workdir, arguments.keep_logs)
+    return harness.finish(report, output, summary, workdir, arguments.keep_logs)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -205,6 +205,13 @@ class Settings:
                                              Bounds(1, 100_000))
     log_level: str = _setting("LOG_LEVEL", "INFO")
 
+    # Tracing (docs/tracing.rst): the standard OpenTelemetry variables that turn it on and
+    # pick the exporter; the SDK reads every other OTEL_* variable itself.
+    otel_traces_exporter: str | None = _setting("OTEL_TRACES_EXPORTER", None, _lower)
+    otel_exporter_otlp_protocol: str = _setting("OTEL_EXPORTER_OTLP_PROTOCOL",
+                                                "http/protobuf", _lower)
+    otel_sdk_disabled: bool = _setting("OTEL_SDK_DISABLED", False, _flag)
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Read every setting from ``environ`` (default ``os.environ``); overrides win."""
@@ -260,6 +267,12 @@ class Settings:
         if self.health_port and self.health_port in (self.port, self.worker_health_port):
             raise SettingsError(f"HEALTH_PORT={self.health_port} must differ from PORT and "
                                 "WORKER_HEALTH_PORT")
+        if self.otel_traces_exporter not in (None, "none", "otlp", "console"):
+            raise SettingsError(f"OTEL_TRACES_EXPORTER must be otlp, console or none, got "
+                                f"{self.otel_traces_exporter!r}")
+        if self.otel_exporter_otlp_protocol not in ("http/protobuf", "grpc"):
+            raise SettingsError(f"OTEL_EXPORTER_OTLP_PROTOCOL must be http/protobuf or grpc, "
+                                f"got {self.otel_exporter_otlp_protocol!r}")
         if self.dev_tokens not in ("allow", "deny"):
             raise SettingsError(f"DEV_TOKENS must be allow or deny, got {self.dev_tokens!r}")
         for item in dataclasses.fields(self):
@@ -382,6 +395,9 @@ MEANING: dict[str, str] = {
     "GUNICORN_REQUEST_TIMEOUT": "time to receive a whole request (s), else 408",
     "GUNICORN_MAX_CONNECTIONS": "open connections per gunicorn worker",
     "LOG_LEVEL": "log level (logs are JSON lines)",
+    "OTEL_TRACES_EXPORTER": "``otlp`` or ``console``: tracing on (see Tracing); ``none``: off",
+    "OTEL_EXPORTER_OTLP_PROTOCOL": "``http/protobuf`` (port 4318) or ``grpc`` (4317)",
+    "OTEL_SDK_DISABLED": "``true``: tracing off whatever else is set",
 }
 
 # The default as the documentation shows it, where the field"s own default does not say it.
@@ -392,6 +408,7 @@ DEFAULT_SHOWN: dict[str, str] = {
     "DEV_TOKEN_SECRET_FILE": "$XDG_STATE_HOME/flow-repository/...",
     "LOGGING_SERVICE_BASE_URL": "unset (step logs answer 501)",
     "METRICS_TOKEN": "unset (public)",
+    "OTEL_TRACES_EXPORTER": "unset (tracing off)",
 }
 
 

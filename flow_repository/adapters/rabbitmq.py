@@ -83,6 +83,10 @@ class Publisher:
         self._refused: str | None = None
 
     @property
+    def exchange(self) -> str:
+        return self._exchange
+
+    @property
     def connected(self) -> bool:
         return bool(self._connection and self._connection.is_open and self._channel
                     and self._channel.is_open)
@@ -127,9 +131,11 @@ class Publisher:
             self._acked.discard(self._confirmed)
         self._acked = {tag for tag in self._acked if tag > self._confirmed}
 
-    def publish_batch(self, messages: Sequence[Mapping[str, Any]], deadline: float) -> int:
+    def publish_batch(self, messages: Sequence[Mapping[str, Any]], deadline: float,
+                      headers: Sequence[Mapping[str, str]] | None = None) -> int:
         """Publish envelopes persistently, in order; how many of them, from the first on,
-        the broker confirmed by ``deadline`` (``time.monotonic()``).
+        the broker confirmed by ``deadline`` (``time.monotonic()``). ``headers``, aligned
+        with ``messages``: AMQP headers of each (the W3C ``traceparent``, ``tracestate``).
 
         When the deadline passes first, the connection is dropped, so that no message of
         this batch can still reach the broker after a later one published elsewhere.
@@ -140,17 +146,18 @@ class Publisher:
         channel = self.connect()
         first = self._published + 1
         try:
-            for message in messages:
-                headers = message["headers"]
+            for position, message in enumerate(messages):
+                envelope_headers = message["headers"]
                 channel.basic_publish(
                     exchange=self._exchange,
-                    routing_key=headers["name"],
+                    routing_key=envelope_headers["name"],
                     body=json.dumps(message, separators=(",", ":")).encode(),
                     properties=pika.BasicProperties(
                         content_type="application/json",
                         delivery_mode=pika.DeliveryMode.Persistent,
-                        message_id=headers["eventId"],
-                        timestamp=headers["createdAt"] // 1000,
+                        message_id=envelope_headers["eventId"],
+                        timestamp=envelope_headers["createdAt"] // 1000,
+                        headers=dict(headers[position]) or None if headers else None,
                     ),
                 )
                 self._published += 1

@@ -10,9 +10,11 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
-from flow_repository.adapters.outbox import envelope
+from flow_repository.adapters.outbox import envelope, trace_of
 from flow_repository.adapters.rabbitmq import BrokerUnavailable, Publisher, back_off
 from flow_repository.adapters.store import Lease, Store, StoreUnavailable, utcnow
+from flow_repository.adapters.tracing import Tracing
+from flow_repository.domain import trace
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ class OutboxRelay:
         batch_size: int = CLAIM_BATCH,
         on_published: Callable[[str], None] = lambda name: None,
         record_history: RecordHistory = lambda flows: {},
+        tracing: Tracing | None = None,
     ) -> None:
         self._store = store
         self._publisher = publisher
@@ -57,6 +60,7 @@ class OutboxRelay:
         self._batch_size = batch_size
         self._on_published = on_published
         self._record_history = record_history
+        self._tracing = tracing or Tracing()
         self.relay_id = uuid.uuid4().hex
         self._handed: list[tuple[dict[str, Any], Lease | None]] = []
         self._handed_lock = threading.Lock()
@@ -170,17 +174,30 @@ class OutboxRelay:
         earliest = min(flow["relayLeaseUntil"] for flow in ready)
         deadline = time.monotonic() + (earliest - self._margin - now).total_seconds()
         batch = [(flow, event) for flow in ready for event in flow["outbox"]]
+        # Each event goes out with the trace context stored with it (tracing on: that of a
+        # publish span of its own, a child of the stored one) in its message headers.
+        spans, headers = [], []
+        for _flow, event in batch:
+            span, context = self._tracing.start_publish(
+                event["name"], trace_of(event), self._publisher.exchange, event["eventId"])
+            spans.append(span)
+            headers.append(trace.headers_of(context))
         confirmed = 0
+        failure: BaseException | None = None
         try:
             confirmed = self._publisher.publish_batch(
-                [envelope(event, flow) for flow, event in batch], deadline)
+                [envelope(event, flow) for flow, event in batch], deadline, headers)
         except BrokerUnavailable as error:
             confirmed = error.confirmed
+            failure = error
             raise
         finally:
             for flow, event in batch[:confirmed]:
                 published[flow["_id"]].append(event["eventId"])
                 self._on_published(event["name"])
+            for position, span in enumerate(spans):
+                self._tracing.end(span, None if position < confirmed
+                                  else failure or "not confirmed by RabbitMQ in time")
         return confirmed
 
     def run(self) -> None:

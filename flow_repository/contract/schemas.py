@@ -341,6 +341,9 @@ class HistoryEntrySchema(Schema):
     sub = fields.String(allow_none=True)
     at = fields.String()
     restoredFrom = fields.Integer()
+    traceId = fields.String(metadata={
+        "description": "W3C trace id of the request or report that made the change, when "
+                       "it came in a trace (a traceparent header)"})
     status = fields.Nested(StatusChangeSchema)
     flow = fields.Nested(FlowOutputSchema)
 

@@ -23,8 +23,10 @@ from flow_repository.adapters.auth import (
     build_authenticator,
 )
 from flow_repository.adapters.store import Store, StoreUnavailable
+from flow_repository.adapters.tracing import Tracing
 from flow_repository.contract import error_body
 from flow_repository.contract.schemas import ErrorResponseSchema
+from flow_repository.domain import trace
 from flow_repository.domain.flow import FlowError
 from flow_repository.entrypoints.consumer import StatusConsumer
 from flow_repository.server.bootstrap import Runtime
@@ -39,6 +41,8 @@ EXTENSION = "flow_repository"
 # Swagger UI's scripts are served from the installed swagger-ui-bundle, so /api-docs works
 # on installations without internet access.
 SWAGGER_ASSETS = "/api-docs/assets"
+# Probes and scrapes every few seconds: no span of their own (a traceparent still counts).
+UNTRACED_ROUTES = frozenset({"/livez", "/readyz", "/healthcheck", "/metrics"})
 
 
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
@@ -104,8 +108,10 @@ def create_app(
     store: Store | None = None,
     authenticator: Authenticator | None = None,
     background: bool = False,
+    tracing: Tracing | None = None,
 ) -> Flask:
-    """Build the service. ``background`` starts the relay (and, embedded, consumer/reconciler)."""
+    """Build the service. ``background`` starts the relay (and, embedded, consumer/reconciler).
+    ``tracing``: default, as the OTEL_* settings ask."""
     settings = settings or Settings.from_env()
     configure_logging(settings.log_level)
     if settings.embedded and settings.embedded_database == MEMORY_DATABASE:
@@ -138,6 +144,7 @@ def create_app(
         reconciler=background and embedded,
         # a file is shared with this process's sibling workers and with worker processes
         take_turns=embedded and settings.embedded_database != MEMORY_DATABASE,
+        tracing=tracing,
     )
     app.extensions[EXTENSION] = state
     app.extensions["authenticator"] = authenticator or build_authenticator(settings)
@@ -151,6 +158,7 @@ def create_app(
     app.add_url_rule(f"{SWAGGER_ASSETS}/<path:filename>", "swagger_ui_assets",
                      lambda filename: send_from_directory(swagger_ui_path, filename))
     _install_error_handlers(app)
+    _install_trace_hooks(app, state.tracing)
     _install_request_hooks(app, state)
     if background:
         state.start()
@@ -210,6 +218,53 @@ def _webargs_messages(error: HTTPException) -> list[str]:
         return []
     located = messages.get("query", messages) if isinstance(messages, dict) else messages
     return [problem.text() for problem in problems_from(located, dict(request.args))]
+
+
+def _install_trace_hooks(app: Flask, tracing: Tracing) -> None:
+    """Each request in the caller's trace: one carrying a valid ``traceparent`` continues it
+    (a malformed one is ignored), and with tracing on each request is a span, named after
+    its route once routing has found it.
+
+    The trace context is current while the request is handled (the outbox events, history
+    entries and log lines take it from there) and waits in the environ for the access log.
+    Neither tracing nor a ``traceparent`` (or a probe without one): nothing is done.
+    Registered first, so its hooks run first and its teardown last.
+    """
+
+    @app.before_request
+    def begin_trace() -> None:
+        environ = request.environ
+        parent = None
+        if "HTTP_TRACEPARENT" in environ:
+            parent = trace.parse(environ["HTTP_TRACEPARENT"], environ.get("HTTP_TRACESTATE"))
+        rule = request.url_rule
+        route = rule.rule if rule is not None else None
+        if parent is None and (not tracing.enabled or route in UNTRACED_ROUTES):
+            return
+        method = request.method
+        attributes = None
+        if tracing.enabled:
+            attributes = {"http.request.method": method}
+            if route is not None:
+                attributes["http.route"] = route
+        g.trace = tracing.begin(f"{method} {route}" if route else method, parent,
+                                attributes=attributes)
+        environ[trace.ENVIRON_KEY] = trace.current()
+
+    @app.after_request
+    def answer_trace(response: Response) -> Response:
+        begun = g.get("trace")
+        if begun is not None and begun[0] is not None:
+            tracing.annotate(begun[0], attributes={
+                "http.response.status_code": response.status_code},
+                error=response.status_code >= 500)
+        return response
+
+    @app.teardown_request
+    def end_trace(error: BaseException | None) -> None:
+        begun = g.pop("trace", None)
+        if begun is not None:
+            tracing.finish(begun, error)
 
 
 def _install_request_hooks(app: Flask, state: Runtime) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pika
@@ -13,6 +15,8 @@ import pika.exceptions
 
 from flow_repository.adapters.rabbitmq import abandon, back_off, broker_parameters, close_quietly
 from flow_repository.adapters.store import StoreUnavailable, utcnow
+from flow_repository.adapters.tracing import Tracing
+from flow_repository.domain import trace
 from flow_repository.server.metrics import Metrics
 from flow_repository.services import FlowService, InvalidEvent
 from flow_repository.settings import Settings
@@ -111,10 +115,16 @@ class StatusConsumer:
     (``x-delivery-count``), so a worker restart does not reset the count. A MongoDB outage
     is not the message's fault: the message waits in hand until MongoDB answers, never
     counted, never dead-lettered; on shutdown it goes back to the queue unacked.
+
+    A message whose headers carry a W3C ``traceparent`` continues that trace: its handling
+    is a consumer span of the trace (tracing on), its log lines name the trace, and what
+    it causes (a ``flow.stopping`` after ``flow.failed``, the history entry) carries it on.
     """
 
-    def __init__(self, settings: Settings, service: FlowService, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, service: FlowService, metrics: Metrics,
+                 tracing: Tracing | None = None) -> None:
         self._settings = settings
+        self._tracing = tracing or Tracing()
         self._service = service
         self._metrics = metrics
         self._queue = settings.event_queue
@@ -240,7 +250,8 @@ class StatusConsumer:
 
         A message that can never be applied is dead-lettered either way. Anything else
         going wrong in a burst (the database away, a bug) undoes the whole burst, which is
-        then applied message by message, each with its own retries."""
+        then applied message by message, each with its own retries. Each message is
+        handled in its own trace (the report's ``traceparent``) either way."""
         burst, self._burst = self._burst, []
         if len(burst) > 1 and not self._halted:
             try:
@@ -262,13 +273,37 @@ class StatusConsumer:
         for channel, method, properties, body in burst:
             if self._halted:
                 return  # left unacked, as _on_message leaves what comes after
-            self._apply_one(channel, method, properties, body)
+            with self._traced(method, properties) as span:
+                outcome = self._apply_one(channel, method, properties, body)
+                self._tracing.annotate(span, attributes={"flow_repository.outcome": outcome},
+                                       error=outcome != "applied")
+
+    @contextlib.contextmanager
+    def _traced(self, method: Any, properties: Any) -> Iterator[Any]:
+        """The message's handling as a span continuing the report's trace (its context is
+        current either way, so its history entry, events and log lines carry it)."""
+        name = event_name(method, properties)
+        headers = properties.headers or {}
+        parent = trace.parse(headers.get(trace.TRACEPARENT), headers.get(trace.TRACESTATE))
+        attributes = None if not self._tracing.enabled else {
+            "messaging.system": "rabbitmq", "messaging.operation.type": "process",
+            "messaging.destination.name": self._queue,
+            "messaging.rabbitmq.destination.routing_key": name,
+            "messaging.message.id": properties.message_id or ""}
+        with self._tracing.incoming(f"{name} process", parent, kind="consumer",
+                                    attributes=attributes) as span:
+            yield span
 
     def _attempt(self, method: Any, properties: Any, body: bytes) -> str | InvalidEvent:
-        try:
-            return self.handle(event_name(method, properties), body)
-        except InvalidEvent as error:
-            return error
+        with self._traced(method, properties) as span:
+            try:
+                outcome = self.handle(event_name(method, properties), body)
+            except InvalidEvent as error:
+                self._tracing.annotate(span, attributes={
+                    "flow_repository.outcome": "dead-lettered"}, error=True)
+                return error
+            self._tracing.annotate(span, attributes={"flow_repository.outcome": "applied"})
+            return outcome
 
     def _applied(self, channel: Any, method: Any, properties: Any, outcome: str) -> None:
         name = event_name(method, properties)
@@ -277,7 +312,8 @@ class StatusConsumer:
         # DEBUG: one line per report would cost more than applying it; /metrics counts them
         log.debug("event handled", extra={"event": name, "outcome": outcome})
 
-    def _apply_one(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
+    def _apply_one(self, channel: Any, method: Any, properties: Any, body: bytes) -> str:
+        """Apply one message, retrying in place; returns applied, dead-lettered or halted."""
         name = event_name(method, properties)
         # Deliveries a quorum queue has already counted: earlier workers' attempts.
         attempts = delivery_count(properties)
@@ -287,13 +323,13 @@ class StatusConsumer:
                 break
             except InvalidEvent as error:
                 self._dead_letter(channel, method, properties, body, str(error))
-                return
+                return "dead-lettered"
             except StoreUnavailable as error:
                 log.warning("MongoDB unavailable; message kept in hand",
                             extra={"event": name, "error": str(error)})
                 if not self._pause(2.0):
                     self._halted = True
-                    return
+                    return "halted"
             except Exception as error:  # any bug in a handler must not kill the consumer
                 attempts += 1
                 log.exception("event handler failed", extra={"event": name,
@@ -301,12 +337,13 @@ class StatusConsumer:
                 if attempts >= self._settings.consumer_max_attempts:
                     reason = f"failed {attempts} times: {type(error).__name__}: {error}"
                     self._dead_letter(channel, method, properties, body, reason)
-                    return
+                    return "dead-lettered"
                 self._metrics.event_consumed(name, "retried")
                 if not self._pause(min(0.2 * 2**attempts, 5.0)):
                     self._halted = True
-                    return
+                    return "halted"
         self._applied(channel, method, properties, outcome)
+        return "applied"
 
     def handle(self, name: str, body: bytes) -> str:
         """Apply one message; InvalidEvent when it can never be applied."""

@@ -6,6 +6,7 @@ and worker (``gunicorn_conf``, ``gunicorn_worker``), JSON logging and redaction 
 ``redaction``, ``access_log``) and Prometheus metrics (``metrics``).
 
 May import: ``settings`` and the layers below it (``domain``, ``contract``, ``adapters``,
-``services``); never ``entrypoints``, which stand above it, nor ``client``. ``logs`` and
-``redaction`` import nothing of ours, so every layer may use them.
+``services``); never ``entrypoints``, which stand above it, nor ``client``. ``redaction``
+imports nothing of ours and ``logs`` only the domain's trace context, so every layer may
+use them.
 """

@@ -8,6 +8,7 @@ from typing import Any
 
 from gunicorn.glogging import Logger
 
+from flow_repository.domain import trace
 from flow_repository.server.redaction import redact
 
 
@@ -26,6 +27,7 @@ def _text(value: Any) -> str | None:
 class JsonAccessLogger(Logger):
     """Writes one JSON object per request; json.dumps escapes newlines, quotes and controls.
 
+    A request in a trace names it (``traceId``, ``spanId``), as every log line inside it does.
     Query, path, referer and user agent are redacted (flow_repository/server/redaction.py): clients
     and proxies do put tokens in URLs.
     """
@@ -48,5 +50,9 @@ class JsonAccessLogger(Logger):
             "userAgent": _text(environ.get("HTTP_USER_AGENT")),
             "referer": _text(environ.get("HTTP_REFERER")),
         }
+        context = environ.get(trace.ENVIRON_KEY)
+        if isinstance(context, trace.TraceContext):  # the request came in, or made, a trace
+            entry["traceId"] = context.trace_id
+            entry["spanId"] = context.span_id
         # No format arguments: a "%" in the entry is not a logging placeholder.
         self.access_log.info(json.dumps(entry))

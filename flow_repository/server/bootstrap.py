@@ -10,13 +10,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, Protocol
 
 from flow_repository.adapters.rabbitmq import Publisher
 from flow_repository.adapters.references import ReferenceChecker
 from flow_repository.adapters.relay import OutboxRelay
 from flow_repository.adapters.step_logs import StepLogClient
-from flow_repository.adapters.store import Store, StoreUnavailable, open_store
+from flow_repository.adapters.store import Store, StoreUnavailable, open_store, utcnow
+from flow_repository.adapters.tracing import Tracing, build_tracing
 from flow_repository.domain import flow as domain
 from flow_repository.server.metrics import Metrics
 from flow_repository.services import FlowService
@@ -38,7 +40,9 @@ class Consumer(Protocol):
     def stop(self, timeout: float = 10.0) -> None: ...
 
 
-ConsumerFactory = Callable[[Settings, FlowService, Metrics], Consumer]
+ConsumerFactory = Callable[[Settings, FlowService, Metrics, Tracing], Consumer]
+
+OVERDUE_CAP = 100  # overdue flows counted per status and re-send count, at most, per scrape
 
 
 class Periodic:
@@ -167,7 +171,7 @@ class ConsumerTurn:
         elif runtime.consumer is None:
             settings = runtime.settings
             runtime.consumer = runtime.consumer_factory(settings, runtime.service,
-                                                        runtime.metrics)
+                                                        runtime.metrics, runtime.tracing)
             runtime.consumer.start()
             self._reconciler = Periodic("reconciler", settings.reconcile_interval_seconds,
                                         runtime.service.reconcile)
@@ -206,6 +210,8 @@ class Runtime:
     turn: ConsumerTurn | None = None
     watch: ChangeWatch | None = None  # GET /flows/events streams of this process
     clock: Callable[[], float] = time.monotonic  # when the flow counts were last read
+    tracing: Tracing = field(default_factory=Tracing)
+    owns_tracing: bool = False  # built here (so shut down here), not handed in
     _counts_read_at: float | None = field(default=None, init=False, repr=False)
 
     @classmethod
@@ -218,12 +224,17 @@ class Runtime:
         consumer: ConsumerFactory | None = None,
         reconciler: bool = False,
         take_turns: bool = False,
+        tracing: Tracing | None = None,
     ) -> Runtime:
         """The parts of one process. ``consumer``: how to build the status consumer, when
         this process consumes (the entry points hand theirs in). ``take_turns`` (embedded
         ``serve`` on a file): the consumer and the reconciler run only during this
-        process's ConsumerTurn."""
-        store = store or open_store(settings)
+        process's ConsumerTurn. ``tracing``: default, as the OTEL_* settings ask (one
+        provider per process)."""
+        owns_tracing = tracing is None
+        tracing = (tracing or build_tracing(settings)).with_system(
+            "sqlite" if settings.embedded else "mongodb")
+        store = tracing.store(store or open_store(settings))
         try:
             store.ensure_indexes()
         except StoreUnavailable as error:
@@ -239,6 +250,7 @@ class Runtime:
                 on_published=metrics.event_published,
                 # the history rules live in the service, built next
                 record_history=lambda flows: service.record_pending_history(flows),
+                tracing=tracing,
             )
         service = FlowService(
             store,
@@ -253,7 +265,8 @@ class Runtime:
             ownership_policy=settings.ownership_policy,
             max_list_bytes=settings.max_list_bytes,
         )
-        runtime = cls(settings, store, service, metrics, outbox, consumer_factory=consumer)
+        runtime = cls(settings, store, service, metrics, outbox, consumer_factory=consumer,
+                      tracing=tracing, owns_tracing=owns_tracing)
         runtime.watch = ChangeWatch(store, WatchLimits(
             max_watchers=settings.max_watchers,
             max_per_caller=settings.max_watchers_per_caller,
@@ -267,7 +280,7 @@ class Runtime:
             runtime.turn = ConsumerTurn(runtime, settings.embedded_database)
             return runtime
         if consumer:
-            runtime.consumer = consumer(settings, service, metrics)
+            runtime.consumer = consumer(settings, service, metrics, tracing)
         if reconciler:
             runtime.loops.append(
                 Periodic("reconciler", settings.reconcile_interval_seconds, service.reconcile)
@@ -296,6 +309,8 @@ class Runtime:
             loop.stop()
         if self.relay:
             self.relay.stop()
+        if self.owns_tracing:
+            self.tracing.shutdown()
 
     def health(self, *, queue_required: bool) -> tuple[int, dict[str, Any]]:
         """The HTTP status and body of /healthcheck for this process.
@@ -340,6 +355,9 @@ class Runtime:
         what is stored). The flows per status are counted at most once every
         METRICS_FLOW_COUNT_SECONDS: one index count per status, never a scan per scrape.
         """
+        consumer, relay = self.consumer, self.relay
+        self.metrics.set_links(int(consumer is not None and consumer.consuming),
+                               int(relay is not None and relay.connected))
         try:
             pending, oldest = self.store.outbox_backlog()
             self.metrics.set_outbox(pending, oldest)
@@ -347,7 +365,23 @@ class Runtime:
             read_at = self._counts_read_at
             if read_at is None or now - read_at >= self.settings.metrics_flow_count_seconds:
                 self.metrics.set_flow_counts(self.store.count_by_status(domain.STATUSES))
+                self.metrics.set_overdue(self.overdue_counts())
                 self._counts_read_at = now
         except StoreUnavailable:
             pass  # the counters are still worth scraping while MongoDB is away
         return self.metrics.render()
+
+    def overdue_counts(self, cap: int = OVERDUE_CAP) -> dict[str, int]:
+        """Flows in starting or stopping for longer than their timeout, ``cap`` at most
+        per status and re-send count: the reconciler's own index-backed scan, bounded."""
+        timeouts = domain.Timeouts(self.settings.start_timeout_seconds,
+                                   self.settings.stop_timeout_seconds)
+        counts = {}
+        for status in (domain.STARTING, domain.STOPPING):
+            total = 0
+            for retries in (0, 1):
+                _, timeout = timeouts.plan(status, retries)
+                overdue = utcnow() - timedelta(seconds=timeout)
+                total += len(self.store.stuck(status, overdue, retries=retries, limit=cap))
+            counts[status] = total
+        return counts

@@ -1,4 +1,4 @@
-"""Structured logging: one JSON object per line, carrying the current request id."""
+"""Structured logging: one JSON object per line, carrying the current request and trace ids."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 import sys
 from datetime import UTC, datetime
 
+from flow_repository.domain import trace
 from flow_repository.server.redaction import redact, redact_value
 
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar(
@@ -36,6 +37,10 @@ class JsonFormatter(logging.Formatter):
         request_id = REQUEST_ID.get()
         if request_id:
             entry["requestId"] = request_id
+        context = trace.current()
+        if context is not None:  # written inside a trace (a request's, a report's)
+            entry["traceId"] = context.trace_id
+            entry["spanId"] = context.span_id
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
                 entry[key] = redact_value(value, key)
@@ -54,3 +59,7 @@ def configure_logging(level: str = "INFO") -> None:
     root.setLevel(level.upper())
     # pika logs every failed reconnect as an ERROR with a traceback; our own warning says it once.
     logging.getLogger("pika").setLevel(logging.CRITICAL)
+    # With its collector down, the OpenTelemetry SDK warns "Queue full, dropping Span" for
+    # every span it drops: a record built per request (then filtered as a duplicate). The
+    # exporter's own errors already say the collector is away.
+    logging.getLogger("opentelemetry.sdk._shared_internal").setLevel(logging.ERROR)

@@ -16,7 +16,7 @@ from prometheus_client import (
 )
 
 from flow_repository.adapters.store import utcnow
-from flow_repository.domain.flow import STATUSES
+from flow_repository.domain.flow import STARTING, STATUSES, STOPPING
 
 PREFIX = "flow_repository"
 # Set by flow_repository/server/gunicorn_conf.py when it runs several worker processes, so that a scrape
@@ -26,6 +26,8 @@ MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 # "other", and a request that matches no route is counted under route="unmatched".
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 UNMATCHED_ROUTE = "unmatched"
+# The statuses an orchestrator answer is awaited in (flows_overdue's label values).
+AWAITING = (STARTING, STOPPING)
 
 
 class Metrics:
@@ -56,6 +58,22 @@ class Metrics:
         self._oldest = Gauge(
             f"{PREFIX}_outbox_oldest_pending_seconds", "Age of the oldest unpublished event",
             registry=self.registry, multiprocess_mode="mostrecent",
+        )
+        self._overdue = Gauge(
+            f"{PREFIX}_flows_overdue",
+            "Flows waiting for the orchestrator longer than START/STOP_TIMEOUT_SECONDS "
+            "(counted up to a cap); the reconciler should have moved them",
+            ["status"], registry=self.registry, multiprocess_mode="mostrecent",
+        )
+        self._consumers = Gauge(
+            f"{PREFIX}_consumers",
+            "Status consumers of this process registered with RabbitMQ (active or standby)",
+            registry=self.registry, multiprocess_mode="livesum",
+        )
+        self._relays = Gauge(
+            f"{PREFIX}_relays_connected",
+            "Outbox relays of this process connected to RabbitMQ",
+            registry=self.registry, multiprocess_mode="livesum",
         )
         self._streams = Gauge(
             f"{PREFIX}_watch_streams", "Open GET /flows/events streams",
@@ -97,6 +115,15 @@ class Metrics:
     def set_flow_counts(self, counts: dict[str, int]) -> None:
         for status in STATUSES:
             self._flows.labels(status).set(counts.get(status, 0))
+
+    def set_overdue(self, counts: dict[str, int]) -> None:
+        for status in AWAITING:
+            self._overdue.labels(status).set(counts.get(status, 0))
+
+    def set_links(self, consumers: int, relays: int) -> None:
+        """What this process has connected to RabbitMQ right now (read at scrape time)."""
+        self._consumers.set(consumers)
+        self._relays.set(relays)
 
     def set_outbox(self, pending: int, oldest: datetime | None) -> None:
         self._pending.set(pending)

@@ -15,6 +15,7 @@ from bson import ObjectId
 from flow_repository.adapters.store import utcnow
 from flow_repository.contract import EDITABLE_FIELDS
 from flow_repository.domain import flow as domain
+from flow_repository.domain import trace
 from flow_repository.domain.flow import iso
 
 DEFINITION = "definition"
@@ -31,8 +32,13 @@ def definition_of(flow: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _entry(kind: str, change: str, sub: str | None, at: datetime, **fields: Any) -> dict:
-    return {"entryId": uuid.uuid4().hex, "kind": kind, "change": change, "sub": sub,
-            "at": at, **fields}
+    """A pending entry; it records the trace id of the change when it was made in a trace."""
+    entry = {"entryId": uuid.uuid4().hex, "kind": kind, "change": change, "sub": sub,
+             "at": at, **fields}
+    context = trace.current()
+    if context is not None:
+        entry["traceId"] = context.trace_id
+    return entry
 
 
 def definition_entry(sub: str, change: str, flow: Mapping[str, Any], **fields: Any) -> dict:
@@ -75,6 +81,8 @@ def public_entry(flow_id: ObjectId, entry: Mapping[str, Any],
         result["status"] = dict(entry["status"])
     if "restoredFrom" in entry:
         result["restoredFrom"] = entry["restoredFrom"]
+    if "traceId" in entry:
+        result["traceId"] = entry["traceId"]
     if flow is not None:
         result["flow"] = {"id": str(flow_id), **flow["flow"], "revision": flow["revision"]}
     return result

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from flow_repository.adapters.store import FlowStore
+from flow_repository.adapters.tracing import Tracing
 from flow_repository.entrypoints.app import create_app
 from flow_repository.settings import Settings
 from support import (
@@ -33,14 +34,16 @@ def settings(settings: Settings) -> Settings:
 
 
 def in_process(custom: Settings, store: FlowStore, bus: Bus,
-               background: bool) -> InProcessDeployment:
+               background: bool, tracing: Tracing | None = None) -> InProcessDeployment:
     """An app in this process on ``store``; with ``background`` it consumes, relays and
-    reconciles itself, and is returned once it consumes and its relay is connected."""
+    reconciles itself, and is returned once it consumes and its relay is connected.
+    ``tracing``: the app's (default: as the settings say, off in tests)."""
     # mongodb_url=None: every loop runs here, whichever backend ``store`` is; the embedded
     # database :memory: (never opened: ``store`` is given) says this process is alone, so it
     # consumes at once instead of taking turns with other processes on a file.
     alone = custom.replace(mongodb_url=None, embedded_db_path=":memory:")
-    deployment = InProcessDeployment(create_app(alone, store=store, background=background))
+    deployment = InProcessDeployment(create_app(alone, store=store, background=background,
+                                                tracing=tracing))
     if background:
         bus.wait_consumers(1)
         eventually(lambda: deployment.runtime.relay.connected, timeout=15,
@@ -80,15 +83,17 @@ def deployment(deploy) -> InProcessDeployment | ServedDeployment:
 
 @pytest.fixture
 def make_app(settings: Settings, store: FlowStore, bus: Bus) -> Iterator[Callable[..., Any]]:
-    """make_app(settings=None, background=True): the app in this process, on any backend.
+    """make_app(settings=None, background=True, tracing=None): the app in this process, on
+    any backend.
 
     For tests that inject faults into the consumer, relay or reconciler: those must run in
     the test's own process, so here they do even on a real MongoDB (on the test's database).
     """
     started: list[InProcessDeployment] = []
 
-    def make(custom: Settings | None = None, *, background: bool = True) -> InProcessDeployment:
-        deployment = in_process(custom or settings, store, bus, background)
+    def make(custom: Settings | None = None, *, background: bool = True,
+             tracing: Tracing | None = None) -> InProcessDeployment:
+        deployment = in_process(custom or settings, store, bus, background, tracing)
         started.append(deployment)
         return deployment
 

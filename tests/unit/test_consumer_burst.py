@@ -79,11 +79,14 @@ def parts(settings: Settings, store: Store, flow_body) -> SimpleNamespace:
                            channel=FakeChannel(), flows=flows)
 
 
-def deliver(parts: SimpleNamespace, *bodies: tuple[str, bytes]) -> None:
-    """One burst: the messages one read delivered, in order, then applied."""
+def deliver(parts: SimpleNamespace, *bodies: tuple[str, bytes],
+            traces: dict[int, str] | None = None) -> None:
+    """One burst: the messages one read delivered, in order, then applied (``traces``: the
+    ``traceparent`` header of some of them, by delivery tag)."""
     for tag, (name, body) in enumerate(bodies, start=1):
         method = SimpleNamespace(delivery_tag=tag, routing_key=name, exchange="bus")
-        properties = SimpleNamespace(headers={}, content_type="application/json",
+        headers = {"traceparent": traces[tag]} if traces and tag in traces else {}
+        properties = SimpleNamespace(headers=headers, content_type="application/json",
                                      message_id=None)
         parts.consumer._on_message(parts.channel, method, properties, body)
     parts.consumer._apply_burst()
@@ -171,3 +174,17 @@ def test_the_burst_undone_leaves_its_writes_out_of_the_store_on_sqlite(
     assert seen_inside[0] == before + 1  # written inside the burst, then undone ...
     assert revision(parts, first) == before + 1  # ... and applied once on its own
     assert len(parts.channel.dead_lettered) == 1  # the second, after its attempts
+
+
+def test_each_report_of_a_burst_is_handled_in_its_own_trace(parts) -> None:
+    first, second, _ = parts.flows
+    trace_ids = ["4bf92f3577b34da6a3ce929d0e0e4736", "0af7651916cd43dd8448eb211c80319c"]
+    deliver(parts,
+            ("flow.started", report("flow.started", first)),
+            ("flow.started", report("flow.started", second)),
+            traces={tag: f"00-{trace_id}-00f067aa0ba902b7-01"
+                    for tag, trace_id in enumerate(trace_ids, start=1)})
+    for flow_id, trace_id in zip((first, second), trace_ids, strict=True):
+        [entry] = [entry for entry in parts.store.raw(ObjectId(flow_id))["historyOutbox"]
+                   if entry.get("kind") == "status"][-1:]
+        assert entry["traceId"] == trace_id

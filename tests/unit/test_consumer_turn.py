@@ -35,7 +35,7 @@ def api_worker(database: str) -> tuple[SimpleNamespace, ConsumerTurn]:
     process = SimpleNamespace(
         settings=Settings.from_env({}, embedded_db_path=database),
         service=SimpleNamespace(reconcile=lambda: None), metrics=None, consumer=None,
-        consumer_factory=FakeConsumer)
+        consumer_factory=FakeConsumer, tracing=None)
     # a long interval: the test ticks itself
     return process, ConsumerTurn(process, database, interval=3600)
 

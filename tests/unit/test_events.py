@@ -60,13 +60,15 @@ def test_a_delayed_start_event_still_reports_the_start_not_the_later_status(
 class RecordingPublisher:
     """Stands in for RabbitMQ: confirms everything and remembers the order."""
 
+    exchange = "event-bus"
+
     def __init__(self) -> None:
         self.names: list[str] = []
 
     def publish(self, message) -> None:
         self.names.append(message["headers"]["name"])
 
-    def publish_batch(self, messages, deadline: float) -> int:
+    def publish_batch(self, messages, deadline: float, headers=None) -> int:
         for confirmed, message in enumerate(messages):
             try:
                 self.publish(message)

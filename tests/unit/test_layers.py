@@ -38,7 +38,8 @@ RULES: dict[str, tuple[str, ...]] = {
                                     if layer != "flow_repository.entrypoints"),
     "flow_repository.settings": (),
     "flow_repository.server.redaction": (),
-    "flow_repository.server.logs": ("flow_repository.server.redaction",),
+    "flow_repository.server.logs": ("flow_repository.server.redaction",
+                                     "flow_repository.domain.trace"),
     "flow_repository.client": ("flow_repository.client", "=flow_repository.contract"),
 }
 # third-party package -> the only module prefixes that may import it
@@ -51,6 +52,8 @@ THIRD_PARTY: dict[str, tuple[str, ...]] = {
     "flask_smorest": ("flow_repository.entrypoints",),
     "marshmallow": ("flow_repository.contract.schemas",),
     "gunicorn": ("flow_repository.server", "flow_repository.entrypoints.cli"),
+    # the optional ``otel`` extra: one module knows it, and imports it guarded
+    "opentelemetry": ("flow_repository.adapters.tracing",),
 }
 
 

@@ -17,7 +17,7 @@ from worker.main import health_server
 def worker_health(settings, store) -> Iterator[tuple[str, Runtime]]:
     """A worker runtime whose consumer is a stand-in, behind its real health server."""
     runtime = Runtime.build(settings, store=store)
-    runtime.consumer = SimpleNamespace(alive=True, connected=True)
+    runtime.consumer = SimpleNamespace(alive=True, connected=True, consuming=True)
     server = health_server(runtime, 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}", runtime
@@ -60,7 +60,7 @@ def test_unknown_paths_are_json_404(worker_health) -> None:
 
 def test_metrics_need_the_metrics_token_when_one_is_set(settings, store) -> None:
     runtime = Runtime.build(settings.replace(metrics_token="scrape-secret"), store=store)
-    runtime.consumer = SimpleNamespace(alive=True, connected=True)
+    runtime.consumer = SimpleNamespace(alive=True, connected=True, consuming=True)
     server = health_server(runtime, 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/metrics"

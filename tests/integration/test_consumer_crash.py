@@ -58,6 +58,8 @@ def child_environment(settings, **extra: str) -> dict[str, str]:
     env.update(QUEUE_URL=settings.queue_url, EVENT_EXCHANGE=settings.event_exchange,
                EVENT_QUEUE=settings.event_queue, LOG_LEVEL="WARNING",
                DEV_TOKEN_SECRET_FILE=settings.dev_token_secret_file or "",
+               # the test's own database file, never the user's default one
+               EMBEDDED_DB_PATH=settings.embedded_db_path,
                PYTHONPATH=str(Path(__file__).resolve().parents[2]), **extra)
     if settings.mongodb_url:
         env["MONGODB_URL"] = settings.mongodb_url

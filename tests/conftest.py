@@ -8,7 +8,9 @@ The helpers behind them (polling, bus, driver, served processes) live in tests/s
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -31,6 +33,7 @@ import pytest
 from flow_repository.adapters.auth import mint_token
 from flow_repository.adapters.store import FlowStore, Store, open_store
 from flow_repository.entrypoints.app import create_app
+from flow_repository.server.logs import JsonFormatter
 from flow_repository.settings import Settings
 from support import (
     ALL_PERMISSIONS,
@@ -587,3 +590,18 @@ def launch(spawn: Callable[..., Served], bus: Bus) -> Callable[..., ServedDeploy
         return ServedDeployment(servers, crew)
 
     return start
+
+
+@pytest.fixture
+def log_lines() -> Iterator[Callable[[], list[dict]]]:
+    """Every log line of the process (INFO and up) as parsed JSON."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    previous = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
+    root.removeHandler(handler)
+    root.setLevel(previous)

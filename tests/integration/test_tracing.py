@@ -4,10 +4,7 @@ carries it is applied in the same trace, with tracing on (spans in memory) and o
 
 from __future__ import annotations
 
-import io
-import json
 import logging
-from collections.abc import Callable, Iterator
 
 import pytest
 from bson import ObjectId
@@ -18,7 +15,6 @@ from opentelemetry.trace import SpanKind
 
 from flow_repository.adapters.tracing import tracing_with
 from flow_repository.domain import trace
-from flow_repository.server.logs import JsonFormatter
 from support import eventually
 
 pytestmark = pytest.mark.integration
@@ -31,19 +27,6 @@ TRACEPARENT = f"00-{TRACE_ID}-{CALLER_SPAN}-01"
 def hex_id(value: int, width: int) -> str:
     return f"{value:0{width}x}"
 
-
-@pytest.fixture
-def log_lines() -> Iterator[Callable[[], list[dict]]]:
-    """Every log line of the process as parsed JSON (INFO and up)."""
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    previous = root.level
-    root.addHandler(handler)
-    yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
-    root.removeHandler(handler)
-    root.setLevel(previous)
 
 
 def revisions(client, auth, flow_id: str) -> list[dict]:

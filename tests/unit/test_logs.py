@@ -2,29 +2,10 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-from collections.abc import Callable, Iterator
 
-import pytest
-
-from flow_repository.server.logs import REQUEST_ID, JsonFormatter
-
-
-@pytest.fixture
-def log_lines() -> Iterator[Callable[[], list[dict]]]:
-    """Capture every log record of the process as parsed JSON lines."""
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    previous = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
-    root.removeHandler(handler)
-    root.setLevel(previous)
+from flow_repository.server.logs import REQUEST_ID
 
 
 def test_a_record_is_one_json_line_with_level_logger_message_and_extras(log_lines) -> None:

@@ -4,13 +4,12 @@ exporter that fails, and a process without the OpenTelemetry SDK."""
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 from types import SimpleNamespace
 from typing import Any
@@ -39,7 +38,6 @@ from flow_repository.adapters.tracing import (
 from flow_repository.domain import trace
 from flow_repository.entrypoints.app import create_app
 from flow_repository.server.access_log import JsonAccessLogger
-from flow_repository.server.logs import JsonFormatter
 from flow_repository.settings import Settings, SettingsError
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
@@ -107,20 +105,6 @@ def tracing(spans: InMemorySpanExporter) -> Iterator[Tracing]:
     yield tracing_with(provider)
     provider.shutdown()
 
-
-@pytest.fixture
-def log_lines() -> Iterator[Callable[[], list[dict]]]:
-    """Every log line of the process as parsed JSON."""
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    previous = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
-    root.removeHandler(handler)
-    root.setLevel(previous)
 
 
 def stored(app, flow_id: str) -> dict:

@@ -514,3 +514,15 @@ class Driver:
         flow_id = self.bring_to("starting")
         self.report("flow.started", flow_id)
         self.wait_status(flow_id, "active")
+
+
+def open_event_stream(port: int, token: str, timeout: float = 10.0) -> socket.socket:
+    """GET /flows/events on a raw socket; returned once the answer's head has arrived."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    sock.sendall(f"GET /flows/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}"
+                 f"\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return sock

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from support import Served, bearer, eventually, free_port
+from support import Served, bearer, eventually, free_port, open_event_stream
 
 from .conftest import FakeIam
 
@@ -70,18 +70,6 @@ def test_stalled_and_idle_connections_do_not_stop_other_requests(
             sock.recv(1)
 
 
-def open_stream(served: Served, token: str) -> socket.socket:
-    """GET /flows/events on a raw socket; returned once the answer's head has arrived."""
-    sock = connect(served)
-    sock.sendall(f"GET /flows/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}"
-                 f"\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += sock.recv(1)
-    assert head.startswith(b"HTTP/1.1 200"), head
-    return sock
-
-
 def test_open_change_streams_and_stalled_clients_do_not_stop_other_requests(
     serve, iam: FakeIam, flow_body, stalled_sockets: list[socket.socket]
 ) -> None:
@@ -91,7 +79,7 @@ def test_open_change_streams_and_stalled_clients_do_not_stop_other_requests(
     served = serve(WEB_CONCURRENCY="1", GUNICORN_THREADS="2", GUNICORN_REQUEST_TIMEOUT="600",
                    MAX_WATCHERS=str(streams), MAX_WATCHERS_PER_CALLER=str(streams))
     watcher = iam.grant("watcher", "tenant-1")
-    opened = [open_stream(served, watcher) for _ in range(streams)]
+    opened = [open_event_stream(served.port, watcher) for _ in range(streams)]
     stalled_sockets.extend(opened)
     for index in range(40):
         sock = connect(served)

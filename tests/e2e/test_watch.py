@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from flow_repository.client.rest import FlowRepositoryClient
-from support import EXECUTABLE, bearer, eventually
+from support import EXECUTABLE, bearer, eventually, open_event_stream
 
 from .conftest import FakeIam
 
@@ -81,21 +81,9 @@ def test_flows_watch_prints_one_line_per_change(serve, iam: FakeIam, flow_body) 
     assert refused.returncode == 5 and "Last-Event-ID" in refused.stderr
 
 
-def open_stream(port: int, token: str) -> socket.socket:
-    """A raw GET /flows/events; returns the socket once the answer's head has arrived."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    sock.sendall(f"GET /flows/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}"
-                 f"\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += sock.recv(1)
-    assert head.startswith(b"HTTP/1.1 200"), head
-    return sock
-
-
 def test_streams_end_cleanly_on_sigterm(serve, iam: FakeIam) -> None:
     api = serve(GUNICORN_GRACEFUL_TIMEOUT="20")
-    sock = open_stream(api.port, iam.grant("alice", "acme"))
+    sock = open_event_stream(api.port, iam.grant("alice", "acme"))
     signalled = time.monotonic()
     api.process.send_signal(signal.SIGTERM)
     received = b""

@@ -31,6 +31,7 @@ import pymongo
 import pytest
 
 from flow_repository.adapters.auth import mint_token
+from flow_repository.adapters.rabbitmq import close_quietly
 from flow_repository.adapters.store import FlowStore, Store, open_store
 from flow_repository.entrypoints.app import create_app
 from flow_repository.server.logs import JsonFormatter
@@ -259,8 +260,8 @@ def broker(settings: Settings) -> Iterator[pika.adapters.blocking_connection.Blo
         cleanup.queue_delete(queue)
     cleanup.exchange_delete(settings.event_exchange)
     cleanup.connection.close()
-    if connection.is_open:
-        connection.close()
+    # a long test may leave it idle past its heartbeats: the broker has closed it then
+    close_quietly(connection)
 
 
 # ----------------------------------------------------------------------------- TCP proxy
@@ -494,8 +495,7 @@ def bus(settings: Settings, broker) -> Iterator[Bus]:
     """Publish as the orchestrator or IAM, and inspect the service's queues."""
     connection = connect(settings)
     yield Bus(settings, connection)
-    if connection.is_open:
-        connection.close()
+    close_quietly(connection)
 
 
 @pytest.fixture

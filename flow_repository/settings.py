@@ -1,4 +1,7 @@
-"""The one frozen Settings object, read from OIH-compatible environment variables."""
+"""The one frozen Settings object, read from OIH-compatible environment variables.
+
+The bottom layer: it imports nothing of ours, so every layer may read it.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,9 @@
 """The change feed's readers never skip a number (services/watch.py on the MongoDB backend):
-a missing seq is waited for, then abandoned; a writer slower than the wait gets a new one."""
+a missing seq is waited for, then abandoned; a writer slower than the wait gets a new one.
+
+Writers of this version leave no gaps (a number is taken by inserting at the one after the
+newest); feeds written by earlier versions, which took numbers from a counter first, can
+hold them, and these tests write such a feed by hand."""
 
 from __future__ import annotations
 
@@ -42,12 +46,18 @@ def flow(owner: str = "alice") -> dict[str, Any]:
                                "at": utcnow()}]}
 
 
+def insert_at(store: FlowStore, seq: int, written: dict[str, Any]) -> None:
+    """What an earlier version's writer did after taking ``seq`` from its counter."""
+    [entry] = pending_feed_entries(written)
+    store.changes._changes.insert_one({**entry, "_id": seq, "key": f"{written['_id']}:1"})
+
+
 def test_a_missing_number_is_waited_for_and_then_abandoned(store: FlowStore,
                                                            hub: ChangeWatch) -> None:
     watcher = hub.open(ALICE, None, ListQuery())
-    taken = store.changes._next_seq()  # a writer took a number and has not inserted yet
+    taken = store.changes.newest() + 1  # a writer took it and has not inserted yet
     later = flow()
-    store.changes.record([later])
+    insert_at(store, taken + 1, later)
     started = hub.clock()
     changes = watcher.next_changes(5)
     assert [change["flowId"] for change in changes] == [later["_id"]]
@@ -60,13 +70,11 @@ def test_a_writer_within_the_wait_is_delivered_in_order(store: FlowStore,
                                                         hub: ChangeWatch) -> None:
     watcher = hub.open(ALICE, None, ListQuery())
     slow, fast = flow(), flow()
-    taken = store.changes._next_seq()
-    store.changes.record([fast])
+    taken = store.changes.newest() + 1
+    insert_at(store, taken + 1, fast)
 
     def finish_slow_writer() -> None:
-        [entry] = pending_feed_entries(slow)
-        store.changes._changes.insert_one({**entry, "_id": taken,
-                                           "key": f"{slow['_id']}:1"})
+        insert_at(store, taken, slow)
 
     writer = threading.Timer(GAP / 3, finish_slow_writer)
     writer.start()
@@ -81,7 +89,7 @@ def test_a_writer_within_the_wait_is_delivered_in_order(store: FlowStore,
 def test_a_writer_slower_than_the_wait_takes_a_new_number(store: FlowStore,
                                                           hub: ChangeWatch) -> None:
     watcher = hub.open(ALICE, None, ListQuery())
-    taken = store.changes._next_seq()
+    taken = store.changes.newest() + 1
     store.changes.abandon(taken)  # what a reader did after its wait
     late = flow()
     store.changes.record([late])  # its insert at ``taken`` would meet the hole: next number

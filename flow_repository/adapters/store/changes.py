@@ -1,20 +1,20 @@
-"""The change feed on MongoDB: a counter hands out seqs, holes are decided by a unique _id.
+"""The change feed on MongoDB: each change takes the number after the newest, and a unique _id decides.
 
 Without multi-document transactions a change cannot take its seq in the write that makes
 it, so the feed is written after the change, where its history entry is recorded (the
-relay, or the writer itself without one). Writers allocate a seq from a counter
-(``find_one_and_update`` with ``$inc``) and then insert the change with ``_id: seq``. Two
-writers can therefore commit out of order: seq 20 may be visible before seq 15 is. A
-reader never skips a number it has not seen: it waits for it (``WATCH_GAP_SECONDS``), and
-then *abandons* it by inserting a hole with that ``_id``. The ``_id`` is unique, so exactly
-one of the hole and the change ever holds the number: a writer whose insert meets a hole
-takes a new seq and inserts again. Every number is thus decided once, for every reader,
-and no change is lost or delivered twice; a change whose writer was slower than the wait
-arrives later than changes made after it (its order is that of its new seq).
+relay, or the writer itself without one). A writer reads the newest seq and inserts its
+batch at the numbers right after it, in order; the ``_id`` is unique, so when another
+writer took one of those numbers first the insert stops there and the rest go in after the
+new newest. A number is thus used only once the one before it is in: the feed has no gaps
+for a reader to wait for, and nothing is numbered that is not written (a writer that dies
+leaves no hole). Two round trips per batch, neither of them a findAndModify.
+
+A reader still treats a missing number as one to wait for and then abandon (a hole with
+that ``_id``): feeds written by earlier versions, which took numbers from a counter, can
+hold such gaps.
 
 Recording is idempotent: ``key`` (flow id and revision) is unique, so a change recorded
-again (a retry, two relays, read-repair) keeps its first seq, and the seq the repeat took
-becomes a hole at once.
+again (a retry, two relays, read-repair) keeps its first seq.
 """
 
 from __future__ import annotations
@@ -27,13 +27,12 @@ from typing import Any
 
 import pymongo
 from bson import ObjectId
-from pymongo import ReturnDocument
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from .base import DUPLICATE_KEY, database_call, decode_keys, pending_feed_entries, utcnow
 
 COLLECTION = "flow_changes"
-STATE = "flow_changes_state"  # {_id: "seq", value}: the counter; {_id: "trimmed", value}
+STATE = "flow_changes_state"  # {_id: "trimmed", value}: the trim mark
 BY_KEY = [("key", pymongo.ASCENDING)]
 BY_TIME = [("at", pymongo.ASCENDING)]
 BY_FLOW = [("flowId", pymongo.ASCENDING)]
@@ -82,39 +81,20 @@ class MongoChangeFeed:
         return self._changes.find({"flowId": flow_id, "owners": owner_id}, {"owners": 1},
                                   **self._hint("changes_flow"))
 
-    def _next_seqs(self, count: int) -> range:
-        """``count`` consecutive seqs, taken from the counter at once."""
-        with self._call():
-            counter = self._state.find_one_and_update(
-                {"_id": "seq"}, {"$inc": {"value": count}}, upsert=True,
-                return_document=ReturnDocument.AFTER)
-        last = int(counter["value"])
-        return range(last - count + 1, last + 1)
-
-    def _next_seq(self) -> int:
-        return self._next_seqs(1)[0]
-
     def record(self, flows: Sequence[Mapping[str, Any]]) -> None:
         """Append the changes of the flows' pending history entries, each flow's in
-        revision order: two round trips for the whole batch (its seqs taken at once, then
-        one ordered insert).
-
-        An insert stops at the first number it cannot have. When that change was recorded
-        before (a retry, read-repair), the number becomes a hole; when a reader abandoned it
-        (this writer was slower than the reader's wait), the change takes a new one. Either
-        way the numbers taken after it are left as holes and what follows takes new ones,
-        so no change ever lands before an earlier one of its flow."""
+        revision order, at the numbers after the newest: two round trips for the batch
+        (read the newest, one ordered insert), more only when another writer came first."""
         pending = [(entry, self._key(entry))
                    for flow in flows for entry in pending_feed_entries(flow)]
         while pending:
-            seqs = self._next_seqs(len(pending))
-            stopped = self._insert([{**entry, "_id": seq, "key": key}
-                                    for (entry, key), seq in zip(pending, seqs, strict=True)])
+            first = self.newest() + 1
+            stopped = self._insert([{**entry, "_id": first + offset, "key": key}
+                                    for offset, (entry, key) in enumerate(pending)])
             if stopped is None:
                 return
-            self._holes(seqs[stopped:])  # the refused number too, unless a change holds it
             key = pending[stopped][1]
-            with self._call():
+            with self._call():  # refused: its number taken by another writer, or recorded
                 recorded = next(iter(self._recorded(key)), None)
             pending = pending[stopped + (recorded is not None):]
 
@@ -148,20 +128,13 @@ class MongoChangeFeed:
         return int(found[0]["_id"]) if found else self.trimmed_through()
 
     def allocated(self) -> int:
-        """The largest seq ever handed out."""
-        with self._call():
-            counter = self._state.find_one({"_id": "seq"})
-        return int(counter["value"]) if counter else 0
+        """The largest seq handed out: the newest, as numbers are taken only by inserting."""
+        return self.newest()
 
     def trimmed_through(self) -> int:
         with self._call():
             state = self._state.find_one({"_id": "trimmed"})
         return int(state["value"]) if state else 0
-
-    def _holes(self, seqs: Sequence[int]) -> None:
-        """Make each of ``seqs`` a hole unless a change already holds it (one round trip)."""
-        with self._call(), contextlib.suppress(BulkWriteError):  # held: stays the change
-            self._changes.insert_many([self._hole(seq) for seq in seqs], ordered=False)
 
     @staticmethod
     def _hole(seq: int) -> dict[str, Any]:

@@ -84,19 +84,32 @@ class MongoChangeFeed:
     def record(self, flows: Sequence[Mapping[str, Any]]) -> None:
         """Append the changes of the flows' pending history entries, each flow's in
         revision order, at the numbers after the newest: two round trips for the batch
-        (read the newest, one ordered insert), more only when another writer came first."""
+        (read the newest, one ordered insert), more only when another writer came first
+        or some of the changes were recorded before."""
         pending = [(entry, self._key(entry))
                    for flow in flows for entry in pending_feed_entries(flow)]
+        sifted = False
         while pending:
             first = self.newest() + 1
             stopped = self._insert([{**entry, "_id": first + offset, "key": key}
                                     for offset, (entry, key) in enumerate(pending)])
             if stopped is None:
                 return
-            key = pending[stopped][1]
-            with self._call():  # refused: its number taken by another writer, or recorded
-                recorded = next(iter(self._recorded(key)), None)
-            pending = pending[stopped + (recorded is not None):]
+            pending = pending[stopped:]
+            if not sifted:
+                # Refused: its number was taken, or it was recorded already (a second relay
+                # handed the same flow, a retry). Whatever else of the batch was recorded
+                # already is left out at once, with one read, rather than met one by one.
+                sifted = True
+                with self._call():
+                    known = {document["key"] for document in self._changes.find(
+                        {"key": {"$in": [key for _, key in pending]}}, {"key": 1, "_id": 0},
+                        **self._hint("changes_key"))}
+                pending = [(entry, key) for entry, key in pending if key not in known]
+                continue
+            with self._call():
+                recorded = next(iter(self._recorded(pending[0][1])), None)
+            pending = pending[recorded is not None:]
 
     def _insert(self, documents: list[dict[str, Any]]) -> int | None:
         """Insert in order; the index of the first one refused (a duplicate), or None."""

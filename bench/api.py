@@ -157,11 +157,7 @@ def bench_size(size: int, arguments: argparse.Namespace, wrk: str, workdir: Path
     secret = workdir / "dev-token-secret"
     tokens = [harness.mint(secret, f"bench-user-{i}", f"bench-tenant-{i}") for i in range(users)]
     exchange, queue = harness.unique_name("api-exchange"), harness.unique_name("api-queue")
-    database = None
-    mongodb_url = arguments.mongodb_url
-    if mongodb_url:
-        database = harness.unique_name(f"flows-{size}").replace("-", "_")
-        mongodb_url = harness.mongodb_database_url(mongodb_url, database)
+    database, mongodb_url = harness.own_database(arguments.mongodb_url, f"flows-{size}")
     broker = urlsplit(harness.QUEUE_URL)
     proxy = TcpProxy(broker.hostname or "127.0.0.1", broker.port or 5672)
     proxy.cut()  # the relay cannot publish while the flows are seeded
@@ -321,11 +317,7 @@ def bench_tracing(size: int, arguments: argparse.Namespace, wrk: str, workdir: P
     secret = workdir / "dev-token-secret"
     token = harness.mint(secret, "bench-user-0", "bench-tenant-0")
     exchange, queue = harness.unique_name("tracing-exchange"), harness.unique_name("tracing-queue")
-    database = None
-    mongodb_url = arguments.mongodb_url
-    if mongodb_url:
-        database = harness.unique_name(f"tracing-{size}").replace("-", "_")
-        mongodb_url = harness.mongodb_database_url(mongodb_url, database)
+    database, mongodb_url = harness.own_database(arguments.mongodb_url, f"tracing-{size}")
     env = harness.base_env(secret, mongodb_url, exchange, queue)
     envs = {"off": env, "on": tracing_env(env)}
     print(f"\n== tracing off and on, {size} stored flows ==", flush=True)

@@ -278,6 +278,15 @@ def mongodb_database_url(url: str, database: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, "/" + database, parts.query, parts.fragment))
 
 
+def own_database(url: str | None, prefix: str) -> tuple[str | None, str | None]:
+    """A database of this run's own on the MongoDB at ``url``: (its name, the URL naming it);
+    (None, None) when no MongoDB is given (the embedded store)."""
+    if not url:
+        return None, None
+    database = unique_name(prefix).replace("-", "_")
+    return database, mongodb_database_url(url, database)
+
+
 def drop_mongodb_database(url: str, database: str) -> None:
     import pymongo
 

@@ -206,9 +206,7 @@ def main() -> int:
                         default=str(harness.BENCH_DIR / "results" / "throughput.json"))
     arguments = parser.parse_args()
 
-    database = harness.unique_name("throughput").replace("-", "_")
-    url = (harness.mongodb_database_url(arguments.mongodb_url, database)
-           if arguments.mongodb_url else None)
+    database, url = harness.own_database(arguments.mongodb_url, "throughput")
     workdir = Path(tempfile.mkdtemp(prefix="flow-repository-throughput-"))
     environment = {key: value for key, value in os.environ.items() if key != "MONGODB_URL"}
     environment.update(QUEUE_URL=harness.QUEUE_URL, EVENT_QUEUE_TYPE=arguments.queue_type)

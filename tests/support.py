@@ -526,3 +526,15 @@ def open_event_stream(port: int, token: str, timeout: float = 10.0) -> socket.so
         head += sock.recv(1)
     assert head.startswith(b"HTTP/1.1 200"), head
     return sock
+
+
+def every_backend(metafunc: pytest.Metafunc) -> None:
+    """A module's ``pytest_generate_tests``: its tests taking ``backend`` run on every store
+    backend (embedded SQLite, mongomock, and the real server with --mongodb=secantus or
+    --mongodb-url)."""
+    if "backend" in metafunc.fixturenames:
+        backends = ["embedded", "mongomock"]
+        config = metafunc.config
+        if config.getoption("--mongodb-url") or config.getoption("--mongodb") == "secantus":
+            backends.append("server")
+        metafunc.parametrize("backend", backends)

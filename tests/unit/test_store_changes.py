@@ -14,15 +14,7 @@ from bson import ObjectId
 
 from flow_repository.adapters.store import Store, decode_keys, utcnow
 from flow_repository.adapters.store.base import pending_feed_entries
-
-
-def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "backend" in metafunc.fixturenames:
-        backends = ["embedded", "mongomock"]
-        config = metafunc.config
-        if config.getoption("--mongodb-url") or config.getoption("--mongodb") == "secantus":
-            backends.append("server")
-        metafunc.parametrize("backend", backends)
+from support import every_backend as pytest_generate_tests  # noqa: F401
 
 
 @pytest.fixture

@@ -21,15 +21,7 @@ from flow_repository.adapters.store import (
     utcnow,
 )
 from flow_repository.domain.flow import STATUSES, ListQuery
-
-
-def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "backend" in metafunc.fixturenames:
-        backends = ["embedded", "mongomock"]
-        config = metafunc.config
-        if config.getoption("--mongodb-url") or config.getoption("--mongodb") == "secantus":
-            backends.append("server")
-        metafunc.parametrize("backend", backends)
+from support import every_backend as pytest_generate_tests  # noqa: F401
 
 
 @pytest.fixture

@@ -780,14 +780,15 @@ class SqliteFlowStore:
         relay meanwhile), drop recorded pending history entries, and remove the ``deleted``
         tombstones whose events are now all out, their history with them."""
         recorded = recorded or {}
-        keys = [flow_key(flow_id) for flow_id in dict.fromkeys([*published, *recorded])]
-        if not keys:
+        flow_ids = list(dict.fromkeys([*published, *recorded]))
+        if not flow_ids:
             return
         with self.database.writing() as connection:
             # Most flows give up every pending item at once: SQLite empties the list in the
             # stored JSON itself; only the others are decoded and rewritten here.
-            rest = [key for key in keys if not self._emptied(connection, key, relay_id,
-                                                            published, recorded)]
+            rest = [flow_key(flow_id) for flow_id in flow_ids if not self._emptied(
+                connection, flow_id, relay_id, published.get(flow_id, ()),
+                recorded.get(flow_id, ()))]
             rows = connection.execute(
                 f"SELECT {_ROW} FROM flows WHERE id IN ({_marks(len(rest))})",
                 rest).fetchall() if rest else []
@@ -817,15 +818,12 @@ class SqliteFlowStore:
                     (*leased, relay_id))
 
     @staticmethod
-    def _emptied(connection: sqlite3.Connection, key: bytes | str, relay_id: str,
-                 published: Mapping[ObjectId, Sequence[str]],
-                 recorded: Mapping[ObjectId, Sequence[str]]) -> bool:
-        """Empty the flow's history outbox and (while ``relay_id`` holds its lease) its
-        outbox in place when every item in them is among those done; False when some
-        item stays, which the caller then drops item by item."""
-        flow_id = _flow_id(key)
-        entry_ids = list(recorded.get(flow_id, ()))
-        event_ids = list(published.get(flow_id, ()))
+    def _emptied(connection: sqlite3.Connection, flow_id: ObjectId, relay_id: str,
+                 event_ids: Sequence[str], entry_ids: Sequence[str]) -> bool:
+        """Empty the flow's history outbox (of ``entry_ids``) and, while ``relay_id`` holds
+        its lease, its outbox (of ``event_ids``) in place when every item in them is among
+        those done; False when some item stays, which the caller then drops item by item."""
+        key = flow_key(flow_id)
         if entry_ids and not connection.execute(
                 _EMPTY_WHEN_DONE.format(field="historyOutbox", key="entryId", pending="",
                                         lease="", marks=_marks(len(entry_ids))),

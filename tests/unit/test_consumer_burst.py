@@ -16,7 +16,7 @@ import pytest
 from bson import ObjectId
 
 from flow_repository.adapters.auth import Principal
-from flow_repository.adapters.store import Store, utcnow
+from flow_repository.adapters.store import Store, StoreUnavailable, utcnow
 from flow_repository.domain import flow as domain
 from flow_repository.entrypoints.consumer import StatusConsumer
 from flow_repository.server.metrics import Metrics
@@ -119,8 +119,12 @@ def test_a_burst_is_applied_in_order_and_acknowledged_once_written(parts) -> Non
         (ObjectId(second), "inactive")]
 
 
+@pytest.mark.parametrize("failure", [
+    RuntimeError("a passing bug"),
+    StoreUnavailable(OSError("database away for a moment"), "SQLite"),
+], ids=["bug", "database-away"])
 def test_a_failure_in_a_burst_undoes_it_and_each_message_is_applied_once(
-        parts, monkeypatch: pytest.MonkeyPatch) -> None:
+        parts, failure: Exception, monkeypatch: pytest.MonkeyPatch) -> None:
     first, second, _ = parts.flows
     before = {flow_id: revision(parts, flow_id) for flow_id in parts.flows}
     apply = parts.service.apply_status_event
@@ -129,7 +133,7 @@ def test_a_failure_in_a_burst_undoes_it_and_each_message_is_applied_once(
     def fails_once_on_second(name: str, payload: Any) -> str:
         if payload.get("id") == second and not failures:
             failures.append(name)
-            raise RuntimeError("a passing bug")
+            raise failure
         return apply(name, payload)
 
     monkeypatch.setattr(parts.service, "apply_status_event", fails_once_on_second)

@@ -7,7 +7,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from flow_repository.adapters.outbox import envelope, trace_of
@@ -76,14 +76,19 @@ class OutboxRelay:
         return self._publisher.connected
 
     def lease(self) -> Lease:
-        """The lease a write takes along for this relay: its end is never the end of an
-        earlier one, so a written flow shows whether this very write took the lease (two
-        writes in one millisecond would otherwise look alike, and the second would pass
-        for a lease taker while holding a stale outbox)."""
+        """The lease a write takes along for this relay."""
+        return self.relay_id, self._lease_end()
+
+    def _lease_end(self) -> datetime:
+        """The end of a lease this relay takes, by a write or by a claim: never the end of
+        an earlier one, so a flow read back shows which very write or claim took it. (Two
+        in one millisecond would otherwise look alike: a write's lease passed for one the
+        relay had just claimed, and the flow was published twice, the second time after
+        the release had freed the write's newer lease for another relay.)"""
         with self._handed_lock:
             until = max(utcnow() + self._lease, self._last_until + LEASE_STEP)
             self._last_until = until
-        return self.relay_id, until
+        return until
 
     def wake(self) -> None:
         """Ask the relay to look for pending events now rather than at its next poll."""
@@ -129,8 +134,8 @@ class OutboxRelay:
         published = 0
         while not self._stop.is_set():
             # One batch of flows is leased at once; a flow another relay holds is skipped.
-            flows = self._store.claim_batch(self.relay_id, self._lease, self._batch_size,
-                                            flow_ids)
+            flows = self._store.claim_batch(self.relay_id, self._lease_end(),
+                                            self._batch_size, flow_ids)
             if not flows:
                 return published
             sent = self._finish(flows, flows)

@@ -12,6 +12,7 @@ from bson import ObjectId
 
 from flow_repository.adapters.rabbitmq import BrokerUnavailable, Publisher
 from flow_repository.adapters.relay import OutboxRelay
+from flow_repository.adapters.store import utcnow
 from flow_repository.server.bootstrap import Runtime
 from support import Received, eventually
 
@@ -155,7 +156,7 @@ def test_a_lease_left_by_a_crashed_relay_expires(make_app, settings, drive, list
     orphan = driver.create()
     other = driver.create()
     # the oldest pending flow (created first) is the one the crashed relay leased
-    claimed = store.claim_batch("relay-that-crashed", timedelta(seconds=1), 1)
+    claimed = store.claim_batch("relay-that-crashed", utcnow() + timedelta(seconds=1), 1)
     assert [flow["_id"] for flow in claimed] == [ObjectId(orphan)]
     stuck, free = orphan, other
 

@@ -11,7 +11,7 @@ import pytest
 from bson import ObjectId
 from flask.testing import FlaskClient
 
-from flow_repository.adapters.store import FlowStore
+from flow_repository.adapters.store import FlowStore, utcnow
 
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 HEX_ID = re.compile(r"^[0-9a-f]{24}$")
@@ -640,7 +640,7 @@ def test_internal_fields_never_appear_in_responses(
 ) -> None:
     flow = create()
     start_flow(flow["id"])  # stores startedBy and queues an event
-    store.claim_batch("relay-test", timedelta(minutes=1), 100)  # stores a lease
+    store.claim_batch("relay-test", utcnow() + timedelta(minutes=1), 100)  # stores a lease
     raw = store.raw(ObjectId(flow["id"]))
     assert {"_id", "outbox", "startedBy", "statusRetries", "relayLeaseUntil"} <= set(raw)
     other = create(name="other")

@@ -12,7 +12,7 @@ import pytest
 from bson import ObjectId
 from flask.testing import FlaskClient
 
-from flow_repository.adapters.store import FlowStore, StoreUnavailable
+from flow_repository.adapters.store import FlowStore, StoreUnavailable, utcnow
 
 Headers = Callable[..., dict[str, str]]
 Create = Callable[..., dict[str, Any]]
@@ -331,7 +331,7 @@ def test_deleting_a_flow_drops_its_history_once_the_deletion_event_is_out(
     oid = ObjectId(flow["id"])
     assert client.delete(f"/flows/{flow['id']}", headers=auth()).status_code == 200
     assert store.history.page(oid, 1, 10)[1] == 2  # kept while the event waits
-    [claimed] = store.claim_batch("relay", timedelta(minutes=1), 10)
+    [claimed] = store.claim_batch("relay", utcnow() + timedelta(minutes=1), 10)
     published = [event["eventId"] for event in claimed["outbox"]]  # the relay sent them all
     store.finish_batch("relay", published={oid: published}, deleted=[oid])
     assert store.raw(oid) is None

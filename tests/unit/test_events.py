@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from bson import ObjectId
 
+from flow_repository.adapters import relay as relay_module
 from flow_repository.adapters.outbox import envelope, pending_event
 from flow_repository.adapters.rabbitmq import BrokerUnavailable
 from flow_repository.adapters.relay import OutboxRelay
@@ -110,6 +111,28 @@ def test_a_relay_whose_lease_runs_short_stops_publishing_and_lets_go(store, monk
     raw = store.raw(flow_id)
     assert [event["name"] for event in raw["outbox"]] == ["flow.starting", "flow.stopping"]
     assert "relayLeaseOwner" not in raw
+
+
+def test_a_write_and_a_claim_in_one_millisecond_publish_each_event_once(
+        store, monkeypatch) -> None:
+    # A write here leases the flow to the relay, which claims it in the same millisecond (as
+    # one it wanted: a write elsewhere found the lease held), before the hand-off arrives.
+    # The claim must not read the write's lease back as its own: it did, on MongoDB, and the
+    # flow went out once claimed and again handed over.
+    frozen = utcnow()
+    monkeypatch.setattr(relay_module, "utcnow", lambda: frozen)
+    publisher = RecordingPublisher()
+    relay = OutboxRelay(store, publisher)
+    flow_id = flow_with_two_pending_events(store)
+    lease = relay.lease()
+    written = store.update(flow_id, events=[pending_event("flowrepo.flow.modified", {})],
+                           history={"entryId": "h1", "change": "modified"}, lease=lease)
+    assert (written["relayLeaseOwner"], written["relayLeaseUntil"]) == lease
+    assert relay.publish_pending([flow_id]) == 0  # the write's lease is not the claim's
+    relay.hand_off(written, lease)
+    assert relay.relay_handed() == 3
+    assert publisher.names == ["flow.starting", "flow.stopping", "flowrepo.flow.modified"]
+    assert store.raw(flow_id)["outbox"] == []
 
 
 class BrokerFailingOnce(RecordingPublisher):

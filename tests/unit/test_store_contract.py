@@ -414,26 +414,26 @@ def test_pending_flows_come_oldest_event_first_and_skip_live_leases(store: Store
 
 def test_a_lease_excludes_other_relays_until_it_ends_or_is_released(store: Store) -> None:
     flow_id = store.insert(document(outbox=[event("e", MOMENT)]))["_id"]
-    [claimed] = store.claim_batch("relay-a", timedelta(minutes=1), 10)
+    [claimed] = store.claim_batch("relay-a", utcnow() + timedelta(minutes=1), 10)
     assert claimed["_id"] == flow_id and claimed["relayLeaseOwner"] == "relay-a"
     assert claimed["relayLeaseUntil"] > utcnow()
-    assert store.claim_batch("relay-b", timedelta(minutes=1), 10) == []
+    assert store.claim_batch("relay-b", utcnow() + timedelta(minutes=1), 10) == []
     store.finish_batch("relay-b", published={flow_id: ["e"]})  # not its lease: nothing happens
     assert store.raw(flow_id)["relayLeaseOwner"] == "relay-a"
     assert [e["eventId"] for e in store.raw(flow_id)["outbox"]] == ["e"]
     store.finish_batch("relay-a", published={flow_id: []})  # gave up: the event stays
     assert "relayLeaseOwner" not in store.raw(flow_id)
-    assert len(store.claim_batch("relay-b", timedelta(seconds=-1), 10)) == 1  # ends at once
-    [claimed] = store.claim_batch("relay-c", timedelta(minutes=1), 10)
+    assert len(store.claim_batch("relay-b", utcnow() + timedelta(seconds=-1), 10)) == 1  # ends at once
+    [claimed] = store.claim_batch("relay-c", utcnow() + timedelta(minutes=1), 10)
     assert claimed["relayLeaseOwner"] == "relay-c"
 
 
 def test_a_flow_with_nothing_pending_cannot_be_claimed(store: Store) -> None:
     flow_id = store.insert(document(outbox=[event("e", MOMENT)]))["_id"]
-    store.claim_batch("relay-a", timedelta(minutes=1), 10)
+    store.claim_batch("relay-a", utcnow() + timedelta(minutes=1), 10)
     store.finish_batch("relay-a", published={flow_id: ["e"]})
     assert store.raw(flow_id)["outbox"] == []
-    assert store.claim_batch("relay-a", timedelta(minutes=1), 10) == []
+    assert store.claim_batch("relay-a", utcnow() + timedelta(minutes=1), 10) == []
     assert store.pending_flows(10) == []
 
 
@@ -441,12 +441,12 @@ def test_finishing_keeps_a_deleted_flow_while_events_are_pending(store: Store) -
     flow_id = store.insert(document(outbox=[event("modified", MOMENT)]))["_id"]
     store.update(flow_id, changes={"deletedAt": MOMENT},
                  events=[event("deleted", MOMENT + timedelta(seconds=1))], history=ENTRY)
-    assert store.claim_batch("relay-a", timedelta(minutes=1), 10) != []
+    assert store.claim_batch("relay-a", utcnow() + timedelta(minutes=1), 10) != []
     # a relay that says the tombstone is done too early: it stays while events are pending
     store.finish_batch("relay-a", published={flow_id: ["modified"]}, deleted=[flow_id])
     assert [e["eventId"] for e in store.raw(flow_id)["outbox"]] == ["deleted"]
     assert store.pending_flows(10) == [flow_id]
-    assert store.claim_batch("relay-a", timedelta(minutes=1), 10) != []
+    assert store.claim_batch("relay-a", utcnow() + timedelta(minutes=1), 10) != []
     store.finish_batch("relay-a", published={flow_id: ["deleted"]}, deleted=[flow_id])
     assert store.raw(flow_id) is None  # its last event is out: removed for good
 
@@ -464,7 +464,7 @@ def test_a_relay_dying_mid_batch_never_strands_a_tombstone(
     flow_id = store.insert(document(outbox=[event("modified", MOMENT)]))["_id"]
     store.update(flow_id, changes={"deletedAt": MOMENT},
                  events=[event("deleted", MOMENT + timedelta(seconds=1))], history=ENTRY)
-    store.claim_batch("relay-a", timedelta(minutes=1), 10)
+    store.claim_batch("relay-a", utcnow() + timedelta(minutes=1), 10)
     write_all = mongo.write_all
 
     def dies_after_some(collection: Any, writes: Any, **options: Any) -> None:
@@ -477,7 +477,7 @@ def test_a_relay_dying_mid_batch_never_strands_a_tombstone(
     raw = store.raw(flow_id)
     if raw is not None:  # not removed yet: its events are still there to claim
         assert [e["eventId"] for e in raw["outbox"]] == ["modified", "deleted"]
-        [claimed] = store.claim_batch("relay-b", timedelta(minutes=1), 10,
+        [claimed] = store.claim_batch("relay-b", utcnow() + timedelta(minutes=1), 10,
                                       [flow_id]) if "relayLeaseOwner" not in raw else [raw]
         store.finish_batch(claimed["relayLeaseOwner"],
                            published={flow_id: ["modified", "deleted"]}, deleted=[flow_id])
@@ -486,7 +486,7 @@ def test_a_relay_dying_mid_batch_never_strands_a_tombstone(
 
 def test_finishing_never_removes_a_live_flow(store: Store) -> None:
     flow_id = store.insert(document(outbox=[event("e", MOMENT)]))["_id"]
-    store.claim_batch("relay-a", timedelta(minutes=1), 10)
+    store.claim_batch("relay-a", utcnow() + timedelta(minutes=1), 10)
     # a wrong flag does not remove it either
     store.finish_batch("relay-a", published={flow_id: ["e"]}, deleted=[flow_id])
     assert store.get(flow_id)["outbox"] == []
@@ -505,9 +505,9 @@ def test_writes_wait_for_a_majority_unless_the_url_says_otherwise(
 def test_finishing_a_batch_gives_back_only_its_own_leases(store: Store) -> None:
     mine = store.insert(document(outbox=[event("a", MOMENT)]))["_id"]
     theirs = store.insert(document(outbox=[event("b", MOMENT + timedelta(seconds=1))]))["_id"]
-    assert [flow["_id"] for flow in store.claim_batch("relay-a", timedelta(minutes=1), 1)] \
+    assert [flow["_id"] for flow in store.claim_batch("relay-a", utcnow() + timedelta(minutes=1), 1)] \
         == [mine]
-    assert [flow["_id"] for flow in store.claim_batch("relay-b", timedelta(minutes=1), 5)] \
+    assert [flow["_id"] for flow in store.claim_batch("relay-b", utcnow() + timedelta(minutes=1), 5)] \
         == [theirs]
     store.finish_batch("relay-a", published={mine: ["a"], theirs: ["b"]})
     assert "relayLeaseOwner" not in store.raw(mine)
@@ -522,7 +522,7 @@ def test_a_write_takes_the_lease_along_only_when_no_relay_holds_one(store: Store
     written = store.update(free, events=[event("e", MOMENT)], history=ENTRY,
                            lease=("relay-a", until))
     assert (written["relayLeaseOwner"], written["relayLeaseUntil"]) == ("relay-a", until)
-    assert store.claim_batch("relay-b", timedelta(minutes=1), 10) == []  # held by relay-a
+    assert store.claim_batch("relay-b", utcnow() + timedelta(minutes=1), 10) == []  # held by relay-a
     again = store.update(free, events=[event("f", MOMENT)], history=ENTRY,
                          lease=("relay-b", until + timedelta(seconds=1)))
     assert again["relayLeaseOwner"] == "relay-a"  # written all the same, lease unchanged
@@ -538,10 +538,10 @@ def test_a_claim_by_id_takes_only_those_flows_that_are_claimable(store: Store) -
     wanted = store.insert(document(outbox=[event("a", MOMENT)]))["_id"]
     other = store.insert(document(outbox=[event("b", MOMENT)]))["_id"]
     idle = store.insert(document(outbox=[]))["_id"]
-    claimed = store.claim_batch("relay-a", timedelta(minutes=1), 10, [idle, wanted])
+    claimed = store.claim_batch("relay-a", utcnow() + timedelta(minutes=1), 10, [idle, wanted])
     assert [flow["_id"] for flow in claimed] == [wanted]
     assert "relayLeaseOwner" not in store.raw(other)
-    assert store.claim_batch("relay-b", timedelta(minutes=1), 10, [wanted]) == []
+    assert store.claim_batch("relay-b", utcnow() + timedelta(minutes=1), 10, [wanted]) == []
 
 
 def test_finishing_a_batch_drops_recorded_history_entries(store: Store) -> None:

@@ -73,8 +73,8 @@ def steady_state(store: SqliteFlowStore) -> None:
     store.count_by_status(STATUSES)
     store.outbox_backlog()
     store.pending_flows(10)
-    [claimed] = store.claim_batch("relay-a", timedelta(seconds=30), 10)
-    store.claim_batch("relay-a", timedelta(seconds=30), 10, [flow_id])
+    [claimed] = store.claim_batch("relay-a", utcnow() + timedelta(seconds=30), 10)
+    store.claim_batch("relay-a", utcnow() + timedelta(seconds=30), 10, [flow_id])
     store.drop_pending_history(flow_id, ["h1"])
     store.finish_batch("relay-a", published={flow_id: ["e1"]}, recorded={flow_id: ["h1"]},
                        deleted=[flow_id])

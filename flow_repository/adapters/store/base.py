@@ -7,7 +7,7 @@ import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from bson import ObjectId
@@ -302,7 +302,7 @@ class Store(Protocol):
                lease: Lease | None = None) -> dict | None: ...
     def drop_pending_history(self, flow_id: ObjectId, entry_ids: Sequence[str]) -> None: ...
     def pending_flows(self, limit: int) -> list[ObjectId]: ...
-    def claim_batch(self, relay_id: str, lease: timedelta, limit: int,
+    def claim_batch(self, relay_id: str, until: datetime, limit: int,
                     flow_ids: Sequence[ObjectId] | None = None) -> list[dict]: ...
     def finish_batch(self, relay_id: str, *, published: Mapping[ObjectId, Sequence[str]],
                      recorded: Mapping[ObjectId, Sequence[str]] | None = None,

@@ -6,7 +6,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
@@ -331,10 +331,12 @@ class FlowStore:
             cursor = self._find(queries.claimable(utcnow()), {"_id": 1}).limit(limit)
             return [document["_id"] for document in cursor]
 
-    def claim_batch(self, relay_id: str, lease: timedelta, limit: int,
+    def claim_batch(self, relay_id: str, until: datetime, limit: int,
                     flow_ids: Sequence[ObjectId] | None = None) -> list[dict]:
-        """Lease up to ``limit`` claimable flows to ``relay_id`` at once, oldest waiting first
-        (or those of ``flow_ids`` that are claimable, in that order).
+        """Lease up to ``limit`` claimable flows to ``relay_id`` until ``until`` at once,
+        oldest waiting first (or those of ``flow_ids`` that are claimable, in that order).
+        The relay never uses one ``until`` twice: the flows read back as leased with it are
+        the ones this very claim leased.
 
         Three round trips for the whole batch (find the candidates, lease those still free,
         read back the ones leased now), where claiming one flow at a time costs one each;
@@ -343,9 +345,7 @@ class FlowStore:
         candidates = self.pending_flows(limit) if flow_ids is None else list(flow_ids)[:limit]
         if not candidates:
             return []
-        now = utcnow()
-        until = now + lease
-        lease_free = queries.by_ids(candidates, **queries.claimable(now).filter)
+        lease_free = queries.by_ids(candidates, **queries.claimable(utcnow()).filter)
         leased_now = queries.by_ids(candidates, relayLeaseOwner=relay_id, relayLeaseUntil=until)
         with self._call():
             self._flows.update_many(

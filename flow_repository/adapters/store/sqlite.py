@@ -741,10 +741,10 @@ class SqliteFlowStore:
         rows = self.database.query(self._CLAIMABLE, (millis(utcnow()), limit))
         return [_flow_id(key) for (key,) in rows]
 
-    def claim_batch(self, relay_id: str, lease: timedelta, limit: int,
+    def claim_batch(self, relay_id: str, until: datetime, limit: int,
                     flow_ids: Sequence[ObjectId] | None = None) -> list[dict]:
-        """Lease up to ``limit`` claimable flows to ``relay_id`` at once, oldest waiting first
-        (or those of ``flow_ids`` that are claimable, in that order).
+        """Lease up to ``limit`` claimable flows to ``relay_id`` until ``until`` at once,
+        oldest waiting first (or those of ``flow_ids`` that are claimable, in that order).
 
         The candidates are read, leased and read back in one write transaction, so no other
         relay can take one of them in between; when nothing is pending, no write lock is
@@ -761,14 +761,13 @@ class SqliteFlowStore:
             claimable = (f"SELECT id FROM flows WHERE id IN ({_marks(len(wanted))}) "
                          "AND pending_at IS NOT NULL AND (lease_until IS NULL OR lease_until < ?)")
             parameters = (*wanted, millis(now))
-        until = millis(now + lease)
         with self.database.writing() as connection:
             keys = [key for (key,) in connection.execute(claimable, parameters)]
             if not keys:
                 return []
             connection.execute(
                 f"UPDATE flows SET lease_until = ?, lease_owner = ? "
-                f"WHERE id IN ({_marks(len(keys))})", (until, relay_id, *keys))
+                f"WHERE id IN ({_marks(len(keys))})", (millis(until), relay_id, *keys))
             documents = self._documents(connection, keys)
         return [documents[key] for key in keys]
 

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,16 +20,13 @@ import requests
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
+sys.path.insert(0, str(ROOT / "tests"))  # the suite's helpers: one copy of each
+from support import child_pids, free_port  # noqa: F401 (free_port: for the benches)
+
 BIN = Path(sys.executable).parent
 GUNICORN_CONFIG = ROOT / "deploy" / "gunicorn.conf.py"
 QUEUE_URL = os.environ.get("QUEUE_URL", "amqp://guest:guest@127.0.0.1:5672")
 PERMISSIONS = ("flows.read", "flows.write", "flows.control", "flows.bulk")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def unique_name(kind: str) -> str:
@@ -112,7 +108,7 @@ class Server:
         """Pids of the gunicorn worker processes: the children of the master."""
         if self.process is None:
             return []
-        return children(self.process.pid)
+        return child_pids(self.process.pid)
 
     def memory(self) -> dict[str, Any]:
         """Peak (VmHWM) and current (VmRSS) resident memory of every worker, in MiB."""
@@ -145,23 +141,6 @@ def ceiling_server(env: dict, port: int, log_dir: Path) -> Server:
     command = [str(BIN / "gunicorn"), "--config", str(GUNICORN_CONFIG),
                "--pythonpath", str(BENCH_DIR), "ceiling_app:app"]
     return Server("ceiling", command, env, port, log_dir, "/livez")
-
-
-def children(parent: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                stat = handle.read()
-        except OSError:
-            continue
-        # The command name is in parentheses and may hold spaces; the ppid follows the state.
-        fields = stat[stat.rfind(")") + 2:].split()
-        if int(fields[1]) == parent:
-            found.append(int(entry))
-    return sorted(found)
 
 
 def proc_status(pid: int) -> dict[str, float]:

@@ -56,6 +56,12 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
+def child_pids(parent: int) -> list[int]:
+    """The processes ``parent`` started (a gunicorn master's workers), oldest first."""
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    return sorted(int(child) for child in children)
+
+
 def eventually(
     condition: Callable[[], Any],
     timeout: float = 10.0,

@@ -8,14 +8,13 @@ import os
 import signal
 import threading
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import requests
 from bson import ObjectId
 
 from flow_repository.adapters.store import SqliteFlowStore
-from support import Served, bearer, eventually
+from support import Served, bearer, child_pids, eventually
 
 from .conftest import FakeIam
 
@@ -26,9 +25,7 @@ WRITERS = 4
 
 def processes_of(served: Served) -> list[int]:
     """The gunicorn master and its workers (children), to be killed together."""
-    master = served.process.pid
-    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
-    return [master, *(int(child) for child in children)]
+    return [served.process.pid, *child_pids(served.process.pid)]
 
 
 def test_a_serve_killed_under_write_load_keeps_every_answered_change(

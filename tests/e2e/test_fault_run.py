@@ -19,7 +19,7 @@ import pytest
 import requests
 from bson import ObjectId
 
-from support import Bus, Listener, bearer, eventually
+from support import Bus, Listener, bearer, child_pids, eventually
 
 from .conftest import FakeIam
 
@@ -105,20 +105,6 @@ class Orchestrator:
         self._connection.close()
 
 
-def gunicorn_workers(master: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as handle:
-                    stat = handle.read()
-            except OSError:
-                continue
-            if int(stat[stat.rfind(")") + 2:].split()[1]) == master:
-                found.append(int(entry))
-    return found
-
-
 def test_a_fault_run_keeps_every_promise(deploy, settings, iam: FakeIam, bus: Bus, listener,
                                          broker_proxy, shared_store, flow_body) -> None:
     if settings.embedded and settings.embedded_database == ":memory:":
@@ -191,7 +177,7 @@ def test_a_fault_run_keeps_every_promise(deploy, settings, iam: FakeIam, bus: Bu
         victim.process.send_signal(signal.SIGKILL)  # the active worker or the standby
         assert victim.process.wait(10) == -signal.SIGKILL
         time.sleep(DRIVE_SECONDS * 0.15)
-        api_worker = gunicorn_workers(deployment.apis[1].process.pid)[0]
+        api_worker = child_pids(deployment.apis[1].process.pid)[0]
         os.kill(api_worker, signal.SIGKILL)  # its master starts another one
         time.sleep(DRIVE_SECONDS * 0.15)
         outage["from"] = time.monotonic()

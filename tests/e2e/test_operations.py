@@ -99,3 +99,18 @@ def test_production_mode_runs_several_workers_and_reports_truthfully_without_mon
     assert after - before == 6.0
     workers = re.findall(r"Booting worker with pid: (\d+)", served.stderr())
     assert len(set(workers)) == 2
+
+
+def test_a_worker_facing_a_queue_declared_without_single_active_consumer_exits_3(
+        spawn, service_env: dict[str, str], settings, broker) -> None:
+    # as OIH's service and earlier versions of this one declared it
+    arguments = {"x-queue-type": "quorum"} if settings.event_queue_type == "quorum" else None
+    broker.queue_declare(settings.event_queue, durable=True, arguments=arguments)
+    worker: Served = spawn(["worker"], {**service_env, "WORKER_HEALTH_PORT": str(free_port())})
+    assert worker.process.wait(60) == 3  # an exit status the orchestrator shows, not a loop
+    logged = worker.stderr()
+    assert "worker stopped: it cannot consume" in logged
+    assert settings.event_queue in logged and "x-single-active-consumer" in logged
+    assert "Moving an existing queue" in logged  # the README section that moves it
+    # nothing was changed: the old queue is still there as it was
+    broker.queue_declare(settings.event_queue, durable=True, arguments=arguments)

@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -19,6 +19,9 @@ from flow_repository.domain import trace
 log = logging.getLogger(__name__)
 
 CLAIM_BATCH = 100  # flows the relay leases at once
+# Written flows held for the relay at most; beyond it (the relay far behind), a hand-off keeps
+# only the flow's id, to give its lease back: the poll then finds the flow.
+MAX_HANDED = 1000
 WANTED_RETRY_SECONDS = 0.02  # how soon to try again for a flow another relay was finishing
 LEASE_STEP = timedelta(milliseconds=1)  # the precision leases are stored at
 # Records the pending history entries of flows; returns the ids recorded, per flow.
@@ -63,6 +66,7 @@ class OutboxRelay:
         self._tracing = tracing or Tracing()
         self.relay_id = uuid.uuid4().hex
         self._handed: list[tuple[dict[str, Any], Lease | None]] = []
+        self._let_go: set[Any] = set()  # flows leased by writes here, handed over past the bound
         self._handed_lock = threading.Lock()
         self._last_until = utcnow()
         # Flows written here whose lease another relay held: claimed as soon as it is free.
@@ -96,16 +100,27 @@ class OutboxRelay:
 
     def hand_off(self, flow: Mapping[str, Any], lease: Lease | None) -> None:
         """Take over a flow just written in this process (the whole document as written)
-        by a write that asked for ``lease``."""
+        by a write that asked for ``lease``.
+
+        Documents are held only up to MAX_HANDED: a relay that cannot keep up, or cannot
+        publish at all (RabbitMQ away), must not hold every flow written meanwhile."""
         with self._handed_lock:
-            self._handed.append((dict(flow), lease))
+            if len(self._handed) < MAX_HANDED:
+                self._handed.append((dict(flow), lease))
+            elif lease is not None and (flow.get("relayLeaseOwner"),
+                                        flow.get("relayLeaseUntil")) == lease:
+                self._let_go.add(flow["_id"])
         self._wake.set()
 
-    def relay_handed(self) -> int:
-        """Finish what was handed over; returns how many events went out."""
+    def relay_handed(self, *, publish: bool = True) -> int:
+        """Finish what was handed over; returns how many events went out.
+
+        Without ``publish`` (RabbitMQ is away) the history is recorded and the leases are
+        given back, the events left pending for whichever relay can publish them first."""
         with self._handed_lock:
             handed, self._handed = self._handed, []
-        if not handed:
+            let_go, self._let_go = self._let_go, set()
+        if not handed and not let_go:
             return 0
         newest: dict[Any, dict[str, Any]] = {}
         taken: dict[Any, Any] = {}  # flow id -> end of a lease a write here took just now
@@ -126,7 +141,8 @@ class OutboxRelay:
         for flow_id, flow in newest.items():
             if flow.get("outbox") and flow_id not in ours:
                 self._wanted.setdefault(flow_id, time.monotonic())
-        return self._finish(list(newest.values()), mine)
+        return self._finish(list(newest.values()), mine, publish=publish,
+                            let_go=let_go - ours)
 
     def publish_pending(self, flow_ids: Sequence[Any] | None = None) -> int:
         """Publish everything claimable (of ``flow_ids`` only, when given); returns how
@@ -145,14 +161,17 @@ class OutboxRelay:
         return published
 
     def _finish(self, flows: Sequence[Mapping[str, Any]],
-                leased: Sequence[Mapping[str, Any]]) -> int:
-        """Record the flows' pending history, publish the leased ones' events, and drop
-        what went out in one store call; returns how many events went out."""
-        recorded = self._record_history(flows)
-        published: dict[Any, list[str]] = {flow["_id"]: [] for flow in leased}
+                leased: Sequence[Mapping[str, Any]], *, publish: bool = True,
+                let_go: Collection[Any] = ()) -> int:
+        """Record the flows' pending history, publish the leased ones' events (unless not
+        to ``publish``), and drop what went out and give the leases back (those of the
+        ``let_go`` flows too) in one store call; returns how many events went out."""
+        recorded = self._record_history(flows) if flows else {}
+        published: dict[Any, list[str]] = {flow_id: [] for flow_id in let_go}
+        published.update((flow["_id"], []) for flow in leased)
         deleted: list[Any] = []
         try:
-            sent = self._publish(leased, published)
+            sent = self._publish(leased, published) if publish else 0
         finally:
             for flow in leased:
                 if flow.get("deletedAt") is not None \
@@ -216,7 +235,11 @@ class OutboxRelay:
                 self._wake.wait(self._retry_in() or max(0.0, next_poll - time.monotonic()))
             self._wake.clear()
             try:
-                self._publisher.connect()
+                try:
+                    self._publisher.connect()
+                except BrokerUnavailable:
+                    self.relay_handed(publish=False)  # nothing written piles up meanwhile
+                    raise
                 self.relay_handed()
                 self._claim_wanted()
                 if delay or time.monotonic() >= next_poll:

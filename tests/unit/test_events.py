@@ -10,6 +10,7 @@ from flow_repository.adapters.outbox import envelope, pending_event
 from flow_repository.adapters.rabbitmq import BrokerUnavailable
 from flow_repository.adapters.relay import OutboxRelay
 from flow_repository.adapters.store import FlowStore, utcnow
+from support import eventually
 
 
 def test_a_change_event_carries_its_literal_payload_and_the_oih_headers() -> None:
@@ -133,6 +134,66 @@ def test_a_write_and_a_claim_in_one_millisecond_publish_each_event_once(
     assert relay.relay_handed() == 3
     assert publisher.names == ["flow.starting", "flow.stopping", "flowrepo.flow.modified"]
     assert store.raw(flow_id)["outbox"] == []
+
+
+class UnreachablePublisher(RecordingPublisher):
+    """RabbitMQ away: every connection attempt fails."""
+
+    connected = False
+
+    def connect(self) -> None:
+        raise BrokerUnavailable(OSError("connection refused"))
+
+    def keep_alive(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def written_with_lease(store: FlowStore, relay: OutboxRelay, name: str) -> tuple[dict, tuple]:
+    """A flow whose write took ``relay``'s lease and added one event, and that lease."""
+    flow_id = store.insert({"name": name, "status": "inactive", "outbox": []})["_id"]
+    lease = relay.lease()
+    written = store.update(flow_id, events=[pending_event("flowrepo.flow.modified", {})],
+                           history={"entryId": name, "change": "modified"}, lease=lease)
+    assert (written["relayLeaseOwner"], written["relayLeaseUntil"]) == lease
+    return written, lease
+
+
+def test_a_relay_that_cannot_reach_rabbitmq_gives_back_what_it_was_handed(store) -> None:
+    # It held every flow written during an outage (160 MiB for 10,000 flows) and the
+    # leases with them; now the leases go back and the events wait in the outboxes.
+    relay = OutboxRelay(store, UnreachablePublisher(), poll_seconds=0.05)
+    relay.start()
+    try:
+        flows = []
+        for number in range(5):
+            written, lease = written_with_lease(store, relay, f"f{number}")
+            relay.hand_off(written, lease)
+            flows.append(written["_id"])
+        eventually(lambda: all("relayLeaseOwner" not in store.raw(flow_id)
+                               for flow_id in flows), 10, message="every lease given back")
+    finally:
+        relay.stop()
+    assert [len(store.raw(flow_id)["outbox"]) for flow_id in flows] == [1] * 5
+    publisher = RecordingPublisher()
+    assert OutboxRelay(store, publisher).publish_pending() == 5  # RabbitMQ back: found
+    assert publisher.names == ["flowrepo.flow.modified"] * 5
+
+
+def test_flows_handed_beyond_what_a_relay_holds_are_let_go_to_the_poll(
+        store, monkeypatch) -> None:
+    monkeypatch.setattr(relay_module, "MAX_HANDED", 2)
+    publisher = RecordingPublisher()
+    relay = OutboxRelay(store, publisher)
+    handed = [written_with_lease(store, relay, f"f{number}") for number in range(4)]
+    for written, lease in handed:
+        relay.hand_off(written, lease)
+    assert relay.relay_handed() == 2  # the two held go out at once
+    assert all("relayLeaseOwner" not in store.raw(written["_id"]) for written, _ in handed)
+    assert relay.publish_pending() == 2  # the two let go: their leases back, the poll finds them
+    assert publisher.names == ["flowrepo.flow.modified"] * 4
 
 
 class BrokerFailingOnce(RecordingPublisher):

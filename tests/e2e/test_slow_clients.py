@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import select
 import socket
 import time
 from collections.abc import Iterator
@@ -244,6 +245,21 @@ def test_a_head_over_64_kib_is_refused_431_while_it_arrives(
     assert json.loads(body)["errors"][0]["code"] == 431
 
 
+def hold_every_slot(served: Served, slots: int, stalled: list[socket.socket]) -> None:
+    """Open stalled connections until ``slots`` of them hold the API's slots. One the server
+    refused (answered 503 and closed: a slot was still held by a keep-alive connection of
+    the readiness probe, gone since) is replaced."""
+    while len(stalled) < slots:
+        for index in range(len(stalled), slots):
+            sock = connect(served)
+            sock.sendall(PARTIAL_REQUESTS[index % len(PARTIAL_REQUESTS)])
+            stalled.append(sock)
+        refused, _, _ = select.select(stalled, [], [], 0.5)  # a held one is never answered
+        for sock in refused:
+            stalled.remove(sock)
+            sock.close()
+
+
 def test_health_checks_answer_while_slow_clients_hold_every_slot(
     serve, stalled_sockets: list[socket.socket]
 ) -> None:
@@ -254,10 +270,7 @@ def test_health_checks_answer_while_slow_clients_hold_every_slot(
     # one gunicorn worker: its slots are the ones filled (embedded serve runs two by default)
     served = serve(WEB_CONCURRENCY="1", GUNICORN_MAX_CONNECTIONS=str(slots), GUNICORN_THREADS="2",
                    GUNICORN_REQUEST_TIMEOUT="600", HEALTH_PORT=str(health_port))
-    for index in range(slots):
-        sock = connect(served)
-        sock.sendall(PARTIAL_REQUESTS[index % len(PARTIAL_REQUESTS)])
-        stalled_sockets.append(sock)
+    hold_every_slot(served, slots, stalled_sockets)
     health = f"http://127.0.0.1:{health_port}"
     for _ in range(3):
         assert requests.get(f"{health}/livez", timeout=2).status_code == 200

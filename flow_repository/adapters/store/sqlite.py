@@ -204,7 +204,30 @@ def _tagged(value: dict[str, Any]) -> Any:
 
 
 def dumps(value: Any) -> str:
-    """``value`` as the JSON the store keeps (dates and ObjectIds tagged, keys verbatim)."""
+    """``value`` as the JSON the store keeps (dates and ObjectIds tagged, keys verbatim).
+
+    JSON's own encoder writes the document, and tags the dates and ObjectIds it meets. Only
+    when an object of the document itself starts with a "$" key (which may need escaping)
+    is the document walked in Python instead: the count of objects starting ``{"$`` tells,
+    as a quote inside a string is always written escaped.
+    """
+    tags = 0
+
+    def tag(item: Any) -> Any:
+        nonlocal tags
+        if isinstance(item, datetime):
+            tags += 1
+            return {_DATE: millis(item)}
+        if type(item) is ObjectId:
+            tags += 1
+            return {_OID: str(item)}
+        if isinstance(item, Mapping):
+            return dict(item)
+        raise TypeError(f"the embedded store cannot keep a value of type {type(item).__name__}")
+
+    text = json.dumps(value, separators=(",", ":"), default=tag)
+    if text.count('{"$') == tags:
+        return text
     return json.dumps(_plain(value), separators=(",", ":"))
 
 

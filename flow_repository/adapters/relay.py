@@ -107,8 +107,7 @@ class OutboxRelay:
         with self._handed_lock:
             if len(self._handed) < MAX_HANDED:
                 self._handed.append((dict(flow), lease))
-            elif lease is not None and (flow.get("relayLeaseOwner"),
-                                        flow.get("relayLeaseUntil")) == lease:
+            elif _took(flow, lease):
                 self._let_go.add(flow["_id"])
         self._wake.set()
 
@@ -126,8 +125,7 @@ class OutboxRelay:
         taken: dict[Any, Any] = {}  # flow id -> end of a lease a write here took just now
         for flow, lease in handed:
             flow_id = flow["_id"]
-            if lease is not None and (flow.get("relayLeaseOwner"),
-                                      flow.get("relayLeaseUntil")) == lease:
+            if _took(flow, lease):
                 # hand-offs may arrive out of order: the newest lease a write took counts
                 taken[flow_id] = max(lease[1], taken.get(flow_id, lease[1]))
             if flow_id not in newest or flow["revision"] > newest[flow_id]["revision"]:
@@ -280,3 +278,8 @@ class OutboxRelay:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+
+
+def _took(flow: Mapping[str, Any], lease: Lease | None) -> bool:
+    """Whether the write that asked for ``lease`` took it: the flow as written holds it."""
+    return lease is not None and (flow.get("relayLeaseOwner"), flow.get("relayLeaseUntil")) == lease

@@ -339,3 +339,10 @@ def test_a_document_reads_back_as_written_whatever_its_keys(document: dict[str, 
     # JSON's own encoder writes it, and a Python walk only when a "$" key may need escaping:
     # either way a one-key object shaped like a date or an ObjectId tag stays what it was.
     assert loads(dumps(document)) == document
+
+
+@pytest.mark.parametrize("value", [{1, 2}, datetime(2026, 1, 1).date(), b"bytes"],
+                         ids=["set", "date", "bytes"])
+def test_a_value_json_cannot_hold_is_refused_not_written_as_something_else(value: Any) -> None:
+    with pytest.raises(TypeError, match="cannot keep a value of type"):
+        dumps({"settings": {"nested": [value]}})

@@ -69,8 +69,9 @@ class MongoChangeFeed:
         return (self._changes.find({}, {"_id": 1}, **self._hint("_id_"))
                 .sort("_id", pymongo.DESCENDING).limit(1))
 
-    def _recorded(self, key: str) -> Any:
-        return self._changes.find({"key": key}, {"_id": 1}, **self._hint("changes_key")).limit(1)
+    def _recorded(self, keys: Sequence[str]) -> Any:
+        return self._changes.find({"key": {"$in": list(keys)}}, {"key": 1, "_id": 0},
+                                  **self._hint("changes_key"))
 
     def _oldest_kept(self, before: datetime) -> Any:
         return (self._changes.find({"at": {"$lt": before}}, {"_id": 1},
@@ -102,13 +103,12 @@ class MongoChangeFeed:
                 # already is left out at once, with one read, rather than met one by one.
                 sifted = True
                 with self._call():
-                    known = {document["key"] for document in self._changes.find(
-                        {"key": {"$in": [key for _, key in pending]}}, {"key": 1, "_id": 0},
-                        **self._hint("changes_key"))}
+                    known = {document["key"] for document in
+                             self._recorded([key for _, key in pending])}
                 pending = [(entry, key) for entry, key in pending if key not in known]
                 continue
             with self._call():
-                recorded = next(iter(self._recorded(pending[0][1])), None)
+                recorded = next(iter(self._recorded([pending[0][1]])), None)
             pending = pending[recorded is not None:]
 
     def _insert(self, documents: list[dict[str, Any]]) -> int | None:
@@ -185,7 +185,7 @@ class MongoChangeFeed:
         with self._call():
             return {"after": self._after(1, 10).explain(),
                     "newest": self._newest().explain(),
-                    "recorded": self._recorded(f"{flow_id}:1").explain(),
+                    "recorded": self._recorded([f"{flow_id}:1"]).explain(),
                     "trim": self._oldest_kept(utcnow()).explain(),
                     "forgetOwner": self._of_owner(flow_id, "x").explain()}
 

@@ -184,11 +184,16 @@ def _plain(value: Any) -> Any:
         return {key: _plain(item) for key, item in value.items()}
     if kind is list or kind is tuple:
         return [_plain(item) for item in value]
+    return _tag(value)
+
+
+def _tag(value: Any) -> dict[str, Any]:
+    """The tagged JSON object of a value JSON has no type for (a date, an ObjectId)."""
     if isinstance(value, datetime):
         return {_DATE: millis(value)}
-    if kind is ObjectId:
+    if type(value) is ObjectId:
         return {_OID: str(value)}
-    raise TypeError(f"the embedded store cannot keep a value of type {kind.__name__}")
+    raise TypeError(f"the embedded store cannot keep a value of type {type(value).__name__}")
 
 
 def _tagged(value: dict[str, Any]) -> Any:
@@ -213,19 +218,14 @@ def dumps(value: Any) -> str:
     """
     tags = 0
 
-    def tag(item: Any) -> Any:
+    def counted_tag(item: Any) -> Any:
         nonlocal tags
-        if isinstance(item, datetime):
-            tags += 1
-            return {_DATE: millis(item)}
-        if type(item) is ObjectId:
-            tags += 1
-            return {_OID: str(item)}
         if isinstance(item, Mapping):
             return dict(item)
-        raise TypeError(f"the embedded store cannot keep a value of type {type(item).__name__}")
+        tags += 1
+        return _tag(item)
 
-    text = json.dumps(value, separators=(",", ":"), default=tag)
+    text = json.dumps(value, separators=(",", ":"), default=counted_tag)
     if text.count('{"$') == tags:
         return text
     return json.dumps(_plain(value), separators=(",", ":"))

@@ -14,6 +14,7 @@ are counted too. The burst runs 8 clients at once, each PATCHing a flow of its o
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import sys
 import tempfile
@@ -49,12 +50,14 @@ class Counter(monitoring.CommandListener):
 
     def __init__(self) -> None:
         self.count = 0
+        self.names: collections.Counter[str] = collections.Counter()  # commands by name (with their collection)
         self.last = time.monotonic()
         self._lock = threading.Lock()
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
         with self._lock:
             self.count += 1
+            self.names[f"{event.command_name} {event.command.get(event.command_name)}"] += 1
             self.last = time.monotonic()
 
     def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
@@ -76,6 +79,7 @@ class Window:
     commands: float
     seconds: float
     operations: int
+    names: collections.Counter[str]  # the commands by name and collection, idle polls included
 
     def per_operation(self, idle_rate: float = 0.0) -> float:
         """Round trips per operation; without the idle polls (``idle_rate`` per second)."""
@@ -87,11 +91,13 @@ def measure(counter: Counter, count: int, operation: Callable[[int], int | None]
     how many commands of its own (the bench's, not the service's) to leave out."""
     counter.settle()
     before, started, own = counter.count, time.monotonic(), 0
+    names_before = collections.Counter(counter.names)
     for index in range(count):
         leave_out = operation(index)
         own += leave_out if isinstance(leave_out, int) else 0
         counter.settle()
-    return Window(counter.count - before - own, time.monotonic() - started, count)
+    return Window(counter.count - before - own, time.monotonic() - started, count,
+                  counter.names - names_before)
 
 
 def idle_rate(counter: Counter, seconds: float = 5.0) -> float:
@@ -202,6 +208,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mongodb-url", help="a running MongoDB (default: start SecantusDB)")
     parser.add_argument("--count", type=int, default=40, help="operations of each kind")
+    parser.add_argument("--by-command", action="store_true",
+                        help="also list each operation's commands by name and collection")
     parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "dbtrips.json"))
     arguments = parser.parse_args()
     if arguments.mongodb_url:
@@ -219,6 +227,10 @@ def main() -> int:
     print(f"{'operation':32} {'with idle polls':>16} {'without':>8} {'OIH (Node)':>11}")
     for name in windows:
         print(f"{name:32} {raw[name]:16.2f} {net[name]:8.2f} {OIH_NODE[name]:11}")
+        if arguments.by_command:
+            window = windows[name]
+            for command, times in sorted(window.names.items(), key=lambda item: -item[1]):
+                print(f"    {times / window.operations:6.2f}  {command}")
     print(f"{'the seven sequential ones':32} {sum(raw[n] for n in sequential):16.2f} "
           f"{sum(net[n] for n in sequential):8.2f} {sum(OIH_NODE[n] for n in sequential):11}")
     Path(arguments.output).write_text(json.dumps(

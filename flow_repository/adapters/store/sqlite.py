@@ -12,6 +12,7 @@ update does.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -20,7 +21,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from bson import ObjectId
 
@@ -41,7 +42,9 @@ from .base import (
 from .history import pseudonymised
 
 MEMORY = ":memory:"
-SCHEMA_VERSION = 2  # 2: the change feed (flow_changes, feed_state)
+SCHEMA_VERSION = 3  # 2: the change feed (flow_changes, feed_state); 3: generations
+# How many list totals a process keeps (see CountedTotals).
+COUNTED_TOTALS = 512
 # How long a write waits for another process's transaction before giving up (503).
 BUSY_TIMEOUT_SECONDS = 10.0
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -92,6 +95,20 @@ SCHEMA = (
         at INTEGER NOT NULL, entry TEXT NOT NULL)""",
     # trimmed: the change feed holds nothing at or below this seq any more
     """CREATE TABLE IF NOT EXISTS feed_state (name TEXT PRIMARY KEY, value INTEGER NOT NULL)""",
+    # membership: changes whenever a flow starts or stops being listed for someone (a flow
+    # or an owner row added or removed, a tombstone set), through the triggers below, in the
+    # transaction that does it. While it stands, a list's total stands: see CountedTotals.
+    """CREATE TABLE IF NOT EXISTS generations (name TEXT PRIMARY KEY, value INTEGER NOT NULL)""",
+    "INSERT OR IGNORE INTO generations (name, value) VALUES ('membership', 0)",
+    *(f"CREATE TRIGGER IF NOT EXISTS membership_{name} AFTER {event} BEGIN "
+      "UPDATE generations SET value = value + 1 WHERE name = 'membership'; END"
+      for name, event in (
+          ("owner_added", "INSERT ON flow_owners"),
+          ("owner_removed", "DELETE ON flow_owners"),
+          ("owner_changed", "UPDATE OF fid, owner ON flow_owners"),
+          ("flow_added", "INSERT ON flows"),
+          ("flow_removed", "DELETE ON flows"),
+          ("flow_tombstoned", "UPDATE OF deleted ON flows WHEN OLD.deleted IS NOT NEW.deleted"))),
 )
 
 # name -> (definition, the queries it serves: docs/scale.rst "Indexes")
@@ -460,6 +477,10 @@ class Database:
             with self._using() as connection:
                 original.backup(connection)
                 self._create_schema(connection)
+                # A generation no process has seen: totals they counted before are not
+                # taken for this content (the backup may hold any number).
+                connection.execute("UPDATE generations SET value = abs(random()) "
+                                   "WHERE name = 'membership'")
         finally:
             original.close()
 
@@ -493,11 +514,48 @@ _ROW = "id, doc, lease_until, lease_owner"
 # ----------------------------------------------------------------------------- flows
 
 
+class CountedTotals:
+    """List totals this process counted, each kept with the membership generation it was
+    counted at and given again only while that generation stands.
+
+    A page's total is a count over every flow in the caller's scope: with a user's and a
+    tenant's flows that is a union of two owner walks, thousands of rows, where the page
+    itself reads ten. Only totals that depend on nothing but which flows exist and who owns
+    them are kept (no filter on a flow's fields); any change to that moves the generation,
+    whichever process makes it.
+    """
+
+    def __init__(self, capacity: int = COUNTED_TOTALS) -> None:
+        self._capacity = capacity
+        self._totals: collections.OrderedDict[tuple, tuple[int, int]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def count(self, connection: sqlite3.Connection, sql: str, parameters: Sequence[Any]) -> int:
+        """The total ``sql`` counts, read in the snapshot of ``connection``'s transaction."""
+        row = connection.execute(
+            "SELECT value FROM generations WHERE name = 'membership'").fetchone()
+        key = (sql, tuple(parameters))
+        with self._lock:
+            kept = self._totals.get(key)
+            if row is not None and kept is not None and kept[0] == row[0]:
+                self._totals.move_to_end(key)
+                return kept[1]
+        total = connection.execute(sql, parameters).fetchone()[0]
+        if row is not None:
+            with self._lock:
+                self._totals[key] = (row[0], total)
+                self._totals.move_to_end(key)
+                while len(self._totals) > self._capacity:
+                    self._totals.popitem(last=False)
+        return total
+
+
 class SqliteFlowStore:
     """The Store contract on SQLite; see the module docstring for the layout."""
 
     def __init__(self, database: Database) -> None:
         self.database = database
+        self._totals = CountedTotals()
         self.history = SqliteHistoryStore(database)
         self.changes = SqliteChangeFeed(database)
 
@@ -549,10 +607,13 @@ class SqliteFlowStore:
         listing = _listing(query, owner_ids)
         if listing is None:
             return [], 0
-        (count_sql, count_parameters), (page_sql, page_parameters) = listing
+        (count_sql, count_parameters), (page_sql, page_parameters) = listing.count, listing.page
         skip = (query.page_number - 1) * query.page_size
         with self.database.reading() as connection:
-            total = connection.execute(count_sql, count_parameters).fetchone()[0]
+            if listing.by_membership:
+                total = self._totals.count(connection, count_sql, count_parameters)
+            else:
+                total = connection.execute(count_sql, count_parameters).fetchone()[0]
             keys = [row[-1] for row in connection.execute(
                 page_sql, (*page_parameters, query.page_size, skip))]
 
@@ -904,10 +965,16 @@ def _drop_items(document: dict, field: str, key: str, values: Iterable[Any]) -> 
     return len(kept) != len(items)
 
 
-def _listing(query: ListQuery, owner_ids: Sequence[str] | None
-             ) -> tuple[tuple[str, list], tuple[str, list]] | None:
-    """GET /flows as SQL: (count statement, parameters) and (page statement, parameters
-    without LIMIT and OFFSET); None when the scope holds nobody.
+class _Listing(NamedTuple):
+    """GET /flows as SQL: the count and the page (without its LIMIT and OFFSET values)."""
+
+    count: tuple[str, list]
+    page: tuple[str, list]
+    by_membership: bool  # the count reads no field of a flow: CountedTotals may keep it
+
+
+def _listing(query: ListQuery, owner_ids: Sequence[str] | None) -> _Listing | None:
+    """GET /flows as SQL; None when the scope holds nobody.
 
     Owner-scoped (or filter[user]) lists walk the owner index in the requested order, one
     walk per owner id, merged by SQLite (a compound SELECT ordered like its parts), so a
@@ -929,9 +996,10 @@ def _listing(query: ListQuery, owner_ids: Sequence[str] | None
         parameters += [term, term]
     if owner_ids is None and not query.user:
         where = " AND ".join(["f.deleted IS NULL", *conditions])
-        return ((f"SELECT count(*) FROM flows f WHERE {where}", parameters),
-                ((f"SELECT f.id FROM flows f WHERE {where} "
-                 f"ORDER BY f.{column} {order}, f.id {order} LIMIT ? OFFSET ?"), parameters))
+        return _Listing((f"SELECT count(*) FROM flows f WHERE {where}", parameters),
+                        ((f"SELECT f.id FROM flows f WHERE {where} "
+                          f"ORDER BY f.{column} {order}, f.id {order} LIMIT ? OFFSET ?"),
+                         parameters), not conditions)
     scope: list[Any] = [] if owner_ids is None else list(dict.fromkeys(owner_ids))
     if owner_ids is not None and not scope:
         return None
@@ -958,7 +1026,7 @@ def _listing(query: ListQuery, owner_ids: Sequence[str] | None
         count = f"SELECT count(*) FROM ({' UNION '.join([ids] * len(drivers))})"
     page = (" UNION ".join([keyed] * len(drivers))
             + f" ORDER BY k {order}, fid {order} LIMIT ? OFFSET ?")
-    return (count, every), (page, every)
+    return _Listing((count, every), (page, every), not conditions)
 
 
 # ----------------------------------------------------------------------------- history

@@ -204,6 +204,49 @@ def test_a_busy_database_is_unavailable_not_an_error(tmp_path: Path,
         store.close()
 
 
+def test_writers_queue_on_the_write_turn_and_a_held_turn_is_unavailability(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fcntl
+    import os
+
+    from flow_repository.adapters.store import StoreUnavailable, sqlite
+
+    path = str(tmp_path / "flows.sqlite3")
+    store = SqliteFlowStore.open(path)
+    flow = store.insert(document())
+    writers = [SqliteFlowStore.open(path) for _ in range(4)]  # as other processes would
+
+    applied: list[int] = []
+
+    def patch(writer: SqliteFlowStore) -> None:
+        for _ in range(25):
+            current = writer.get(flow["_id"])
+            if writer.update(flow["_id"], changes={"description": "x"}, history=ENTRY,
+                             revision=current["revision"]) is not None:
+                applied.append(current["revision"])
+
+    threads = [threading.Thread(target=patch, args=(writer,)) for writer in writers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    # each read-then-write raced the others: every applied one took the next revision
+    assert sorted(applied) == list(range(1, len(applied) + 1))
+    assert store.get(flow["_id"])["revision"] == len(applied) + 1
+
+    monkeypatch.setattr(sqlite, "BUSY_TIMEOUT_SECONDS", 0.05)
+    holder = os.open(f"{path}.write-turn", os.O_RDWR)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # another process holds the turn and does not let go
+    try:
+        with pytest.raises(StoreUnavailable, match="SQLite is unavailable"):
+            store.update(flow["_id"], changes={"name": "x"}, history=ENTRY)
+    finally:
+        os.close(holder)
+    assert store.update(flow["_id"], changes={"name": "x"}, history=ENTRY)["name"] == "x"
+    for writer in (store, *writers):
+        writer.close()
+
+
 # ----------------------------------------------------------------------------- backup
 
 

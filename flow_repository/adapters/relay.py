@@ -158,6 +158,19 @@ class OutboxRelay:
             published += sent
         return published
 
+    def sweep(self) -> int:
+        """Record the history entries that writers left pending: those of live flows no
+        relay holds, pending for longer than the lease margin (their writer died before it
+        recorded them, or the store was away then). Until now only the flow's next write or
+        a read of its history would record them (and, on MongoDB, add them to the change
+        feed). Returns how many flows it found."""
+        flows = self._store.unrecorded(utcnow() - self._margin, self._batch_size)
+        if flows:
+            recorded = self._record_history(flows)
+            self._store.finish_batch(self.relay_id, published={}, recorded=recorded)
+            log.info("recorded history entries left pending", extra={"flows": len(flows)})
+        return len(flows)
+
     def _finish(self, flows: Sequence[Mapping[str, Any]],
                 leased: Sequence[Mapping[str, Any]], *, publish: bool = True,
                 let_go: Collection[Any] = ()) -> int:
@@ -225,7 +238,7 @@ class OutboxRelay:
     def run(self) -> None:
         """Relay until stopped, backing off while RabbitMQ or MongoDB are away."""
         delay = 0.0
-        next_poll = 0.0
+        next_poll = next_sweep = 0.0
         while not self._stop.is_set():
             if delay:  # backing off: new writes must not shorten the pause (nor double it)
                 self._stop.wait(delay)
@@ -233,6 +246,9 @@ class OutboxRelay:
                 self._wake.wait(self._retry_in() or max(0.0, next_poll - time.monotonic()))
             self._wake.clear()
             try:
+                if time.monotonic() >= next_sweep:  # RabbitMQ or not: it publishes nothing
+                    self.sweep()
+                    next_sweep = time.monotonic() + self._margin.total_seconds()
                 try:
                     self._publisher.connect()
                 except BrokerUnavailable:

@@ -250,3 +250,47 @@ def test_a_flow_handed_over_by_a_write_that_did_not_take_the_lease_is_not_publis
     relay.hand_off(flow, second)
     assert relay.relay_handed() == 0
     assert publisher.names == ["flow.starting"]
+
+
+def test_history_a_writer_left_pending_is_recorded_by_the_relays_sweep(
+        client, auth, create, store, app) -> None:
+    # A writer died after its change and before it recorded the change's history entry:
+    # nothing writes or reads that flow again, yet its history and the change feed get it.
+    from datetime import timedelta
+
+    service = app.extensions["flow_repository"].service
+    long_ago = utcnow() - timedelta(minutes=5)
+
+    def written_by_a_dying_writer(**fields) -> ObjectId:
+        flow_id = ObjectId(create()["id"])
+        assert store.update(flow_id, changes={"description": "changed"}, history={
+            "entryId": f"e-{flow_id}", "kind": "definition", "change": "updated",
+            "at": fields.pop("at", long_ago), "sub": "user-1"}, **fields) is not None
+        return flow_id
+
+    left = written_by_a_dying_writer()
+    recent = written_by_a_dying_writer(at=utcnow())  # its writer may be recording it now
+    held = written_by_a_dying_writer(lease=("another-relay", utcnow() + timedelta(minutes=1)))
+    deleted = written_by_a_dying_writer()
+    assert store.update(deleted, changes={"deletedAt": utcnow()}, history={
+        "entryId": "gone", "kind": "definition", "change": "deleted", "at": long_ago,
+        "sub": "user-1"}) is not None  # a tombstone: the relay deleting it records its own
+    assert [flow["_id"] for flow in store.unrecorded(utcnow() - timedelta(seconds=10), 10)] \
+        == [left]
+
+    # RabbitMQ away: the sweep publishes nothing, so it does not wait for the broker
+    relay = OutboxRelay(store, UnreachablePublisher(), poll_seconds=0.05, lease_seconds=30,
+                        record_history=service.record_pending_history)
+    relay.start()
+    try:
+        eventually(lambda: store.raw(left)["historyOutbox"] == [], 10,
+                   message="the entry left pending recorded")
+    finally:
+        relay.stop()
+    assert store.history.get(left, 2)["change"] == "updated"
+    assert (left, 2) in {(change["flowId"], change["revision"])
+                         for change in store.changes.after(0, 100) if not change.get("hole")}
+    for waiting in (recent, held):
+        assert len(store.raw(waiting)["historyOutbox"]) == 1
+        assert store.history.get(waiting, 2) is None
+    assert relay.sweep() == 0  # nothing left that is its to record

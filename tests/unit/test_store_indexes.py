@@ -166,6 +166,23 @@ def test_the_relay_scan_never_examines_flows_with_nothing_pending(server: FlowSt
     assert before[1] <= 5
 
 
+def test_the_sweep_for_history_left_pending_never_examines_flows_with_none(
+        server: FlowStore) -> None:
+    long_ago = utcnow() - timedelta(minutes=5)
+    for number in range(5):
+        server.insert(flow(historyOutbox=[{"entryId": f"h{number}", "at": long_ago}]))
+
+    def scan() -> dict:
+        return server.explain(queries.unrecorded(utcnow(), utcnow()), limit=100)
+
+    assert index_used(scan()) == "history_pending"
+    before = examined(scan())
+    for number in range(200):
+        server.insert(flow(name=f"recorded {number}"))
+    assert examined(scan()) == before
+    assert before[1] <= 5
+
+
 def test_the_reconciler_scan_never_examines_flows_that_are_not_overdue(
     server: FlowStore,
 ) -> None:

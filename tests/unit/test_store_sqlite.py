@@ -76,6 +76,7 @@ def steady_state(store: SqliteFlowStore) -> None:
     store.count_by_status(STATUSES)
     store.outbox_backlog()
     store.pending_flows(10)
+    store.unrecorded(utcnow(), 10)
     [claimed] = store.claim_batch("relay-a", utcnow() + timedelta(seconds=30), 10)
     store.claim_batch("relay-a", utcnow() + timedelta(seconds=30), 10, [flow_id])
     store.drop_pending_history(flow_id, ["h1"])

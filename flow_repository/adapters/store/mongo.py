@@ -331,6 +331,14 @@ class FlowStore:
             cursor = self._find(queries.claimable(utcnow()), {"_id": 1}).limit(limit)
             return [document["_id"] for document in cursor]
 
+    def unrecorded(self, before: datetime, limit: int) -> list[dict]:
+        """Up to ``limit`` live flows whose history entries have been pending since before
+        ``before`` and that no relay holds a live lease on: left by a writer that died
+        before recording them. Oldest first."""
+        with self._call():
+            cursor = self._find(queries.unrecorded(before, utcnow())).limit(limit)
+            return [self._out(document) for document in cursor]
+
     def claim_batch(self, relay_id: str, until: datetime, limit: int,
                     flow_ids: Sequence[ObjectId] | None = None) -> list[dict]:
         """Lease up to ``limit`` claimable flows to ``relay_id`` until ``until`` at once,

@@ -20,6 +20,7 @@ from flow_repository.domain.flow import ListQuery
 ASC = pymongo.ASCENDING
 ID_INDEX = "_id_"
 PENDING_KEY = "outbox.0.storedAt"  # the oldest pending event of a flow
+UNRECORDED_KEY = "historyOutbox.0.at"  # when the oldest pending history entry was made
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,10 @@ INDEXES: tuple[Index, ...] = (
     Index("outbox_pending", ((PENDING_KEY, ASC),),
           "the outbox relay's pending scan, oldest event first; /metrics outbox backlog",
           (("partialFilterExpression", {PENDING_KEY: {"$exists": True}}),)),
+    # Partial likewise: only flows whose history entries are still to be recorded.
+    Index("history_pending", ((UNRECORDED_KEY, ASC),),
+          "the relay's sweep for history entries a writer left pending (it died first)",
+          (("partialFilterExpression", {UNRECORDED_KEY: {"$exists": True}}),)),
 )
 INDEX_NAMES = {index.name for index in INDEXES}
 
@@ -135,6 +140,13 @@ def status_count(status: str) -> Find:
 def pending() -> Find:
     """Flows with events waiting, oldest waiting event first (relay scan, backlog gauge)."""
     return Find({PENDING_KEY: {"$exists": True}}, [(PENDING_KEY, ASC)], "outbox_pending")
+
+
+def unrecorded(before: datetime, now: datetime) -> Find:
+    """Live flows with history entries pending since before ``before`` and no live lease
+    (the relay's sweep), the oldest first."""
+    return Find({UNRECORDED_KEY: {"$exists": True, "$lt": before}, "deletedAt": None,
+                 **lease_free(now)}, [(UNRECORDED_KEY, ASC)], "history_pending")
 
 
 def lease_free(now: datetime) -> dict[str, Any]:

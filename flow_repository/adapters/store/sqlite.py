@@ -61,7 +61,7 @@ _UNAVAILABLE = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_IOERR
 # Columns computed from the document on every write (see _columns), in this order.
 COLUMNS = ("deleted", "status", "type", "template", "name", "created", "updated", "retries",
            "changed", "revision", "owner_count", "search_name", "search_description",
-           "pending_at", "pending_count")
+           "pending_at", "pending_count", "history_at")
 SORT_COLUMNS = {"createdAt": "created", "updatedAt": "updated", "name": "name"}
 
 SCHEMA = (
@@ -78,7 +78,7 @@ SCHEMA = (
         deleted INTEGER, status, type, template, name, created, updated, retries,
         changed INTEGER, revision, owner_count INTEGER,
         search_name BLOB, search_description BLOB,
-        pending_at, pending_count INTEGER)""",
+        pending_at, pending_count INTEGER, history_at INTEGER)""",
     # One row per (live flow, owner id), with the flow's sort keys: tombstones have none.
     """CREATE TABLE IF NOT EXISTS flow_owners (
         fid BLOB NOT NULL, owner NOT NULL, name, created, updated,
@@ -134,6 +134,8 @@ INDEXES: dict[str, tuple[str, str]] = {
     "outbox_pending": (("ON flows (pending_at, id, lease_until, pending_count) "
                        "WHERE pending_at IS NOT NULL"),
                        "the outbox relay's pending scan, oldest event first; /metrics backlog"),
+    "history_pending": ("ON flows (history_at, id) WHERE history_at IS NOT NULL",
+                        "the relay's sweep for history entries a writer left pending"),
     "changes_at": ("ON flow_changes (at)", "trimming the change feed to WATCH_RETENTION_SECONDS"),
     "changes_flow": ("ON flow_changes (fid)",
                      "replacing a deleted owner's id in the change feed (IAM deletion events)"),
@@ -289,6 +291,11 @@ def _columns(document: Mapping[str, Any]) -> tuple[Any, ...]:
         first = outbox[0] if outbox else None
         if isinstance(first, Mapping) and first.get("storedAt") is not None:
             pending_at = sort_key(first["storedAt"])
+    unrecorded = document.get("historyOutbox")
+    history_at = None
+    if document.get("deletedAt") is None and isinstance(unrecorded, list) and unrecorded \
+            and isinstance(unrecorded[0], Mapping) and isinstance(unrecorded[0].get("at"), datetime):
+        history_at = millis(unrecorded[0]["at"])
     owners = document.get("owners")
     changed = document.get("statusChangedAt")
     revision = document.get("revision")
@@ -303,7 +310,7 @@ def _columns(document: Mapping[str, Any]) -> tuple[Any, ...]:
         revision if type(revision) is int else None,
         len(owners) if isinstance(owners, list) else None,
         _searchable(document.get("name")), _searchable(document.get("description")),
-        pending_at, pending_count,
+        pending_at, pending_count, history_at,
     )
 
 
@@ -374,6 +381,12 @@ class Database:
         try:
             for statement in SCHEMA:
                 connection.execute(statement)
+            # a file of an earlier schema: its flows table lacks the newer columns (NULL
+            # until the flow is next written)
+            present = {row[1] for row in connection.execute("PRAGMA table_info(flows)")}
+            for column in COLUMNS:
+                if column not in present:
+                    connection.execute(f"ALTER TABLE flows ADD COLUMN {column}")
             for name, (definition, _) in INDEXES.items():
                 connection.execute(f"CREATE INDEX IF NOT EXISTS {name} {definition}")
             connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -867,6 +880,16 @@ class SqliteFlowStore:
         rows = self.database.query(self._CLAIMABLE, (millis(utcnow()), limit))
         return [_flow_id(key) for (key,) in rows]
 
+    def unrecorded(self, before: datetime, limit: int) -> list[dict]:
+        """Up to ``limit`` live flows whose history entries have been pending since before
+        ``before`` and that no relay holds a live lease on: left by a writer that died
+        before recording them. Oldest first."""
+        rows = self.database.query(
+            f"SELECT {_ROW} FROM flows WHERE history_at IS NOT NULL AND history_at < ? "
+            "AND (lease_until IS NULL OR lease_until < ?) ORDER BY history_at, id LIMIT ?",
+            (millis(before), millis(utcnow()), limit))
+        return [_document(*row) for row in rows]
+
     def claim_batch(self, relay_id: str, until: datetime, limit: int,
                     flow_ids: Sequence[ObjectId] | None = None) -> list[dict]:
         """Lease up to ``limit`` claimable flows to ``relay_id`` until ``until`` at once,
@@ -950,7 +973,8 @@ class SqliteFlowStore:
         those done; False when some item stays, which the caller then drops item by item."""
         key = flow_key(flow_id)
         if entry_ids and not connection.execute(
-                _EMPTY_WHEN_DONE.format(field="historyOutbox", key="entryId", pending="",
+                _EMPTY_WHEN_DONE.format(field="historyOutbox", key="entryId",
+                                        pending=", history_at = NULL",
                                         lease="", marks=_marks(len(entry_ids))),
                 (key, *entry_ids)).rowcount:
             return False

@@ -391,7 +391,9 @@ def peak(memory: dict[str, Any], key: str = "peakRssMiB") -> float:
     return max((entry[key] or 0 for entry in memory.values()), default=0.0)
 
 
-TARGETS = {"getFlow": 0.5, "listFlows": 0.3, "createFlow": 0.25}  # share of the ceiling
+# share of the ceiling, and peak RSS per worker: the embedded store's issue (#17)
+TARGETS = {"getFlow": 0.6, "listFlows": 0.35, "createFlow": 0.3}
+TARGET_RSS_MIB = 120
 LABELS = {"getFlow": "GET /flows/{id}", "listFlows": "GET /flows (page of 10, owner-scoped)",
           "createFlow": "POST /flows",
           "updateFlow": "PATCH /flows/{id} (description, rotating over owned flows)"}
@@ -454,9 +456,9 @@ def targets(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "measured": f"{share:.0%}" + (" (backlog ran out)" if drained_early else ""),
                     "met": share >= TARGETS[key] and not drained_early})
         rss = peak(run["workerMemoryAfterReads"])  # at the stated store size (POSTs add flows)
-        checks.append({"target": "<= 100 MiB peak RSS per worker",
+        checks.append({"target": f"<= {TARGET_RSS_MIB} MiB peak RSS per worker",
                        "storedFlows": run["storedFlows"], "measured": f"{rss:.1f} MiB",
-                       "met": rss <= 100})
+                       "met": rss <= TARGET_RSS_MIB})
     return checks
 
 

@@ -345,7 +345,10 @@ class Database:
         self._turn = threading.RLock() if self.in_memory else None
         self._shared: sqlite3.Connection | None = None
         self._opened: list[sqlite3.Connection] = []
-        self._turn_files: list[int] = []  # descriptors of the write-turn file (one a thread)
+        self._writers = threading.Lock()
+        self._writers_pid = os.getpid()
+        self._turn_file_descriptor: int | None = None  # this process's, of <path>.write-turn
+        self._turn_pid: int | None = None
         self._opened_lock = threading.Lock()
         self._trace: Callable[[str], None] | None = None
 
@@ -451,38 +454,54 @@ class Database:
 
     @contextlib.contextmanager
     def _writer_turn(self) -> Iterator[None]:
-        """The file's turn to write, taken before SQLite's write lock: writers of every
-        thread and process try a lock file every 50 µs at first, 1 ms at most. SQLite's own
-        busy wait sleeps 1, 2, 5, 10... ms between tries: with several processes writing, a
-        commit could wait hundreds of them (POST p99 470 ms). Waiting longer than
-        BUSY_TIMEOUT_SECONDS is unavailability (503), as SQLite's wait is."""
+        """The file's turn to write, taken before SQLite's write lock. Threads of one
+        process queue on a lock that wakes the next at once; between processes, the one
+        waiting tries a lock file every 50 µs at first, 1 ms at most. SQLite's own busy
+        wait sleeps 1, 2, 5, 10... ms between tries: with several writers, a commit could
+        wait hundreds of them (POST p99 470 ms). Waiting longer than BUSY_TIMEOUT_SECONDS
+        is unavailability (503), as SQLite's wait is."""
         if self.in_memory:
             yield
             return
-        local = self._local
-        if getattr(local, "turn_pid", None) != os.getpid():  # a lock must not cross a fork
+        deadline = time.monotonic() + BUSY_TIMEOUT_SECONDS
+        writers = self._process_writers()
+        if not writers.acquire(timeout=BUSY_TIMEOUT_SECONDS):
+            raise StoreUnavailable(TimeoutError("write turn"), "SQLite")
+        try:
+            turn = self._turn_file()
+            pause = 0.00005
+            while True:
+                try:
+                    fcntl.flock(turn, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError as busy:
+                    if time.monotonic() > deadline:
+                        raise StoreUnavailable(busy, "SQLite") from busy
+                    time.sleep(pause)
+                    pause = min(pause * 2, 0.001)
             try:
-                local.turn = os.open(f"{self.path}.write-turn", os.O_RDWR | os.O_CREAT, 0o600)
+                yield
+            finally:
+                fcntl.flock(turn, fcntl.LOCK_UN)
+        finally:
+            writers.release()
+
+    def _process_writers(self) -> threading.Lock:
+        """This process's queue of writing threads (a forked child starts a queue of its
+        own: a lock held by a thread of the parent would never be let go there)."""
+        if self._writers_pid != os.getpid():
+            self._writers, self._writers_pid = threading.Lock(), os.getpid()
+        return self._writers
+
+    def _turn_file(self) -> int:
+        """This process's descriptor of the file ``<database>.write-turn``."""
+        if self._turn_pid != os.getpid():
+            try:
+                turn = os.open(f"{self.path}.write-turn", os.O_RDWR | os.O_CREAT, 0o600)
             except OSError as error:  # as SQLite's own files: the directory is not writable
                 raise StoreUnavailable(error, "SQLite") from error
-            local.turn_pid = os.getpid()
-            with self._opened_lock:
-                self._turn_files.append(local.turn)
-        deadline = time.monotonic() + BUSY_TIMEOUT_SECONDS
-        pause = 0.00005
-        while True:
-            try:
-                fcntl.flock(local.turn, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError as busy:
-                if time.monotonic() > deadline:
-                    raise StoreUnavailable(busy, "SQLite") from busy
-                time.sleep(pause)
-                pause = min(pause * 2, 0.001)
-        try:
-            yield
-        finally:
-            fcntl.flock(local.turn, fcntl.LOCK_UN)
+            self._turn_file_descriptor, self._turn_pid = turn, os.getpid()
+        return self._turn_file_descriptor
 
     def query(self, sql: str, parameters: Sequence[Any] = ()) -> list[tuple]:
         """Every row of one read statement (one statement needs no explicit transaction)."""
@@ -540,11 +559,12 @@ class Database:
         """Close every connection this object opened (the next use opens new ones)."""
         with self._opened_lock:
             opened, self._opened = self._opened, []
-            turn_files, self._turn_files = self._turn_files, []
         for connection in opened:
             connection.close()
-        for descriptor in turn_files:
-            os.close(descriptor)
+        with self._process_writers():
+            if self._turn_file_descriptor is not None and self._turn_pid == os.getpid():
+                os.close(self._turn_file_descriptor)
+            self._turn_file_descriptor = self._turn_pid = None
         self._shared = None
         self._local = threading.local()
 

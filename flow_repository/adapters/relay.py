@@ -161,13 +161,11 @@ class OutboxRelay:
     def sweep(self) -> int:
         """Record the history entries that writers left pending: those of live flows no
         relay holds, pending for longer than the lease margin (their writer died before it
-        recorded them, or the store was away then). Until now only the flow's next write or
-        a read of its history would record them (and, on MongoDB, add them to the change
-        feed). Returns how many flows it found."""
+        recorded them, or the store was away then), which nothing else would record before
+        the flow's next write or history read. Returns how many flows it found."""
         flows = self._store.unrecorded(utcnow() - self._margin, self._batch_size)
         if flows:
-            recorded = self._record_history(flows)
-            self._store.finish_batch(self.relay_id, published={}, recorded=recorded)
+            self._finish(flows, (), publish=False)
             log.info("recorded history entries left pending", extra={"flows": len(flows)})
         return len(flows)
 
@@ -247,8 +245,9 @@ class OutboxRelay:
             self._wake.clear()
             try:
                 if time.monotonic() >= next_sweep:  # RabbitMQ or not: it publishes nothing
-                    self.sweep()
+                    # due again in a margin even if it fails, so it cannot hold up publishing
                     next_sweep = time.monotonic() + self._margin.total_seconds()
+                    self.sweep()
                 try:
                     self._publisher.connect()
                 except BrokerUnavailable:

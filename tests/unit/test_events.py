@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 from bson import ObjectId
 
@@ -136,7 +139,22 @@ def test_a_write_and_a_claim_in_one_millisecond_publish_each_event_once(
     assert store.raw(flow_id)["outbox"] == []
 
 
-class UnreachablePublisher(RecordingPublisher):
+class ReachablePublisher(RecordingPublisher):
+    """RabbitMQ there: connecting succeeds and every event is confirmed."""
+
+    connected = True
+
+    def connect(self) -> None:
+        pass
+
+    def keep_alive(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class UnreachablePublisher(ReachablePublisher):
     """RabbitMQ away: every connection attempt fails."""
 
     connected = False
@@ -144,11 +162,15 @@ class UnreachablePublisher(RecordingPublisher):
     def connect(self) -> None:
         raise BrokerUnavailable(OSError("connection refused"))
 
-    def keep_alive(self) -> None:
-        pass
 
-    def close(self) -> None:
-        pass
+@contextlib.contextmanager
+def running(relay: OutboxRelay) -> Iterator[OutboxRelay]:
+    """The relay's own thread, running until the block ends."""
+    relay.start()
+    try:
+        yield relay
+    finally:
+        relay.stop()
 
 
 def written_with_lease(store: FlowStore, relay: OutboxRelay, name: str) -> tuple[dict, tuple]:
@@ -281,12 +303,9 @@ def test_history_a_writer_left_pending_is_recorded_by_the_relays_sweep(
     # RabbitMQ away: the sweep publishes nothing, so it does not wait for the broker
     relay = OutboxRelay(store, UnreachablePublisher(), poll_seconds=0.05, lease_seconds=30,
                         record_history=service.record_pending_history)
-    relay.start()
-    try:
+    with running(relay):
         eventually(lambda: store.raw(left)["historyOutbox"] == [], 10,
                    message="the entry left pending recorded")
-    finally:
-        relay.stop()
     assert store.history.get(left, 2)["change"] == "updated"
     assert (left, 2) in {(change["flowId"], change["revision"])
                          for change in store.changes.after(0, 100) if not change.get("hole")}
@@ -294,3 +313,17 @@ def test_history_a_writer_left_pending_is_recorded_by_the_relays_sweep(
         assert len(store.raw(waiting)["historyOutbox"]) == 1
         assert store.history.get(waiting, 2) is None
     assert relay.sweep() == 0  # nothing left that is its to record
+
+
+def test_a_sweep_that_fails_does_not_hold_up_publishing(store, monkeypatch) -> None:
+    def broken(before, limit):
+        raise RuntimeError("a flow the sweep cannot read")
+
+    monkeypatch.setattr(store, "unrecorded", broken)
+    flow_id = flow_with_two_pending_events(store)
+    publisher = ReachablePublisher()
+    relay = OutboxRelay(store, publisher, poll_seconds=0.05)
+    with running(relay):
+        eventually(lambda: store.raw(flow_id)["outbox"] == [], 10,
+                   message="the events published despite the failing sweep")
+    assert publisher.names == ["flow.starting", "flow.stopping"]

@@ -248,6 +248,20 @@ def test_writers_queue_on_the_write_turn_and_a_held_turn_is_unavailability(
         writer.close()
 
 
+def test_a_write_turn_file_that_cannot_be_opened_is_unavailability(tmp_path: Path) -> None:
+    from flow_repository.adapters.store import StoreUnavailable
+
+    path = str(tmp_path / "flows.sqlite3")
+    (tmp_path / "flows.sqlite3.write-turn").mkdir()  # in the way of the lock file
+    store = SqliteFlowStore.open(path)
+    try:
+        with pytest.raises(StoreUnavailable, match="SQLite is unavailable"):
+            store.insert(document())
+        assert store.list(ListQuery(), None) == ([], 0)  # nothing half written
+    finally:
+        store.close()
+
+
 # ----------------------------------------------------------------------------- backup
 
 

@@ -44,7 +44,7 @@ from .base import (
 from .history import pseudonymised
 
 MEMORY = ":memory:"
-SCHEMA_VERSION = 3  # 2: the change feed (flow_changes, feed_state); 3: generations
+SCHEMA_VERSION = 3  # 2: the change feed (flow_changes, feed_state); 3: generations, history_at
 # How many list totals a process keeps (see CountedTotals).
 COUNTED_TOTALS = 512
 # How long a write waits for another process's transaction before giving up (503).
@@ -282,20 +282,22 @@ def search_term(text: str) -> bytes:
     return text.lower().encode("utf-8", "surrogatepass")
 
 
+def _first_item(items: Any) -> Mapping[str, Any]:
+    """The first item of a stored list (an outbox), or an empty mapping."""
+    first = items[0] if isinstance(items, list) and items else None
+    return first if isinstance(first, Mapping) else {}
+
+
 def _columns(document: Mapping[str, Any]) -> tuple[Any, ...]:
     """The indexed columns of ``document``, in the order of COLUMNS."""
     outbox = document.get("outbox")
-    pending_at = pending_count = None
-    if isinstance(outbox, list):
-        pending_count = len(outbox)
-        first = outbox[0] if outbox else None
-        if isinstance(first, Mapping) and first.get("storedAt") is not None:
-            pending_at = sort_key(first["storedAt"])
-    unrecorded = document.get("historyOutbox")
-    history_at = None
-    if document.get("deletedAt") is None and isinstance(unrecorded, list) and unrecorded \
-            and isinstance(unrecorded[0], Mapping) and isinstance(unrecorded[0].get("at"), datetime):
-        history_at = millis(unrecorded[0]["at"])
+    pending_count = len(outbox) if isinstance(outbox, list) else None
+    stored_at = _first_item(outbox).get("storedAt")
+    pending_at = None if stored_at is None else sort_key(stored_at)
+    made_at = _first_item(document.get("historyOutbox")).get("at")
+    # a tombstone's entries are recorded by the relay that deletes it, not swept
+    history_at = millis(made_at) if isinstance(made_at, datetime) \
+        and document.get("deletedAt") is None else None
     owners = document.get("owners")
     changed = document.get("statusChangedAt")
     revision = document.get("revision")

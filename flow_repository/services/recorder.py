@@ -11,6 +11,7 @@ from typing import Any, Protocol
 from bson import ObjectId
 
 from flow_repository.adapters.store import Lease, Store, StoreUnavailable
+from flow_repository.adapters.store.base import recorded_entry
 
 from .entries import pseudonym
 
@@ -59,16 +60,19 @@ class HistoryRecorder:
             if not pending or flow.get("deletedAt") is not None:
                 continue  # a deleted flow's history is dropped with it
             first = flow["revision"] - len(pending) + 1
-            entries += [{**entry, "flowId": flow["_id"], "revision": first + offset}
+            entries += [recorded_entry(flow["_id"], entry, first + offset)
                         for offset, entry in enumerate(pending)]
             recorded[flow["_id"]] = [entry["entryId"] for entry in pending]
-        history = self._store.history
-        history.record(entries)
+        self._store.history.record(entries)
+        self._trim([flow for flow in flows if flow["_id"] in recorded])
+        return recorded
+
+    def _trim(self, flows: Sequence[Mapping[str, Any]]) -> None:
+        """Drop the history entries older than the newest HISTORY_MAX_REVISIONS of ``flows``."""
         keep = self._history_max_revisions
         for flow in flows:
-            if keep and flow["_id"] in recorded and flow["revision"] > keep:
-                history.trim(flow["_id"], flow["revision"] - keep + 1)
-        return recorded
+            if keep and flow["revision"] > keep:
+                self._store.history.trim(flow["_id"], flow["revision"] - keep + 1)
 
     def record(self, flow: Mapping[str, Any]) -> None:
         """Record a flow's pending entries now and drop them from its document."""
@@ -86,7 +90,12 @@ class HistoryRecorder:
         held = getattr(self._deferred, "writes", None)
         if held is not None:
             held.append((flow, lease))
-        elif self._relay is not None:
+            return
+        if self._store.history_with_change:
+            self._trim_after_write(flow)
+            if not flow.get("outbox"):
+                return  # history written, no event: nothing left for a relay
+        if self._relay is not None:
             self._relay.hand_off(flow, lease)
         else:
             self._record_history_after_write(flow)
@@ -110,6 +119,15 @@ class HistoryRecorder:
             if committed or not self._store.atomic_batches:
                 for flow, lease in held:
                     self.after_write(flow, lease)
+
+    def _trim_after_write(self, flow: Mapping[str, Any]) -> None:
+        """Trim after a change whose entry the store wrote with it; a failure here loses
+        nothing (the next change of the flow trims)."""
+        try:
+            self._trim([flow])
+        except StoreUnavailable as error:
+            log.warning("history left untrimmed", extra={"flowId": str(flow["_id"]),
+                                                         "error": str(error)})
 
     def _record_history_after_write(self, flow: Mapping[str, Any]) -> None:
         """Record right after a change; a failure here loses nothing (the entry waits)."""

@@ -120,6 +120,8 @@ def test_an_entry_whose_write_failed_is_recorded_on_the_next_read(
 ) -> None:
     """The change is applied; the history write after it fails (MongoDB went away, or the
     process died): the entry waits in the flow document and the next read records it."""
+    if store.history_with_change:
+        pytest.skip("the entry is written in the change's transaction: see test_store_sqlite")
     flow = create()
     record = store.history.record
     monkeypatch.setattr(store.history, "record", unavailable)

@@ -189,6 +189,8 @@ def test_each_report_of_a_burst_is_handled_in_its_own_trace(parts) -> None:
             traces={tag: f"00-{trace_id}-00f067aa0ba902b7-01"
                     for tag, trace_id in enumerate(trace_ids, start=1)})
     for flow_id, trace_id in zip((first, second), trace_ids, strict=True):
-        [entry] = [entry for entry in parts.store.raw(ObjectId(flow_id))["historyOutbox"]
-                   if entry.get("kind") == "status"][-1:]
+        flow_id = ObjectId(flow_id)
+        entries = parts.store.history.page(flow_id, 1, 100)[0][::-1] \
+            if parts.store.history_with_change else parts.store.raw(flow_id)["historyOutbox"]
+        [entry] = [entry for entry in entries if entry.get("kind") == "status"][-1:]
         assert entry["traceId"] == trace_id

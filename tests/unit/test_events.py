@@ -280,6 +280,9 @@ def test_history_a_writer_left_pending_is_recorded_by_the_relays_sweep(
     # nothing writes or reads that flow again, yet its history and the change feed get it.
     from datetime import timedelta
 
+    if store.history_with_change:
+        pytest.skip("no writer can leave an entry pending: it is written with its change")
+
     service = app.extensions["flow_repository"].service
     long_ago = utcnow() - timedelta(minutes=5)
 

@@ -137,7 +137,12 @@ def test_update_applies_changes_bumps_revision_and_queues_events(store: FlowStor
     assert before <= updated["updatedAt"] <= utcnow()
     assert updated["updatedAt"] != flow["updatedAt"]
     assert [event["eventId"] for event in store.raw(flow["_id"])["outbox"]] == ["e1"]
-    assert store.raw(flow["_id"])["historyOutbox"] == [ENTRY]
+    if store.history_with_change:
+        assert "historyOutbox" not in store.raw(flow["_id"])
+        assert store.history.get(flow["_id"], 2) == {**ENTRY, "flowId": flow["_id"], "revision": 2}
+    else:
+        assert store.raw(flow["_id"])["historyOutbox"] == [ENTRY]
+        assert store.history.get(flow["_id"], 2) is None
 
 
 @pytest.mark.parametrize("precondition", [
@@ -529,7 +534,8 @@ def test_a_write_takes_the_lease_along_only_when_no_relay_holds_one(store: Store
     assert [e["eventId"] for e in again["outbox"]] == ["e", "f"]
     expired = store.insert(document(relayLeaseUntil=utcnow() - timedelta(seconds=1),
                                     relayLeaseOwner="relay-gone"))["_id"]
-    taken = store.update(expired, history=ENTRY, lease=("relay-c", until))
+    taken = store.update(expired, events=[event("g", MOMENT)], history=ENTRY,
+                         lease=("relay-c", until))
     assert taken["relayLeaseOwner"] == "relay-c"
     assert store.update(expired, revision=99, history=ENTRY, lease=("relay-c", until)) is None
 
@@ -544,7 +550,19 @@ def test_a_claim_by_id_takes_only_those_flows_that_are_claimable(store: Store) -
     assert store.claim_batch("relay-b", utcnow() + timedelta(minutes=1), 10, [wanted]) == []
 
 
+def test_a_write_with_nothing_to_publish_leaves_the_lease_alone_where_history_goes_with_it(
+        store: Store) -> None:
+    if not store.history_with_change:
+        pytest.skip("the relay records this store's history: a write leases the flow for it")
+    flow_id = store.insert(document())["_id"]
+    written = store.update(flow_id, history=ENTRY, lease=("relay-a", utcnow() + timedelta(minutes=1)))
+    assert "relayLeaseOwner" not in written and "relayLeaseOwner" not in store.raw(flow_id)
+
+
 def test_finishing_a_batch_drops_recorded_history_entries(store: Store) -> None:
+    if store.history_with_change:
+        pytest.skip("nothing is left pending: the entry is written with its change "
+                    "(test_store_sqlite covers entries an earlier layout left pending)")
     flow_id = store.insert(document(historyOutbox=[{"entryId": "h1"}, {"entryId": "h2"}]))["_id"]
     store.finish_batch("relay-a", published={}, recorded={flow_id: ["h1"]})
     assert [entry["entryId"] for entry in store.raw(flow_id)["historyOutbox"]] == ["h2"]

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flow_repository.adapters.store import SqliteFlowStore, utcnow
-from flow_repository.adapters.store.sqlite import dumps, loads
+from flow_repository.adapters.store.sqlite import SqliteHistoryStore, dumps, loads
 from flow_repository.domain.flow import STATUSES, ListQuery
 from flow_repository.entrypoints.cli import main
 from flow_repository.settings import Settings
@@ -159,9 +159,42 @@ def test_a_file_keeps_the_data_across_reopening(tmp_path: Path) -> None:
     first.close()
     again = SqliteFlowStore.open(path)
     assert again.get(flow["_id"])["name"] == "kept"
-    assert again.raw(flow["_id"])["historyOutbox"] == [ENTRY]
+    assert "historyOutbox" not in again.raw(flow["_id"])  # written with the change
+    assert again.history.get(flow["_id"], 2)["change"] == "updated"
     assert (Path(path).parent.stat().st_mode & 0o077) == 0  # the user's own directory
     again.close()
+
+
+def test_entries_an_earlier_layout_left_pending_are_recorded_with_the_next_change(
+        store: SqliteFlowStore) -> None:
+    # files written before history went in with its change hold entries in the flow
+    flow_id = store.insert(document(revision=3))["_id"]
+    left = [{**ENTRY, "entryId": "r2"}, {**ENTRY, "entryId": "r3"}]
+    store._change_document(flow_id, lambda flow: flow.update(historyOutbox=left) or True)
+    store.finish_batch("relay-a", published={}, recorded={flow_id: ["r2"]})
+    assert [entry["entryId"] for entry in store.raw(flow_id)["historyOutbox"]] == ["r3"]
+    store.update(flow_id, changes={"name": "next"}, history={**ENTRY, "entryId": "r4"})
+    assert "historyOutbox" not in store.raw(flow_id)
+    assert [(revision, store.history.get(flow_id, revision)["entryId"])
+            for revision in (3, 4)] == [(3, "r3"), (4, "r4")]
+
+
+def test_a_change_whose_history_entry_cannot_be_written_is_not_applied(
+        store: SqliteFlowStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    flow = store.insert(document(outbox=[]))
+
+    def disk_full(connection: Any, entries: Any) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(SqliteHistoryStore, "write", staticmethod(disk_full))
+    with pytest.raises(sqlite3.OperationalError):
+        store.update(flow["_id"], changes={"name": "lost"}, events=[{"eventId": "e"}],
+                     history=ENTRY)
+    monkeypatch.undo()
+    assert store.raw(flow["_id"]) == {**flow, "outbox": []}  # neither change nor event
+    assert store.history.get(flow["_id"], 2) is None
+    assert store.update(flow["_id"], changes={"name": "kept"}, history=ENTRY)["revision"] == 2
+    assert store.history.get(flow["_id"], 2)["change"] == "updated"
 
 
 def test_memory_is_one_database_for_every_thread_of_the_process() -> None:
@@ -323,9 +356,11 @@ def check_consistent(copy: SqliteFlowStore) -> None:
     assert [flow["name"] for flow in flows] == [f"{n:05d}" for n in range(total)]
     for flow in flows[:-1]:  # every flow but the newest has been changed by then
         assert flow["revision"] == 2 and flow["description"] == "changed"
-        assert flow["historyOutbox"] == [ENTRY] and len(flow["outbox"]) == 1
+        assert len(flow["outbox"]) == 1 and "historyOutbox" not in flow
+        assert copy.history.get(flow["_id"], 2)["entryId"] == ENTRY["entryId"]
     last = flows[-1]
-    assert (last["revision"], len(last.get("historyOutbox", []))) in ((1, 0), (2, 1))
+    assert (last["revision"], copy.history.get(last["_id"], 2) is not None) in (
+        (1, False), (2, True))
     copy.close()
 
 

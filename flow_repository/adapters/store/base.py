@@ -200,6 +200,11 @@ def change_name(entry: Mapping[str, Any]) -> str:
     return "modified"  # owners removed in IAM, and anything newer
 
 
+def recorded_entry(flow_id: Any, entry: Mapping[str, Any], revision: int) -> dict[str, Any]:
+    """A history entry as the history keeps it: the pending entry, its flow and revision."""
+    return {**entry, "flowId": flow_id, "revision": revision}
+
+
 def feed_entry(flow: Mapping[str, Any], entry: Mapping[str, Any], revision: int, *,
                status: Any = None, owners: Any = None) -> dict[str, Any]:
     """The change feed's record of one change of ``flow`` (its history ``entry``, at
@@ -271,7 +276,9 @@ class Store(Protocol):
     Flows are documents with an ``_id``; a flow is live until ``deletedAt`` is set, and a
     deleted flow stays as a hidden tombstone until the relay has published its last event.
     Every method returns fresh copies: callers never hold stored state. Each change also
-    queues one history entry (``historyOutbox``) for ``history``, where it is written next.
+    writes one history entry: into ``history`` in the change's own transaction where the
+    store has transactions (SQLite), else queued in the flow (``historyOutbox``) and
+    written into ``history`` next (MongoDB).
     """
 
     history: HistoryStore
@@ -279,6 +286,8 @@ class Store(Protocol):
     # True when together() commits or rolls back its writes as one (SQLite); MongoDB
     # applies each write on its own there.
     atomic_batches: bool
+    # True when a change's history entry is written with it, never left pending (SQLite).
+    history_with_change: bool
 
     def ensure_indexes(self) -> None: ...
     def together(self) -> contextlib.AbstractContextManager[None]: ...

@@ -132,6 +132,7 @@ class FlowStore:
         return store
 
     atomic_batches = False
+    history_with_change = False
 
     def together(self) -> contextlib.AbstractContextManager[None]:
         """Each write inside stands on its own (no transaction: a change is one document,

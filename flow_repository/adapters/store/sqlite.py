@@ -38,6 +38,7 @@ from .base import (
     feed_entry,
     owned_by_any,
     read_until,
+    recorded_entry,
     stored_copy,
     utcnow,
 )
@@ -650,6 +651,7 @@ class SqliteFlowStore:
                 connection.execute(f"CREATE INDEX IF NOT EXISTS {name} {definition}")
 
     atomic_batches = True
+    history_with_change = True
 
     @contextlib.contextmanager
     def together(self) -> Iterator[None]:
@@ -751,6 +753,7 @@ class SqliteFlowStore:
         """Store a new flow (its pending events included) and return it as stored."""
         stored = stored_copy(document)
         stored.setdefault("_id", ObjectId())
+        pending = _pending(stored.pop("historyOutbox", None))
         body = {key: value for key, value in stored.items() if key != "_id"}
         # the relay lease lives in its own columns (values of other types stay in the body)
         lease_until = lease_owner = None
@@ -768,10 +771,10 @@ class SqliteFlowStore:
             except sqlite3.IntegrityError:
                 raise ValueError(f"a flow with id {stored['_id']} is already stored") from None
             self._list_owners(connection, key, body, replace=False)
-            pending = body.get("historyOutbox")
-            if isinstance(pending, list) and pending and isinstance(pending[-1], Mapping):
-                self.changes.write(connection, feed_entry(
-                    stored, pending[-1], body.get("revision") or 1))
+            if pending:
+                revision = stored.get("revision") or 1
+                self.changes.write(connection, feed_entry(stored, pending[-1], revision))
+                _record_history(connection, key, {**stored, "revision": revision}, pending)
         return stored
 
     @staticmethod
@@ -855,10 +858,10 @@ class SqliteFlowStore:
                                                 and len(owners) == owner_count):
                 return None
             previous_owners = _owner_ids(current)
+            # entries an earlier version of this store left pending go in with this one
+            entries = [*_pending(current.pop("historyOutbox", None)), stored_copy(dict(history))]
             updated = {**current, **fields}
             updated["revision"] = (current.get("revision") or 0) + 1
-            updated["historyOutbox"] = [*current.get("historyOutbox", []),
-                                        stored_copy(dict(history))]
             if events:
                 updated["outbox"] = [*current.get("outbox", []), *stored_copy(list(events))]
             if remove_owner is not None and isinstance(owners, list):
@@ -867,7 +870,10 @@ class SqliteFlowStore:
             self._rewrite(connection, key, updated)
             self._list_owners(connection, key, updated, previous=previous_owners)
             self.changes.write(connection, feed_entry(updated, history, updated["revision"]))
-            if lease is not None and (row[2] is None or row[2] < millis(utcnow())):
+            _record_history(connection, key, updated, entries)
+            # the lease is for the relay, which has nothing to do without events
+            if lease is not None and updated.get("outbox") \
+                    and (row[2] is None or row[2] < millis(utcnow())):
                 updated["relayLeaseOwner"], updated["relayLeaseUntil"] = lease
                 connection.execute("UPDATE flows SET lease_until = ?, lease_owner = ? "
                                    "WHERE id = ?", (millis(lease[1]), lease[0], key))
@@ -1043,6 +1049,24 @@ _EMPTY_WHEN_DONE = (
     "OR json_extract(value, '$.{key}') NOT IN ({marks}))")
 
 
+def _pending(entries: Any) -> list[Mapping[str, Any]]:
+    """The history entries a flow document holds pending (left by an earlier version of
+    this store, which queued them in the flow as the MongoDB store does)."""
+    return [entry for entry in entries or () if isinstance(entry, Mapping)]
+
+
+def _record_history(connection: sqlite3.Connection, key: bytes | str,
+                    flow: Mapping[str, Any], entries: Sequence[Mapping[str, Any]]) -> None:
+    """Write the history ``entries`` of ``flow``, the last one at its revision, in the
+    transaction of the change that made it. A tombstone's entries are not written: its
+    history goes with it."""
+    if flow.get("deletedAt") is not None:
+        return
+    first = flow["revision"] - len(entries) + 1
+    SqliteHistoryStore.write(connection, [(key, recorded_entry(flow["_id"], entry, first + at))
+                                          for at, entry in enumerate(entries)])
+
+
 def _drop_items(document: dict, field: str, key: str, values: Iterable[Any]) -> bool:
     items = document.get(field)
     if not isinstance(items, list):
@@ -1137,11 +1161,16 @@ class SqliteHistoryStore:
         if not entries:
             return
         with self._database.writing() as connection:
-            connection.executemany(
-                "INSERT OR IGNORE INTO flow_history (fid, revision, kind, entry) "
-                "VALUES (?, ?, ?, ?)",
-                [(flow_key(entry["flowId"]), entry["revision"], entry.get("kind"),
-                  dumps(entry)) for entry in entries])
+            self.write(connection, [(flow_key(entry["flowId"]), entry) for entry in entries])
+
+    @staticmethod
+    def write(connection: sqlite3.Connection,
+              entries: Sequence[tuple[bytes | str, Mapping[str, Any]]]) -> None:
+        """Insert (flow key, entry) pairs in ``connection``'s transaction, keeping any
+        entry already written at the same revision."""
+        connection.executemany(
+            "INSERT OR IGNORE INTO flow_history (fid, revision, kind, entry) VALUES (?, ?, ?, ?)",
+            [(key, entry["revision"], entry.get("kind"), dumps(entry)) for key, entry in entries])
 
     def page(self, flow_id: ObjectId, page_number: int, page_size: int, *,
              fits: Fits | None = None) -> tuple[list[dict], int]:

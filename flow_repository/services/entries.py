@@ -5,7 +5,7 @@ Pure functions of the change; :mod:`.recorder` moves the entries into the histor
 
 from __future__ import annotations
 
-import uuid
+import secrets
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -33,7 +33,7 @@ def definition_of(flow: Mapping[str, Any]) -> dict[str, Any]:
 
 def _entry(kind: str, change: str, sub: str | None, at: datetime, **fields: Any) -> dict:
     """A pending entry; it records the trace id of the change when it was made in a trace."""
-    entry = {"entryId": uuid.uuid4().hex, "kind": kind, "change": change, "sub": sub,
+    entry = {"entryId": secrets.token_hex(16), "kind": kind, "change": change, "sub": sub,
              "at": at, **fields}
     context = trace.current()
     if context is not None:
@@ -68,7 +68,7 @@ def deleted_entry(sub: str) -> dict:
 def pseudonym() -> str:
     """What replaces a deleted user's or tenant's id in a flow's history: random, so it
     cannot be traced back to the id, and the same across that flow's entries."""
-    return f"deleted-{uuid.uuid4().hex[:16]}"
+    return f"deleted-{secrets.token_hex(8)}"
 
 
 def public_entry(flow_id: ObjectId, entry: Mapping[str, Any],

@@ -162,14 +162,17 @@ class LifecycleUseCases:
 
         One attempt per allowed source status (the usual one first), so that the history
         entry written with the change knows the status it left. With a relay in this
-        process the whole flow comes back: the relay renders the events from it.
+        process the whole flow comes back when the relay has something to do with it: it
+        renders the events from it, and records its history where the store leaves the
+        entry pending in the flow.
         """
         lease = self.recorder.lease()
+        for_relay = lease is not None and (bool(events) or not self.store.history_with_change)
         for source in sources or transition.sources:
             entry = status_entry(transition, source, changes["statusChangedAt"], sub)
             updated = self.store.update(flow_id, statuses=(source,), changes=changes,
                                          events=events, history=entry,
-                                         returning=returning if lease is None else None,
+                                         returning=None if for_relay else returning,
                                          lease=lease, **preconditions)
             if updated is not None:
                 self.recorder.after_write(updated, lease)

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flow_repository.adapters.store import SqliteFlowStore, utcnow
-from flow_repository.adapters.store.sqlite import SqliteHistoryStore, dumps, loads
+from flow_repository.adapters.store.sqlite import SqliteHistoryStore, dumps, flow_key, loads
 from flow_repository.domain.flow import STATUSES, ListQuery
 from flow_repository.entrypoints.cli import main
 from flow_repository.settings import Settings
@@ -71,6 +71,8 @@ def steady_state(store: SqliteFlowStore) -> None:
                  events=[{"eventId": "e1", "storedAt": utcnow()}], history=ENTRY,
                  returning=("status",))
     store.update(flow_id, revision=(2, 3), history=ENTRY)
+    store.update(flows[1]["_id"], statuses=("active",), revision=1, returning=("status",),
+                 changes={"status": "starting", "statusChangedAt": utcnow()}, history=ENTRY)
     store.owned_by("alice")
     store.stuck("starting", MOMENT, retries=0)
     store.count_by_status(STATUSES)
@@ -195,6 +197,66 @@ def test_a_change_whose_history_entry_cannot_be_written_is_not_applied(
     assert store.history.get(flow["_id"], 2) is None
     assert store.update(flow["_id"], changes={"name": "kept"}, history=ENTRY)["revision"] == 2
     assert store.history.get(flow["_id"], 2)["change"] == "updated"
+
+
+STARTED = {"status": "active", "statusChangedAt": MOMENT + timedelta(seconds=3),
+           "statusReason": "orchestrator reported started", "statusRetries": 0,
+           "updatedAt": MOMENT + timedelta(seconds=3)}
+
+
+def test_a_status_change_written_in_place_stores_what_the_general_path_stores(
+        store: SqliteFlowStore) -> None:
+    # returning=... lets a status change be set in the stored JSON in place; without it,
+    # the general path reads the document, changes it and writes it back
+    twins = [store.insert(document(status="starting", name=f"twin {n}", revision=4))["_id"]
+             for n in (0, 1)]
+    store.insert(document(status="starting", name="other"))
+    statements: list[str] = []
+    store.database.trace(statements.append)
+    in_place = store.update(twins[0], statuses=("starting",), revision=(4, 9),
+                            changes=STARTED, history=ENTRY, returning=("status", "owners"))
+    store.database.trace(None)
+    assert any("json_set" in statement for statement in statements)
+    assert not any(statement.startswith("SELECT") for statement in statements)
+    general = store.update(twins[1], statuses=("starting",), revision=(4, 9),
+                           changes=STARTED, history=ENTRY)
+    assert in_place == {name: general[name] for name in ("status", "owners")} | {
+        "_id": twins[0]}
+    first, second = (store.raw(flow_id) for flow_id in twins)
+    assert {**first, "_id": None, "name": None} == {**second, "_id": None, "name": None}
+    assert first["revision"] == 5 and first["statusChangedAt"] == STARTED["statusChangedAt"]
+    assert [store.history.get(flow_id, 5)["change"] for flow_id in twins] == ["updated"] * 2
+    records = store.changes.after(0, 100)[-2:]
+    assert [(record["flowId"], record["revision"], record["status"], record["owners"])
+            for record in records] == [(flow_id, 5, "active", ["alice", "acme"])
+                                       for flow_id in twins]
+    rows = store.database.query("SELECT status, retries, changed, updated, revision FROM flows "
+                                "WHERE id IN (?, ?)", [flow_key(flow_id) for flow_id in twins])
+    assert rows[0] == rows[1]
+    owner_rows = store.database.query(
+        "SELECT fid, updated FROM flow_owners WHERE owner = 'alice' ORDER BY updated DESC")
+    assert {fid for fid, _ in owner_rows[:2]} == {flow_key(flow_id) for flow_id in twins}
+    assert store.stuck("starting", utcnow(), retries=0)[0]["name"] == "other"
+    assert store.count_by_status(("active", "starting")) == {"active": 2, "starting": 1}
+
+
+def test_a_status_change_in_place_refuses_or_leaves_to_the_general_path(
+        store: SqliteFlowStore) -> None:
+    flow_id = store.insert(document(status="starting"))["_id"]
+    for precondition in ({"statuses": ("stopping",)}, {"revision": 2}, {"revision": (3, 4)}):
+        assert store.update(flow_id, **precondition, changes=STARTED, history=ENTRY,
+                            returning=("status",)) is None
+    assert store.raw(flow_id)["revision"] == 1 and store.history.get(flow_id, 2) is None
+    # an entry an earlier layout left pending: the general path records it first
+    store._change_document(flow_id, lambda flow: flow.update(
+        historyOutbox=[{**ENTRY, "entryId": "left"}]) or True)
+    assert store.update(flow_id, statuses=("starting",), changes=STARTED, history=ENTRY,
+                        returning=("status",)) == {"_id": flow_id, "status": "active"}
+    assert "historyOutbox" not in store.raw(flow_id)
+    assert [store.history.get(flow_id, revision)["entryId"] for revision in (1, 2)] == [
+        "left", ENTRY["entryId"]]
+    gone = store.insert(document(status="starting", deletedAt=MOMENT))["_id"]
+    assert store.update(gone, changes=STARTED, history=ENTRY, returning=("status",)) is None
 
 
 def test_memory_is_one_database_for_every_thread_of_the_process() -> None:

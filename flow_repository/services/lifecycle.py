@@ -167,7 +167,7 @@ class LifecycleUseCases:
         entry pending in the flow.
         """
         lease = self.recorder.lease()
-        for_relay = lease is not None and (bool(events) or not self.store.history_with_change)
+        for_relay = self.recorder.relay_needs_whole_flow(lease, events)
         for source in sources or transition.sources:
             entry = status_entry(transition, source, changes["statusChangedAt"], sub)
             updated = self.store.update(flow_id, statuses=(source,), changes=changes,

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 from bson import ObjectId
 
 from flow_repository.adapters.store import Lease, Store, StoreUnavailable
-from flow_repository.adapters.store.base import recorded_entry
+from flow_repository.adapters.store.base import recorded_entries
 
 from .entries import pseudonym
 
@@ -56,13 +56,10 @@ class HistoryRecorder:
         entries = []
         recorded: dict[ObjectId, list[str]] = {}
         for flow in flows:
-            pending = flow.get("historyOutbox") or []
-            if not pending or flow.get("deletedAt") is not None:
-                continue  # a deleted flow's history is dropped with it
-            first = flow["revision"] - len(pending) + 1
-            entries += [recorded_entry(flow["_id"], entry, first + offset)
-                        for offset, entry in enumerate(pending)]
-            recorded[flow["_id"]] = [entry["entryId"] for entry in pending]
+            written = recorded_entries(flow, flow.get("historyOutbox") or [])
+            if written:
+                entries += written
+                recorded[flow["_id"]] = [entry["entryId"] for entry in written]
         self._store.history.record(entries)
         self._trim([flow for flow in flows if flow["_id"] in recorded])
         return recorded
@@ -78,6 +75,13 @@ class HistoryRecorder:
         """Record a flow's pending entries now and drop them from its document."""
         for flow_id, entry_ids in self.record_pending_history([flow]).items():
             self._store.drop_pending_history(flow_id, entry_ids)
+
+    def relay_needs_whole_flow(self, lease: Lease | None, events: Sequence[Any]) -> bool:
+        """Whether a write asking for ``lease`` and queueing ``events`` must give back the
+        whole flow, for this process's relay: it renders the events from it, and records
+        the history where the store leaves the entry pending in the flow. (The other side
+        of this rule is :meth:`after_write`, which hands the relay only such flows.)"""
+        return lease is not None and (bool(events) or not self._store.history_with_change)
 
     def lease(self) -> Lease | None:
         """The relay lease a write takes along (None when this process runs no relay)."""

@@ -317,6 +317,27 @@ def test_history_keeps_the_newest_max_revisions(build_app, auth: Headers, flow_b
                        headers=auth()).status_code == 404
 
 
+def test_a_trim_that_fails_loses_no_change_and_the_next_change_trims(
+        build_app, auth: Headers, flow_body, monkeypatch: pytest.MonkeyPatch) -> None:
+    app = build_app(history_max_revisions=3)
+    client, store = app.test_client(), app.extensions["flow_repository"].store
+    flow_id = client.post("/flows", json=flow_body(), headers=auth()).get_json()["data"]["id"]
+    for index in range(2):
+        patch(client, auth(), flow_id, {"description": f"edit {index}"})
+    trim = store.history.trim
+
+    def unavailable_trim(*arguments: Any) -> None:
+        raise StoreUnavailable(ConnectionError("gone"))
+
+    monkeypatch.setattr(store.history, "trim", unavailable_trim)
+    assert patch(client, auth(), flow_id, {"description": "kept"})["data"]["revision"] == 4
+    monkeypatch.setattr(store.history, "trim", trim)
+    assert revisions(client, auth(), flow_id)["data"][0]["flow"]["description"] == "kept"
+    patch(client, auth(), flow_id, {"description": "trimmed"})
+    assert [entry["revision"] for entry in revisions(client, auth(), flow_id)["data"]] == [
+        5, 4, 3]
+
+
 def test_zero_keeps_every_revision(build_app, auth: Headers, flow_body) -> None:
     client = build_app(history_max_revisions=0).test_client()
     flow_id = client.post("/flows", json=flow_body(), headers=auth()).get_json()["data"]["id"]

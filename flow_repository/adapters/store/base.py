@@ -200,9 +200,21 @@ def change_name(entry: Mapping[str, Any]) -> str:
     return "modified"  # owners removed in IAM, and anything newer
 
 
-def recorded_entry(flow_id: Any, entry: Mapping[str, Any], revision: int) -> dict[str, Any]:
-    """A history entry as the history keeps it: the pending entry, its flow and revision."""
-    return {**entry, "flowId": flow_id, "revision": revision}
+def pending_entries(flow: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The history entries a flow document holds pending (``historyOutbox``)."""
+    return [entry for entry in flow.get("historyOutbox") or [] if isinstance(entry, Mapping)]
+
+
+def recorded_entries(flow: Mapping[str, Any], entries: Sequence[Mapping[str, Any]]
+                     ) -> list[dict[str, Any]]:
+    """``entries``, the flow's newest changes with the last at its revision, as the history
+    keeps them: each with its flow id and revision. None for a tombstone, whose history
+    goes with it."""
+    if flow.get("deletedAt") is not None:
+        return []
+    first = flow["revision"] - len(entries) + 1
+    return [{**entry, "flowId": flow["_id"], "revision": first + offset}
+            for offset, entry in enumerate(entries)]
 
 
 def feed_entry(flow: Mapping[str, Any], entry: Mapping[str, Any], revision: int, *,
@@ -225,7 +237,7 @@ def pending_feed_entries(flow: Mapping[str, Any]) -> list[dict[str, Any]]:
     Pending entries are consecutive and the last is at the document's revision. The status
     each left is walked back from the document's: a status entry names its own, and the
     entries before it were made in the status it came from."""
-    pending = [entry for entry in flow.get("historyOutbox") or [] if isinstance(entry, Mapping)]
+    pending = pending_entries(flow)
     first = (flow.get("revision") or 0) - len(pending) + 1
     status = flow.get("status")
     records = []

@@ -37,8 +37,9 @@ from .base import (
     encode_keys,
     feed_entry,
     owned_by_any,
+    pending_entries,
     read_until,
-    recorded_entry,
+    recorded_entries,
     stored_copy,
     utcnow,
 )
@@ -324,7 +325,7 @@ def _moment(value: Any) -> int | None:
 STATUS_FIELDS: dict[str, tuple[str, Callable[[Any], Any]] | None] = {
     "status": ("status", _scalar), "statusRetries": ("retries", _scalar),
     "statusChangedAt": ("changed", _moment), "updatedAt": ("updated", sort_key),
-    "statusReason": None, "startedBy": None,
+    "statusReason": None,
 }
 
 
@@ -764,7 +765,8 @@ class SqliteFlowStore:
         """Store a new flow (its pending events included) and return it as stored."""
         stored = stored_copy(document)
         stored.setdefault("_id", ObjectId())
-        pending = _pending(stored.pop("historyOutbox", None))
+        pending = pending_entries(stored)
+        stored.pop("historyOutbox", None)
         body = {key: value for key, value in stored.items() if key != "_id"}
         # the relay lease lives in its own columns (values of other types stay in the body)
         lease_until = lease_owner = None
@@ -878,7 +880,8 @@ class SqliteFlowStore:
                 return None
             previous_owners = _owner_ids(current)
             # entries an earlier version of this store left pending go in with this one
-            entries = [*_pending(current.pop("historyOutbox", None)), stored_copy(dict(history))]
+            entries = [*pending_entries(current), stored_copy(dict(history))]
+            current.pop("historyOutbox", None)
             updated = {**current, **fields}
             updated["revision"] = (current.get("revision") or 0) + 1
             if events:
@@ -1116,22 +1119,13 @@ _EMPTY_WHEN_DONE = (
     "OR json_extract(value, '$.{key}') NOT IN ({marks}))")
 
 
-def _pending(entries: Any) -> list[Mapping[str, Any]]:
-    """The history entries a flow document holds pending (left by an earlier version of
-    this store, which queued them in the flow as the MongoDB store does)."""
-    return [entry for entry in entries or () if isinstance(entry, Mapping)]
-
-
 def _record_history(connection: sqlite3.Connection, key: bytes | str,
                     flow: Mapping[str, Any], entries: Sequence[Mapping[str, Any]]) -> None:
     """Write the history ``entries`` of ``flow``, the last one at its revision, in the
-    transaction of the change that made it. A tombstone's entries are not written: its
-    history goes with it."""
-    if flow.get("deletedAt") is not None:
-        return
-    first = flow["revision"] - len(entries) + 1
-    SqliteHistoryStore.write(connection, [(key, recorded_entry(flow["_id"], entry, first + at))
-                                          for at, entry in enumerate(entries)])
+    transaction of the change that made it (entries an earlier version of this store left
+    pending in the flow, as the MongoDB store does, come first)."""
+    SqliteHistoryStore.write(connection, [(key, entry)
+                                          for entry in recorded_entries(flow, entries)])
 
 
 def _drop_items(document: dict, field: str, key: str, values: Iterable[Any]) -> bool:

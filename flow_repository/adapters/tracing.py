@@ -45,7 +45,7 @@ SERVICE_NAME = "flow-repository"
 INSTRUMENTATION = "flow_repository"
 SHUTDOWN_SECONDS = 3.0  # how long a stopping process waits for its last spans to go out
 # What a store write's span is called after; reads are not traced (they are the hot path).
-TRACED_STORE_WRITES = ("insert", "update", "finish_batch", "drop_pending_history")
+TRACED_STORE_WRITES = ("insert", "update", "record_history", "finish_batch", "drop_pending_history")
 
 
 _KINDS = {} if otel_trace is None else {

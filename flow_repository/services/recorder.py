@@ -50,9 +50,6 @@ class HistoryRecorder:
                                ) -> dict[ObjectId, list[str]]:
         """Write the pending history entries of ``flows`` in one call (old ones trimmed);
         returns the entry ids written, per flow, for the caller to drop from the flows."""
-        # The change feed first (on MongoDB; SQLite wrote it with the change): the pending
-        # entries leave the documents only after this call, so a failure here retries both.
-        self._store.changes.record([flow for flow in flows if flow.get("historyOutbox")])
         entries = []
         recorded: dict[ObjectId, list[str]] = {}
         for flow in flows:
@@ -60,7 +57,11 @@ class HistoryRecorder:
             if written:
                 entries += written
                 recorded[flow["_id"]] = [entry["entryId"] for entry in written]
-        self._store.history.record(entries)
+        # The change feed first (on MongoDB; SQLite wrote it with the change), then the
+        # history: the pending entries leave the documents only after this call, so a
+        # failure here retries both.
+        self._store.record_history([flow for flow in flows if flow.get("historyOutbox")],
+                                   entries)
         self._trim([flow for flow in flows if flow["_id"] in recorded])
         return recorded
 

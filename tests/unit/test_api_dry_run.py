@@ -20,7 +20,7 @@ def writes(store: FlowStore, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[s
     """Names of the store's write methods called from now on (a dry run calls none)."""
     called: list[str] = []
     for owner, name in ((store, "insert"), (store, "update"), (store, "drop_pending_history"),
-                        (store.history, "record"), (store.history, "trim")):
+                        (store, "record_history"), (store.history, "record"), (store.history, "trim")):
         original = getattr(owner, name)
 
         def spy(*args: Any, _name: str = name, _original: Any = original, **kwargs: Any) -> Any:

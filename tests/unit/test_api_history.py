@@ -39,7 +39,7 @@ def definition(flow: dict[str, Any]) -> dict[str, Any]:
     return {key: flow[key] for key in fields if flow.get(key) is not None}
 
 
-def unavailable(entries: Any) -> None:
+def unavailable(*arguments: Any) -> None:
     """Stands for MongoDB failing the history write (the change itself was applied)."""
     raise StoreUnavailable(ConnectionError("gone"))
 
@@ -123,14 +123,14 @@ def test_an_entry_whose_write_failed_is_recorded_on_the_next_read(
     if store.history_with_change:
         pytest.skip("the entry is written in the change's transaction: see test_store_sqlite")
     flow = create()
-    record = store.history.record
-    monkeypatch.setattr(store.history, "record", unavailable)
+    record = store.record_history
+    monkeypatch.setattr(store, "record_history", unavailable)
     changed = patch(client, auth(), flow["id"], {"name": "applied"})["data"]
     assert changed["revision"] == 2
     pending = store.raw(ObjectId(flow["id"]))["historyOutbox"]
     assert [entry["flow"]["name"] for entry in pending] == ["applied"]
 
-    monkeypatch.setattr(store.history, "record", record)
+    monkeypatch.setattr(store, "record_history", record)
     entries = revisions(client, auth(), flow["id"])["data"]
     assert [(entry["revision"], entry["flow"]["name"]) for entry in entries] == [
         (2, "applied"), (1, flow["name"])]
@@ -143,7 +143,7 @@ def test_pending_entries_get_the_revisions_of_their_changes(
 ) -> None:
     flow = create()
     monkeypatch.setattr(store, "drop_pending_history", lambda flow_id, entry_ids: None)
-    monkeypatch.setattr(store.history, "record", lambda entries: None)
+    monkeypatch.setattr(store, "record_history", lambda flows, entries: None)
     patch(client, auth(), flow["id"], {"name": "two"})
     patch(client, auth(), flow["id"], {"name": "three"})
     start_flow(flow["id"])
@@ -325,11 +325,7 @@ def test_a_trim_that_fails_loses_no_change_and_the_next_change_trims(
     for index in range(2):
         patch(client, auth(), flow_id, {"description": f"edit {index}"})
     trim = store.history.trim
-
-    def unavailable_trim(*arguments: Any) -> None:
-        raise StoreUnavailable(ConnectionError("gone"))
-
-    monkeypatch.setattr(store.history, "trim", unavailable_trim)
+    monkeypatch.setattr(store.history, "trim", unavailable)
     assert patch(client, auth(), flow_id, {"description": "kept"})["data"]["revision"] == 4
     monkeypatch.setattr(store.history, "trim", trim)
     assert revisions(client, auth(), flow_id)["data"][0]["flow"]["description"] == "kept"
@@ -372,7 +368,7 @@ def test_a_deleted_owner_is_pseudonymised_in_history(
     flow = create()
     patch(client, auth(), flow["id"], {"name": "two"})
     other = create(headers=auth("user-2", "tenant-2"))
-    monkeypatch.setattr(store.history, "record", unavailable)  # one entry left pending
+    monkeypatch.setattr(store, "record_history", unavailable)  # one entry left pending
     patch(client, auth(), flow["id"], {"name": "three"})
     monkeypatch.undo()
     gone = "user-1" if kind == "user" else "tenant-1"

@@ -456,6 +456,32 @@ def test_finishing_keeps_a_deleted_flow_while_events_are_pending(store: Store) -
     assert store.raw(flow_id) is None  # its last event is out: removed for good
 
 
+def test_a_tombstone_whose_events_all_went_is_removed_in_one_write(
+        backend: str, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MongoDB: when every tombstone of a batch is removed, nothing is left to update for
+    them; the batch's live flows are finished in one more write."""
+    if backend == "embedded":
+        pytest.skip("the SQLite store finishes a batch in one transaction")
+    from flow_repository.adapters.store import mongo
+
+    gone, live = (store.insert(document(outbox=[event(name, MOMENT)]))["_id"]
+                  for name in ("deleted", "modified"))
+    store.update(gone, changes={"deletedAt": MOMENT}, history=ENTRY)
+    store.claim_batch("relay-a", utcnow() + timedelta(minutes=1), 10)
+    write_all, commands = mongo.write_all, []
+
+    def counted(collection: Any, writes: Any, **options: Any) -> int:
+        commands.extend([[write.change is None for write in writes]] if writes else [])
+        return write_all(collection, writes, **options)
+
+    monkeypatch.setattr(mongo, "write_all", counted)
+    store.finish_batch("relay-a", published={gone: ["deleted"]}, deleted=[gone])
+    assert commands == [[True]] and store.raw(gone) is None
+    store.finish_batch("relay-a", published={live: ["modified"]})
+    assert commands[1:] == [[False, False]]
+    assert store.raw(live)["outbox"] == [] and "relayLeaseOwner" not in store.raw(live)
+
+
 @pytest.mark.parametrize("applied", [0, 1, 2, 3])
 def test_a_relay_dying_mid_batch_never_strands_a_tombstone(
         backend: str, store: Store, applied: int, monkeypatch: pytest.MonkeyPatch) -> None:

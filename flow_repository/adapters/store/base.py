@@ -63,31 +63,34 @@ class Write:
 
 
 def write_all(collection: Any, writes: Sequence[Write], *, real: bool,
-              ordered: bool = False) -> None:
+              ordered: bool = False) -> int:
     """Apply ``writes`` in one round trip (``bulk_write``; ``ordered``: one after the
     other) on a real server; one by one on mongomock, whose bulk API lags pymongo's. A
-    duplicate key of an upsert is not an error: a concurrent writer stored it first."""
+    duplicate key of an upsert is not an error: a concurrent writer stored it first.
+    Returns how many documents the deletes removed."""
     if not writes:
-        return
+        return 0
     if not real:
+        deleted = 0
         for write in writes:
             try:
                 if write.change is None:
-                    collection.delete_one(write.filter)
+                    deleted += collection.delete_one(write.filter).deleted_count
                 else:
                     collection.update_one(write.filter, write.change, upsert=write.upsert)
             except DuplicateKeyError:
                 pass
-        return
+        return deleted
     try:
-        collection.bulk_write([
+        return collection.bulk_write([
             DeleteOne(write.filter) if write.change is None
             else UpdateOne(write.filter, write.change, upsert=write.upsert)
-            for write in writes], ordered=ordered)
+            for write in writes], ordered=ordered).deleted_count
     except BulkWriteError as error:
         if any(failure.get("code") != DUPLICATE_KEY
                for failure in error.details.get("writeErrors", [])):
             raise
+        return int(error.details.get("nRemoved", 0))
 
 
 def utcnow() -> datetime:
@@ -321,6 +324,8 @@ class Store(Protocol):
                history: Mapping[str, Any],
                returning: Sequence[str] | None = None,
                lease: Lease | None = None) -> dict | None: ...
+    def record_history(self, flows: Sequence[Mapping[str, Any]],
+                       entries: Sequence[Mapping[str, Any]]) -> None: ...
     def drop_pending_history(self, flow_id: ObjectId, entry_ids: Sequence[str]) -> None: ...
     def pending_flows(self, limit: int) -> list[ObjectId]: ...
     def unrecorded(self, before: datetime, limit: int) -> list[dict]: ...

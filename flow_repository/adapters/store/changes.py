@@ -9,6 +9,15 @@ new newest. A number is thus used only once the one before it is in: the feed ha
 for a reader to wait for, and nothing is numbered that is not written (a writer that dies
 leaves no hole). Two round trips per batch, neither of them a findAndModify.
 
+A feed remembers the number after its own last insert and tries that first, without the
+read: one round trip while no other writer came in between (one process writing, or one
+writing at a time). A guess can be stale but never ahead of the feed, since it follows a
+number that is in, so a refusal only costs the read it skipped; after one, the feed reads
+first for the next ``STALE_PAUSE`` batches, so writers taking turns do not pay it each time.
+Writes of other collections (the history entries of the same changes) can ride along with
+the first insert, in one command, where the server takes several collections' writes at
+once (``bulkWrite``, MongoDB 8.0).
+
 A reader still treats a missing number as one to wait for and then abandon (a hole with
 that ``_id``): feeds written by earlier versions, which took numbers from a counter, can
 hold such gaps.
@@ -27,7 +36,13 @@ from typing import Any
 
 import pymongo
 from bson import ObjectId
-from pymongo.errors import BulkWriteError, DuplicateKeyError
+from pymongo import InsertOne
+from pymongo.errors import (
+    BulkWriteError,
+    ClientBulkWriteException,
+    DuplicateKeyError,
+    InvalidOperation,
+)
 
 from .base import DUPLICATE_KEY, database_call, decode_keys, pending_feed_entries, utcnow
 
@@ -36,6 +51,7 @@ STATE = "flow_changes_state"  # {_id: "trimmed", value}: the trim mark
 BY_KEY = [("key", pymongo.ASCENDING)]
 BY_TIME = [("at", pymongo.ASCENDING)]
 BY_FLOW = [("flowId", pymongo.ASCENDING)]
+STALE_PAUSE = 8  # batches read first after a guess was refused
 
 
 class MongoChangeFeed:
@@ -47,6 +63,9 @@ class MongoChangeFeed:
         self._lock = lock  # mongomock is not thread-safe: share the flow store's lock
         self._real = isinstance(database, pymongo.database.Database)
         self._indexed = False  # hints only once the indexes exist (mongomock takes none)
+        self._next: int | None = None  # the number after this feed's last insert
+        self._read_first = 0  # batches left to read the newest before inserting
+        self._several_collections = self._real  # until the server says it is older than 8.0
 
     def _call(self) -> contextlib.AbstractContextManager[None]:
         return database_call(self._lock)
@@ -82,21 +101,35 @@ class MongoChangeFeed:
         return self._changes.find({"flowId": flow_id, "owners": owner_id}, {"owners": 1},
                                   **self._hint("changes_flow"))
 
-    def record(self, flows: Sequence[Mapping[str, Any]]) -> None:
+    def record(self, flows: Sequence[Mapping[str, Any]], along: Sequence[Any] = ()) -> bool:
         """Append the changes of the flows' pending history entries, each flow's in
-        revision order, at the numbers after the newest: two round trips for the batch
-        (read the newest, one ordered insert), more only when another writer came first
-        or some of the changes were recorded before."""
+        revision order, at the numbers after the newest: one ordered insert for the batch,
+        after a read of the newest unless this feed wrote last; more only when another
+        writer came first or some of the changes were recorded before.
+
+        ``along``: writes of other collections (client bulk-write models) to apply after
+        the first insert, in its command, where the server can; returns whether they were.
+        """
         pending = [(entry, self._key(entry))
                    for flow in flows for entry in pending_feed_entries(flow)]
         sifted = False
+        guess = self._guess()
         while pending:
-            first = self.newest() + 1
-            stopped = self._insert([{**entry, "_id": first + offset, "key": key}
-                                    for offset, (entry, key) in enumerate(pending)])
+            first = guess if guess is not None else self.newest() + 1
+            stopped, went_along = self._insert(
+                [{**entry, "_id": first + offset, "key": key}
+                 for offset, (entry, key) in enumerate(pending)], along)
+            along = ()  # with the first insert only: later tries are the unusual case
             if stopped is None:
-                return
+                self._next = first + len(pending)
+                return went_along
+            if stopped:
+                self._next = first + stopped
             pending = pending[stopped:]
+            if guess is not None:
+                # most likely another writer took the number: read the newest and try again
+                guess, self._read_first = None, STALE_PAUSE
+                continue
             if not sifted:
                 # Refused: its number was taken, or it was recorded already (a second relay
                 # handed the same flow, a retry). Whatever else of the batch was recorded
@@ -110,9 +143,37 @@ class MongoChangeFeed:
             with self._call():
                 recorded = next(iter(self._recorded([pending[0][1]])), None)
             pending = pending[recorded is not None:]
+        return False
 
-    def _insert(self, documents: list[dict[str, Any]]) -> int | None:
-        """Insert in order; the index of the first one refused (a duplicate), or None."""
+    def _guess(self) -> int | None:
+        """The number to try first without reading the newest, if any (module docstring)."""
+        if self._read_first:
+            self._read_first -= 1
+            return None
+        return self._next
+
+    def _insert(self, documents: list[dict[str, Any]], along: Sequence[Any] = ()
+                ) -> tuple[int | None, bool]:
+        """Insert in order (then ``along``, in the same command where the server can): the
+        index of the first one refused (a duplicate) or None, and whether ``along`` went."""
+        if along and self._several_collections:
+            namespace = self._changes.full_name
+            try:
+                with self._call():
+                    self._changes.database.client.bulk_write(
+                        [*(InsertOne(namespace=namespace, document=document)
+                           for document in documents), *along], ordered=True)
+                return None, True
+            except InvalidOperation:
+                self._several_collections = False  # a server before MongoDB 8.0
+            except ClientBulkWriteException as error:
+                failures = error.write_errors or []
+                if error.error is not None or error.write_concern_errors or not failures \
+                        or any(failure.get("code") != DUPLICATE_KEY for failure in failures):
+                    raise
+                refused = int(failures[0]["idx"])
+                # a duplicate among the others (a concurrent writer) stops them: not gone
+                return (refused if refused < len(documents) else None), False
         try:
             with self._call():
                 self._changes.insert_many(documents, ordered=True)
@@ -120,8 +181,8 @@ class MongoChangeFeed:
             failures = error.details.get("writeErrors") or []
             if not failures or any(failure.get("code") != DUPLICATE_KEY for failure in failures):
                 raise
-            return int(failures[0]["index"])
-        return None
+            return int(failures[0]["index"]), False
+        return None, False
 
     @staticmethod
     def _key(entry: Mapping[str, Any]) -> str:
@@ -190,6 +251,7 @@ class MongoChangeFeed:
                     "forgetOwner": self._of_owner(flow_id, "x").explain()}
 
     def drop_all(self) -> None:
+        self._next = None
         with self._call():
             self._changes.drop()
             self._state.drop()

@@ -12,6 +12,7 @@ from typing import Any
 
 import pymongo
 from bson import ObjectId
+from pymongo import UpdateOne
 
 from .base import (
     READ_BATCH,
@@ -73,13 +74,23 @@ class MongoHistoryStore:
         with self._call():
             self._entries.create_index(BY_FLOW_AND_REVISION, unique=True)
 
+    @staticmethod
+    def _writes(entries: Sequence[Mapping[str, Any]]) -> list[Write]:
+        return [Write({"flowId": entry["flowId"], "revision": entry["revision"]},
+                      {"$setOnInsert": encode_keys(dict(entry))}, upsert=True)
+                for entry in entries]
+
     def record(self, entries: Sequence[Mapping[str, Any]]) -> None:
         """Write entries whose key is free, all in one round trip."""
-        writes = [Write({"flowId": entry["flowId"], "revision": entry["revision"]},
-                        {"$setOnInsert": encode_keys(dict(entry))}, upsert=True)
-                  for entry in entries]
         with self._call():
-            write_all(self._entries, writes, real=self._real)
+            write_all(self._entries, self._writes(entries), real=self._real)
+
+    def record_along(self, entries: Sequence[Mapping[str, Any]]) -> list[UpdateOne]:
+        """The writes of :meth:`record` as models another collection's bulk write can
+        carry (MongoDB 8.0's bulkWrite of several collections)."""
+        return [UpdateOne(write.filter, write.change, upsert=True,
+                          namespace=self._entries.full_name)
+                for write in self._writes(entries)]
 
     def page(self, flow_id: ObjectId, page_number: int, page_size: int, *,
              fits: Fits | None = None) -> tuple[list[dict], int]:

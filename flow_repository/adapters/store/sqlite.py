@@ -963,6 +963,11 @@ class SqliteFlowStore:
             if change(document):
                 self._rewrite(connection, key, document)
 
+    def record_history(self, flows: Sequence[Mapping[str, Any]],
+                       entries: Sequence[Mapping[str, Any]]) -> None:
+        """Write ``entries`` into the history (their feed rows went in with their changes)."""
+        self.history.record(entries)
+
     def drop_pending_history(self, flow_id: ObjectId, entry_ids: Sequence[str]) -> None:
         """Remove pending history entries once they are written to the history."""
         self._change_document(flow_id, lambda document: _drop_items(

@@ -380,8 +380,9 @@ class FlowStore:
     def finish_batch(self, relay_id: str, *, published: Mapping[ObjectId, Sequence[str]],
                      recorded: Mapping[ObjectId, Sequence[str]] | None = None,
                      deleted: Sequence[ObjectId] = ()) -> None:
-        """What a relay does after a batch, in one round trip (with ``deleted`` flows, two,
-        or three when a tombstone gained events meanwhile).
+        """What a relay does after a batch, in one round trip; with ``deleted`` flows, two
+        (their history, their removal), and one more when the batch also holds live flows
+        or a tombstone gained events meanwhile.
 
         ``published``: the flows it held leases on, each with the events the broker has
         confirmed; those events leave the outbox and the lease is given back, unless the

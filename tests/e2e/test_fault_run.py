@@ -43,6 +43,20 @@ class Ledger:
     last_command: dict[str, str] = field(default_factory=dict)
     deleted: set[str] = field(default_factory=set)
     flows: list[str] = field(default_factory=list)
+    # flow -> the command whose answer the client never got (no answer: its API process
+    # was killed mid-request; or a 5xx): applied or not, the client cannot tell
+    unanswered: dict[str, str] = field(default_factory=dict)
+
+    def commanded(self, flow_id: str, action: str, answer: requests.Response | None,
+                  ok: tuple[int, ...]) -> bool:
+        """Note a command's answer; whether it was applied for sure."""
+        with self.lock:
+            if answer is not None and answer.status_code in ok:
+                self.unanswered.pop(flow_id, None)
+                return True
+            if answer is None or answer.status_code >= 500:
+                self.unanswered[flow_id] = action
+            return False
 
     def answered(self, what: str, status: int, at: float) -> None:
         with self.lock:
@@ -157,12 +171,12 @@ def test_a_fault_run_keeps_every_promise(deploy, settings, iam: FakeIam, bus: Bu
                         ledger.revisions[flow_id].add(answer.json()["data"]["revision"])
             elif action in ("start", "stop"):
                 answer = call("POST", f"/flows/{flow_id}/{action}", action)
-                if answer is not None and answer.status_code == 200:
+                if ledger.commanded(flow_id, action, answer, (200,)):
                     with ledger.lock:
                         ledger.last_command[flow_id] = action
             else:
                 answer = call("DELETE", f"/flows/{flow_id}", "delete")
-                if answer is not None and answer.status_code in (200, 204):
+                if ledger.commanded(flow_id, action, answer, (200, 204)):
                     with ledger.lock:
                         ledger.deleted.add(flow_id)
 
@@ -191,8 +205,6 @@ def test_a_fault_run_keeps_every_promise(deploy, settings, iam: FakeIam, bus: Bu
         for thread in drivers:
             thread.join(60)
 
-    live = [flow_id for flow_id in ledger.flows if flow_id not in ledger.deleted]
-
     def settled() -> bool:
         pending = [f for f in ledger.flows if (raw := shared_store.raw(ObjectId(f))) is not None
                    and (raw.get("outbox") or raw["status"] in ("starting", "stopping"))]
@@ -202,6 +214,11 @@ def test_a_fault_run_keeps_every_promise(deploy, settings, iam: FakeIam, bus: Bu
 
     eventually(settled, 120, interval=1, message="every flow settled, every event out")
     orchestrator.stop()
+    # a DELETE applied whose answer was lost: the flow went as every deleted flow goes
+    lost_deletes = {flow_id for flow_id, action in ledger.unanswered.items()
+                    if action == "delete" and shared_store.raw(ObjectId(flow_id)) is None}
+    ledger.deleted |= lost_deletes
+    live = [flow_id for flow_id in ledger.flows if flow_id not in ledger.deleted]
 
     # 1. each flow is where its last command and the orchestrator's answer put it
     finals = Counter()
@@ -209,6 +226,8 @@ def test_a_fault_run_keeps_every_promise(deploy, settings, iam: FakeIam, bus: Bu
         raw = shared_store.raw(ObjectId(flow_id))
         finals[raw["status"]] += 1
         last = ledger.last_command.get(flow_id)
+        if ledger.unanswered.get(flow_id) in ("start", "stop"):
+            continue  # applied or not: either settled status is the one it implies
         if last is None or last == "stop":
             assert raw["status"] == "inactive", (flow_id, last, raw["status"])
         elif raw["status"] != "active":  # started, then failed by the orchestrator
@@ -265,7 +284,8 @@ def test_a_fault_run_keeps_every_promise(deploy, settings, iam: FakeIam, bus: Bu
 
     print(f"fault run: {len(ledger.flows)} flows created, {len(ledger.deleted)} deleted, "
           f"final statuses {dict(finals)}; answers {dict(ledger.statuses)}; "
-          f"{ledger.no_answer} requests unanswered (API process killed); orchestrator "
+          f"{ledger.no_answer} requests unanswered (API process killed), "
+          f"{len(lost_deletes)} DELETEs applied though unanswered; orchestrator "
           f"answers {dict(orchestrator.answers)}; {events_seen} change events checked; "
           f"{repaired} flows' history completed by reading it")
     assert len(ledger.flows) >= 20 and sum(ledger.statuses.values()) >= 100

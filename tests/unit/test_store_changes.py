@@ -370,3 +370,32 @@ def test_history_that_could_not_go_along_the_feed_is_written_on_its_own(
     assert store.changes._several_collections is (refusal == "stale guess")
     assert [c["seq"] for c in store.changes.after(0, 100)] == list(
         range(1, 4 if refusal == "stale guess" else 3))
+
+
+def test_a_shared_command_the_database_drops_writes_nothing_and_a_retry_writes_both(
+        backend: str, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MongoDB away during the feed-and-history command: StoreUnavailable, as for any store
+    call; the entries stay pending in the flow, and the next try records them once."""
+    if backend != "server":
+        pytest.skip("only a real server (--mongodb=secantus) carries history along the feed")
+    from pymongo.errors import AutoReconnect
+
+    from flow_repository.adapters.store import StoreUnavailable
+
+    flows = [new_flow(store) for _ in range(2)]
+    record_history_of(store, flows[0]["_id"])
+    client = store.changes._changes.database.client
+
+    def dropped(*arguments: Any, **options: Any) -> None:
+        raise AutoReconnect("connection closed")
+
+    monkeypatch.setattr(client, "bulk_write", dropped)
+    with pytest.raises(StoreUnavailable):
+        record_history_of(store, flows[1]["_id"])
+    assert store.history.get(flows[1]["_id"], 1) is None
+    assert [c["flowId"] for c in store.changes.after(0, 100)] == [flows[0]["_id"]]
+    monkeypatch.undo()
+    [written] = record_history_of(store, flows[1]["_id"])
+    assert store.history.get(flows[1]["_id"], 1)["entryId"] == written["entryId"]
+    assert [(c["seq"], c["flowId"]) for c in store.changes.after(0, 100)] == [
+        (1, flows[0]["_id"]), (2, flows[1]["_id"])]

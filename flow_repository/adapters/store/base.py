@@ -211,7 +211,7 @@ def pending_entries(flow: Mapping[str, Any]) -> list[Mapping[str, Any]]:
 def recorded_entries(flow: Mapping[str, Any], entries: Sequence[Mapping[str, Any]]
                      ) -> list[dict[str, Any]]:
     """``entries``, the flow's newest changes with the last at its revision, as the history
-    keeps them: each with its flow id and revision. None for a tombstone, whose history
+    keeps them: each with its flow id and revision. Empty for a tombstone, whose history
     goes with it."""
     if flow.get("deletedAt") is not None:
         return []

@@ -54,6 +54,13 @@ BY_FLOW = [("flowId", pymongo.ASCENDING)]
 STALE_PAUSE = 8  # batches read first after a guess was refused
 
 
+def _first_duplicate(failures: Sequence[Mapping[str, Any]] | None, position: str) -> int | None:
+    """Where an ordered write stopped, when every failure is a duplicate key; else None."""
+    if not failures or any(failure.get("code") != DUPLICATE_KEY for failure in failures):
+        return None
+    return int(failures[0][position])
+
+
 class MongoChangeFeed:
     """The change feed in the ``flow_changes`` collection (see the module docstring)."""
 
@@ -167,21 +174,19 @@ class MongoChangeFeed:
             except InvalidOperation:
                 self._several_collections = False  # a server before MongoDB 8.0
             except ClientBulkWriteException as error:
-                failures = error.write_errors or []
-                if error.error is not None or error.write_concern_errors or not failures \
-                        or any(failure.get("code") != DUPLICATE_KEY for failure in failures):
+                refused = _first_duplicate(error.write_errors, "idx")
+                if refused is None or error.error is not None or error.write_concern_errors:
                     raise
-                refused = int(failures[0]["idx"])
                 # a duplicate among the others (a concurrent writer) stops them: not gone
                 return (refused if refused < len(documents) else None), False
         try:
             with self._call():
                 self._changes.insert_many(documents, ordered=True)
         except BulkWriteError as error:
-            failures = error.details.get("writeErrors") or []
-            if not failures or any(failure.get("code") != DUPLICATE_KEY for failure in failures):
+            refused = _first_duplicate(error.details.get("writeErrors"), "index")
+            if refused is None:
                 raise
-            return int(failures[0]["index"]), False
+            return refused, False
         return None, False
 
     @staticmethod

@@ -322,8 +322,7 @@ class FlowStore:
         """The feed's changes of ``flows`` (their pending entries), then ``entries`` into
         the history: in one command where the server takes several collections' writes
         (MongoDB 8.0) and this process wrote the feed last, else two or three."""
-        if not self.changes.record(flows, self.history.record_along(entries)
-                                   if entries and self._real else ()):
+        if not self.changes.record(flows, self.history.record_along(entries)):
             self.history.record(entries)
 
     def drop_pending_history(self, flow_id: ObjectId, entry_ids: Sequence[str]) -> None:

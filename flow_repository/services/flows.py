@@ -74,7 +74,7 @@ class FlowUseCases:
     def create(self, principal: Principal, body: Any, *, token: str | None = None) -> Saved:
         """Store a new, inactive flow; unknown fields of the body are dropped and named."""
         document, ignored = self._new_flow(principal, body, token, Checks())
-        lease = self.recorder.lease()
+        lease = self.recorder.lease(document["outbox"])
         if lease is not None:  # a new flow: no relay can hold it yet
             document["relayLeaseOwner"], document["relayLeaseUntil"] = lease
         flow = self.store.insert(document)
@@ -197,7 +197,7 @@ class FlowUseCases:
                 changes=changes,
                 events=events,
                 history=entry,
-                lease=(lease := self.recorder.lease()),
+                lease=(lease := self.recorder.lease(events)),
             )
             if updated is not None:
                 self.recorder.after_write(updated, lease)
@@ -232,15 +232,16 @@ class FlowUseCases:
     ) -> None:
         """Delete an inactive flow; flowrepo.flow.deleted still goes out after it is gone."""
         flow_id = parse_flow_id(raw_id)
+        events = [change_event("flowrepo.flow.deleted", principal, flow_id)]
         deleted = self.store.update(
             flow_id,
             owner_ids=scope(principal),
             statuses=(domain.INACTIVE,),
             revision=if_match,
             changes={"deletedAt": utcnow()},
-            events=[change_event("flowrepo.flow.deleted", principal, flow_id)],
+            events=events,
             history=deleted_entry(principal.sub),
-            lease=(lease := self.recorder.lease()),
+            lease=(lease := self.recorder.lease(events)),
         )
         if deleted is None:
             current = self.access.visible(principal, flow_id, raw_id)

@@ -95,7 +95,7 @@ class LifecycleUseCases:
             stopped = self._transit(flow_id, orphaned, changes, events, owner_ids=(owner_id,),
                                     owner_count=1, remove_owner=owner_id)
             if stopped is None:
-                lease = self.recorder.lease()
+                lease = self.recorder.lease(())
                 removed = self.store.update(flow_id, owner_ids=(owner_id,),
                                              remove_owner=owner_id,
                                              history=owner_removed_entry(), lease=lease)
@@ -166,7 +166,7 @@ class LifecycleUseCases:
         renders the events from it, and records its history where the store leaves the
         entry pending in the flow.
         """
-        lease = self.recorder.lease()
+        lease = self.recorder.lease(events)
         for_relay = self.recorder.relay_needs_whole_flow(lease, events)
         for source in sources or transition.sources:
             entry = status_entry(transition, source, changes["statusChangedAt"], sub)
@@ -188,11 +188,13 @@ class LifecycleUseCases:
         The event carries the status, reason and time of this change, so a publish delayed
         by an outage still reports this change even if the flow has moved on since.
         """
+        now = utcnow()
         changes = {
             "status": transition.target,
-            "statusChangedAt": utcnow(),
+            "statusChangedAt": now,
             "statusReason": transition.reason,
             "statusRetries": 0,
+            "updatedAt": now,
         }
         if transition.event is None:
             return changes, []

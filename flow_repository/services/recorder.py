@@ -84,9 +84,13 @@ class HistoryRecorder:
         of this rule is :meth:`after_write`, which hands the relay only such flows.)"""
         return lease is not None and (bool(events) or not self._store.history_with_change)
 
-    def lease(self) -> Lease | None:
-        """The relay lease a write takes along (None when this process runs no relay)."""
-        return None if self._relay is None else self._relay.lease()
+    def lease(self, events: Sequence[Any]) -> Lease | None:
+        """The relay lease a write queueing ``events`` takes along: None when this process
+        runs no relay, or when its relay will have nothing to do with the write (no events,
+        and the store writes the history with the change)."""
+        if self._relay is None or (not events and self._store.history_with_change):
+            return None
+        return self._relay.lease()
 
     def after_write(self, flow: Mapping[str, Any], lease: Lease | None) -> None:
         """Hand a flow just written (asking for ``lease``) to this process's relay, which

@@ -104,6 +104,8 @@ def stored_copy(value: Any) -> Any:
     kind = type(value)
     if kind is str or kind is int or kind is ObjectId or value is None:
         return value  # the common leaves first: isinstance on an ABC is slow
+    if kind is datetime and value.tzinfo is UTC and not value.microsecond % 1000:
+        return value  # as utcnow() makes them: stored as they are
     if kind is dict or isinstance(value, Mapping):
         return {key: stored_copy(item) for key, item in value.items()}
     if isinstance(value, list | tuple):

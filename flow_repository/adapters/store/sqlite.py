@@ -892,7 +892,7 @@ class SqliteFlowStore:
         as changed, or only its ``_id`` and the ``returning`` fields when they are given.
         """
         key = flow_key(flow_id)
-        fields = stored_copy(dict(changes or {}))
+        fields = stored_copy(changes or {})
         # a change may name its own time (so that its history entry carries the same one)
         if "updatedAt" not in fields:
             fields["updatedAt"] = utcnow()
@@ -927,7 +927,7 @@ class SqliteFlowStore:
                 return None
             previous_owners = _owner_ids(current)
             # entries an earlier version of this store left pending go in with this one
-            entries = [*pending_entries(current), stored_copy(dict(history))]
+            entries = [*pending_entries(current), stored_copy(history)]
             current.pop("historyOutbox", None)
             updated = {**current, **fields}
             updated["revision"] = (current.get("revision") or 0) + 1
@@ -996,7 +996,7 @@ class SqliteFlowStore:
                 "fromTemplate": template}
         connection.execute("UPDATE flow_owners SET updated = ? WHERE fid = ?",
                            (sort_key(fields["updatedAt"]), key))
-        entry = stored_copy(dict(history))
+        entry = stored_copy(history)
         self.changes.write(connection, feed_entry(flow, entry, flow["revision"]))
         _record_history(connection, key, flow, [entry])
         return flow

@@ -14,8 +14,9 @@ of ``server`` or ``client``.
 from __future__ import annotations
 
 from .flow_service import FlowService
+from .listing import Page
 from .parsing import parse_flow_id, parse_if_match
 from .results import DryRun, InvalidEvent, ItemResult, Saved
 
-__all__ = ["DryRun", "FlowService", "InvalidEvent", "ItemResult", "Saved", "parse_flow_id",
-           "parse_if_match"]
+__all__ = ["DryRun", "FlowService", "InvalidEvent", "ItemResult", "Page", "Saved",
+           "parse_flow_id", "parse_if_match"]

@@ -28,7 +28,7 @@ from flow_repository.domain.flow import (
 from .access import FlowAccess, require_inactive, require_revision, scope
 from .bulk import each
 from .entries import definition_entry, deleted_entry
-from .listing import bounded_page
+from .listing import Page, bounded_page
 from .parsing import parse_flow_id
 from .recorder import HistoryRecorder
 from .results import Checks, DryRun, ItemResult, Saved
@@ -65,7 +65,7 @@ class FlowUseCases:
             raise FlowNotFound(f"flow {raw_id} not found")
         return public_flow(flow)
 
-    def list(self, principal: Principal, query: ListQuery) -> tuple[list[dict], dict[str, Any]]:
+    def list(self, principal: Principal, query: ListQuery) -> Page:
         owners = scope(principal)
         return bounded_page(lambda fits: self.store.list(query, owners, fits=fits),
                             public_flow, query.page_number, query.page_size,

@@ -17,7 +17,7 @@ from flow_repository.domain.flow import FlowNotFound, InvalidFlow
 from .access import FlowAccess
 from .entries import DEFINITION, definition_of, public_entry
 from .flows import FlowUseCases
-from .listing import bounded_page
+from .listing import Page, bounded_page
 from .parsing import parse_flow_id
 from .recorder import HistoryRecorder
 from .results import Saved
@@ -40,7 +40,7 @@ class HistoryUseCases:
         return flow
 
     def revisions(self, principal: Principal, raw_id: Any, page_number: int, page_size: int
-                  ) -> tuple[list[dict], dict[str, Any]]:
+                  ) -> Page:
         """One page of a flow's history, newest revision first, bounded as GET /flows is
         (``page_size`` already clamped to MAX_PAGE_SIZE, the answer to MAX_LIST_BYTES)."""
         flow = self._visible_with_history(principal, raw_id)

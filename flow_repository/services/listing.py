@@ -4,15 +4,30 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from flow_repository.adapters.store.base import Fits
 from flow_repository.domain import paging
 
 
+class Page(NamedTuple):
+    """A page of public items, its ``meta``, and each item as the JSON text it was measured
+    by (compact, keys sorted, ASCII: as the API answers), so the answer need not encode the
+    items a second time."""
+
+    items: list[dict]
+    meta: dict[str, Any]
+    encoded: list[str]
+
+
+def encode_item(item: dict) -> str:
+    """An item of a page as JSON text, as the API's JSON answers are written."""
+    return json.dumps(item, separators=(",", ":"), sort_keys=True, default=str)
+
+
 def bounded_page(read: Callable[[Fits], tuple[list[dict], int]],
                  public: Callable[[dict], dict], page_number: int, page_size: int,
-                 max_list_bytes: int) -> tuple[list[dict], dict[str, Any]]:
+                 max_list_bytes: int) -> Page:
     """One page of any list, read no further than ``max_list_bytes`` of answer.
 
     ``read(fits)`` is the store call; ``fits`` turns each stored document into its public
@@ -20,15 +35,17 @@ def bounded_page(read: Callable[[Fits], tuple[list[dict], int]],
     spent, so the page is never held whole before it is cut (paging.page_size_within).
     """
     kept: list[dict] = []
+    encoded: list[str] = []
     sizes: list[int] = []
 
     def fits(document: dict) -> bool:
         item = public(document)
         kept.append(item)
-        sizes.append(len(json.dumps(item, default=str)))
+        encoded.append(text := encode_item(item))
+        sizes.append(len(text))
         return len(sizes) == 1 or sum(sizes) <= max_list_bytes
 
     _, total = read(fits)
     offset = (page_number - 1) * page_size
     size = paging.page_size_within(sizes, offset, page_size, max_list_bytes)
-    return kept[:size], paging.page_meta(total, offset, size, page_size)
+    return Page(kept[:size], paging.page_meta(total, offset, size, page_size), encoded[:size])

@@ -220,6 +220,7 @@ def _tag(value: Any) -> dict[str, Any]:
 
 
 def _tagged(value: dict[str, Any]) -> Any:
+    """The value a tag or an escaped object stands for; any other object as it is."""
     if len(value) == 1:
         [(key, item)] = value.items()
         if key == _DATE:

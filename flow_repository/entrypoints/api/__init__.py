@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -14,7 +15,7 @@ from flow_repository.contract import error_body
 from flow_repository.contract.schemas import ErrorResponseSchema
 from flow_repository.domain.flow import Forbidden, InvalidFlow
 from flow_repository.server.bootstrap import Runtime
-from flow_repository.services import DryRun, FlowService, ItemResult, Saved
+from flow_repository.services import DryRun, FlowService, ItemResult, Page, Saved
 from flow_repository.settings import Settings
 
 MISSING_PERMISSION = "MISSING_PERMISSION"
@@ -132,6 +133,14 @@ def envelope(data: Any, status: int = 200, meta: Mapping[str, Any] | None = None
     for name, value in (headers or {}).items():
         response.headers[name] = value
     return response
+
+
+def page_answer(page: Page) -> Response:
+    """A page of a list, ``{data, meta}``, written from the items' JSON texts the page was
+    measured by (the same encoding as :func:`envelope`'s, keys sorted)."""
+    meta = json.dumps(page.meta, separators=(",", ":"), sort_keys=True)
+    return Response(f'{{"data":[{",".join(page.encoded)}],"meta":{meta}}}\n',
+                    mimetype="application/json")
 
 
 def flow_answer(saved: Saved, status: int = 200) -> Response:

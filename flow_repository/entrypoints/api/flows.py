@@ -34,6 +34,7 @@ from . import (
     flow_answer,
     json_body,
     json_list,
+    page_answer,
     require,
     service,
     settings,
@@ -62,8 +63,8 @@ FLOW_OR_LIST_BODY = {"content": {"application/json": {"schema": {"oneOf": [
 @blp.doc(responses=error_responses(400, 401, 403, 503))
 def list_flows(principal: Principal, arguments: dict[str, Any]) -> Response:
     """List the flows the caller may see, a page at a time."""
-    flows, meta = service().list(principal, list_query(arguments, settings().max_page_size))
-    return envelope(flows, meta=meta)
+    return page_answer(service().list(principal, list_query(arguments,
+                                                            settings().max_page_size)))
 
 
 @blp.route("/flows", methods=["POST"])

@@ -29,6 +29,7 @@ from . import (
     error_responses,
     flow_answer,
     json_body,
+    page_answer,
     service,
     settings,
 )
@@ -44,8 +45,8 @@ blp = Blueprint("history", __name__, description="Revisions of a flow: list, rea
 def list_revisions(principal: Principal, arguments: dict[str, Any], flow_id: str) -> Response:
     """A flow's history, newest revision first, a page at a time."""
     page_size = clamp_page_size(arguments["page_size"], settings().max_page_size)
-    entries, meta = service().revisions(principal, flow_id, arguments["page_number"], page_size)
-    return envelope(entries, meta=meta)
+    return page_answer(service().revisions(principal, flow_id, arguments["page_number"],
+                                           page_size))
 
 
 @blp.route("/flows/<flow_id>/revisions/<revision>", methods=["GET"])

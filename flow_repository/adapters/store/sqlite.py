@@ -43,6 +43,7 @@ from .base import (
     stored_copy,
     utcnow,
 )
+from .checkpoints import BACKSTOP_PAGES, WalCheckpointer
 from .history import pseudonymised
 
 MEMORY = ":memory:"
@@ -383,6 +384,7 @@ class Database:
         self._turn_pid: int | None = None
         self._opened_lock = threading.Lock()
         self._trace: Callable[[str], None] | None = None
+        self._checkpointer = None if self.in_memory else WalCheckpointer(path)
 
     def _connect(self) -> sqlite3.Connection:
         if self.in_memory:
@@ -398,6 +400,8 @@ class Database:
             # commits, never the file's consistency).
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=NORMAL")
+            # this process's WalCheckpointer checkpoints; a writer only when it falls behind
+            connection.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")
         if self._trace is not None:
             connection.set_trace_callback(self._trace)
         self._create_schema(connection)
@@ -492,6 +496,8 @@ class Database:
                 finally:
                     self._local.writing = None
                 connection.execute("COMMIT")
+                if self._checkpointer is not None:
+                    self._checkpointer.committed()
 
     @contextlib.contextmanager
     def _writer_turn(self) -> Iterator[None]:
@@ -598,6 +604,8 @@ class Database:
 
     def close(self) -> None:
         """Close every connection this object opened (the next use opens new ones)."""
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
         with self._opened_lock:
             opened, self._opened = self._opened, []
         for connection in opened:

@@ -36,8 +36,8 @@ def _entry(kind: str, change: str, sub: str | None, at: datetime, **fields: Any)
     """A pending entry; it records the trace id of the change when it was made in a trace."""
     # not secret, only unique among a flow's pending entries; secrets' system call per
     # entry cost a status report 6 % of its time (random reseeds in a forked child)
-    entry = {"entryId": f"{random.getrandbits(128):032x}", "kind": kind, "change": change, "sub": sub,
-             "at": at, **fields}
+    entry = {"entryId": f"{random.getrandbits(128):032x}", "kind": kind, "change": change,
+             "sub": sub, "at": at, **fields}
     context = trace.current()
     if context is not None:
         entry["traceId"] = context.trace_id

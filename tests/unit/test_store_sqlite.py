@@ -300,6 +300,32 @@ def test_a_busy_database_is_unavailable_not_an_error(tmp_path: Path,
         store.close()
 
 
+def test_a_commit_that_fails_leaves_no_transaction_for_the_next_write_to_join(
+        tmp_path: Path) -> None:
+    path = str(tmp_path / "flows.sqlite3")
+    store = SqliteFlowStore.open(path)
+    database = store.database
+    try:
+        database.query("PRAGMA foreign_keys = ON")  # this thread's connection
+        with database.writing() as connection:
+            connection.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+            connection.execute("CREATE TABLE child (parent REFERENCES parent (id) "
+                               "DEFERRABLE INITIALLY DEFERRED)")
+        # a deferred constraint is checked by COMMIT, which fails with the transaction open
+        with pytest.raises(sqlite3.IntegrityError), database.writing() as connection:
+            connection.execute("INSERT INTO child VALUES (1)")
+        with database.writing() as connection:
+            connection.execute("INSERT INTO parent VALUES (5)")
+        other = sqlite3.connect(path)
+        try:
+            assert other.execute("SELECT id FROM parent").fetchall() == [(5,)]
+            assert other.execute("SELECT count(*) FROM child").fetchone() == (0,)
+        finally:
+            other.close()
+    finally:
+        store.close()
+
+
 def test_writers_queue_on_the_write_turn_and_a_held_turn_is_unavailability(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import fcntl

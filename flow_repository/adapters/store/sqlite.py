@@ -495,7 +495,14 @@ class Database:
                     raise
                 finally:
                     self._local.writing = None
-                connection.execute("COMMIT")
+                try:
+                    connection.execute("COMMIT")
+                except BaseException:
+                    # not left open: the thread's next write would join it and never commit
+                    if connection.in_transaction:
+                        with contextlib.suppress(sqlite3.Error):
+                            connection.execute("ROLLBACK")
+                    raise
                 if self._checkpointer is not None:
                     self._checkpointer.committed()
 

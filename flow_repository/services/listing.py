@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from flow_repository.adapters.store.base import Fits
+from flow_repository.contract import json_text
 from flow_repository.domain import paging
 
 
 class Page(NamedTuple):
-    """A page of public items, its ``meta``, and each item as the JSON text it was measured
-    by (compact, keys sorted, ASCII: as the API answers), so the answer need not encode the
-    items a second time."""
+    """A page of a list: its ``meta``, and its public items as the JSON text each was
+    measured by (:func:`~flow_repository.contract.json_text`), so the answer need not
+    encode them a second time."""
 
-    items: list[dict]
     meta: dict[str, Any]
     encoded: list[str]
-
-
-def encode_item(item: dict) -> str:
-    """An item of a page as JSON text, as the API's JSON answers are written."""
-    return json.dumps(item, separators=(",", ":"), sort_keys=True, default=str)
 
 
 def bounded_page(read: Callable[[Fits], tuple[list[dict], int]],
@@ -34,18 +28,15 @@ def bounded_page(read: Callable[[Fits], tuple[list[dict], int]],
     form as it is read, keeps it and measures it, and stops the read once the budget is
     spent, so the page is never held whole before it is cut (paging.page_size_within).
     """
-    kept: list[dict] = []
     encoded: list[str] = []
     sizes: list[int] = []
 
     def fits(document: dict) -> bool:
-        item = public(document)
-        kept.append(item)
-        encoded.append(text := encode_item(item))
+        encoded.append(text := json_text(public(document)))
         sizes.append(len(text))
         return len(sizes) == 1 or sum(sizes) <= max_list_bytes
 
     _, total = read(fits)
     offset = (page_number - 1) * page_size
     size = paging.page_size_within(sizes, offset, page_size, max_list_bytes)
-    return Page(kept[:size], paging.page_meta(total, offset, size, page_size), encoded[:size])
+    return Page(paging.page_meta(total, offset, size, page_size), encoded[:size])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -11,7 +10,7 @@ from flask import Response, current_app, jsonify, request
 from werkzeug.exceptions import BadRequest, RequestEntityTooLarge, UnsupportedMediaType
 
 from flow_repository.adapters.auth import Principal, bearer_token
-from flow_repository.contract import error_body
+from flow_repository.contract import error_body, json_text
 from flow_repository.contract.schemas import ErrorResponseSchema
 from flow_repository.domain.flow import Forbidden, InvalidFlow
 from flow_repository.server.bootstrap import Runtime
@@ -138,8 +137,7 @@ def envelope(data: Any, status: int = 200, meta: Mapping[str, Any] | None = None
 def page_answer(page: Page) -> Response:
     """A page of a list, ``{data, meta}``, written from the items' JSON texts the page was
     measured by (the same encoding as :func:`envelope`'s, keys sorted)."""
-    meta = json.dumps(page.meta, separators=(",", ":"), sort_keys=True)
-    return Response(f'{{"data":[{",".join(page.encoded)}],"meta":{meta}}}\n',
+    return Response(f'{{"data":[{",".join(page.encoded)}],"meta":{json_text(page.meta)}}}\n',
                     mimetype="application/json")
 
 

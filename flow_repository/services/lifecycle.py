@@ -166,13 +166,12 @@ class LifecycleUseCases:
         renders the events from it, and records its history where the store leaves the
         entry pending in the flow.
         """
-        lease = self.recorder.lease(events)
-        for_relay = self.recorder.relay_needs_whole_flow(lease, events)
+        lease = self.recorder.lease(events)  # given one, the relay needs the whole flow
         for source in sources or transition.sources:
             entry = status_entry(transition, source, changes["statusChangedAt"], sub)
             updated = self.store.update(flow_id, statuses=(source,), changes=changes,
                                          events=events, history=entry,
-                                         returning=None if for_relay else returning,
+                                         returning=None if lease is not None else returning,
                                          lease=lease, **preconditions)
             if updated is not None:
                 self.recorder.after_write(updated, lease)

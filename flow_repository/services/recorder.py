@@ -77,17 +77,13 @@ class HistoryRecorder:
         for flow_id, entry_ids in self.record_pending_history([flow]).items():
             self._store.drop_pending_history(flow_id, entry_ids)
 
-    def relay_needs_whole_flow(self, lease: Lease | None, events: Sequence[Any]) -> bool:
-        """Whether a write asking for ``lease`` and queueing ``events`` must give back the
-        whole flow, for this process's relay: it renders the events from it, and records
-        the history where the store leaves the entry pending in the flow. (The other side
-        of this rule is :meth:`after_write`, which hands the relay only such flows.)"""
-        return lease is not None and (bool(events) or not self._store.history_with_change)
-
     def lease(self, events: Sequence[Any]) -> Lease | None:
         """The relay lease a write queueing ``events`` takes along: None when this process
         runs no relay, or when its relay will have nothing to do with the write (no events,
-        and the store writes the history with the change)."""
+        and the store writes the history with the change). A write given a lease must give
+        back the whole flow: the relay renders the events from it, and records the history
+        where the store leaves the entry pending in the flow (the other side of this rule
+        is :meth:`after_write`, which hands the relay only such flows)."""
         if self._relay is None or (not events and self._store.history_with_change):
             return None
         return self._relay.lease()

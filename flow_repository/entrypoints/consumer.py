@@ -283,45 +283,27 @@ class StatusConsumer:
         """The message's handling as a span continuing the report's trace (its context is
         current either way, so its history entry, events and log lines carry it)."""
         name = event_name(method, properties)
-        with self._tracing.incoming(f"{name} process", self._parent(properties),
-                                    kind="consumer",
-                                    attributes=self._span_attributes(name, properties)) as span:
-            yield span
-
-    @staticmethod
-    def _parent(properties: Any) -> trace.TraceContext | None:
-        """The trace a report continues: its ``traceparent`` header's, if any."""
-        headers = properties.headers
-        if not headers:
-            return None
-        return trace.parse(headers.get(trace.TRACEPARENT), headers.get(trace.TRACESTATE))
-
-    def _span_attributes(self, name: str, properties: Any) -> dict[str, Any] | None:
-        return None if not self._tracing.enabled else {
+        headers = properties.headers or {}
+        parent = trace.parse(headers.get(trace.TRACEPARENT), headers.get(trace.TRACESTATE))
+        attributes = None if not self._tracing.enabled else {
             "messaging.system": "rabbitmq", "messaging.operation.type": "process",
             "messaging.destination.name": self._queue,
             "messaging.rabbitmq.destination.routing_key": name,
             "messaging.message.id": properties.message_id or ""}
+        with self._tracing.incoming(f"{name} process", parent, kind="consumer",
+                                    attributes=attributes) as span:
+            yield span
 
     def _attempt(self, method: Any, properties: Any, body: bytes) -> str | InvalidEvent:
-        # begin/finish rather than _traced's ``with``: this runs once per report of a burst
-        name = event_name(method, properties)
-        begun = self._tracing.begin(f"{name} process", self._parent(properties),
-                                    kind="consumer", attributes=self._span_attributes(
-                                        name, properties))
-        try:
-            outcome = self.handle(name, body)
-        except InvalidEvent as error:
-            self._tracing.annotate(begun[0], attributes={
-                "flow_repository.outcome": "dead-lettered"}, error=True)
-            self._tracing.finish(begun)
-            return error
-        except BaseException as error:
-            self._tracing.finish(begun, error)
-            raise
-        self._tracing.annotate(begun[0], attributes={"flow_repository.outcome": "applied"})
-        self._tracing.finish(begun)
-        return outcome
+        with self._traced(method, properties) as span:
+            try:
+                outcome = self.handle(event_name(method, properties), body)
+            except InvalidEvent as error:
+                self._tracing.annotate(span, attributes={
+                    "flow_repository.outcome": "dead-lettered"}, error=True)
+                return error
+            self._tracing.annotate(span, attributes={"flow_repository.outcome": "applied"})
+            return outcome
 
     def _applied(self, channel: Any, method: Any, properties: Any, outcome: str) -> None:
         name = event_name(method, properties)

@@ -300,6 +300,32 @@ def test_a_busy_database_is_unavailable_not_an_error(tmp_path: Path,
         store.close()
 
 
+def test_a_database_away_inside_a_joined_write_is_unavailability_where_it_happens(
+        tmp_path: Path) -> None:
+    """A write joining an open transaction (a burst of reports) reports the database away as
+    StoreUnavailable at its own level, as a write of its own does, not as a SQLite error."""
+    from flow_repository.adapters.store import StoreUnavailable
+
+    store = SqliteFlowStore.open(str(tmp_path / "flows.sqlite3"))
+    away = sqlite3.OperationalError("disk I/O error")
+    away.sqlite_errorcode = sqlite3.SQLITE_IOERR
+    seen = []
+    try:
+        with store.database.writing():
+            try:
+                with store.database.writing():
+                    raise away
+            except StoreUnavailable as error:  # here, inside the transaction it joined
+                seen.append(error)
+        assert len(seen) == 1
+        with pytest.raises(StoreUnavailable), store.database.writing():
+            raise away  # and a write of its own, as before
+        flow = store.insert(document())  # that one was rolled back, not left open
+        assert store.get(flow["_id"]) is not None
+    finally:
+        store.close()
+
+
 def test_a_commit_that_fails_leaves_no_transaction_for_the_next_write_to_join(
         tmp_path: Path) -> None:
     path = str(tmp_path / "flows.sqlite3")

@@ -97,6 +97,7 @@ def test_the_thread_starts_with_writes_and_stops_with_the_store(tmp_path: Path) 
 
 def test_a_checkpoint_that_cannot_run_is_skipped_and_the_thread_goes_on(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    before = len(checkpoint_threads())
     checkpointer = WalCheckpointer(str(tmp_path / "no such directory" / "flows.sqlite3"),
                                    interval=0.01)
     caplog.set_level("DEBUG", logger="flow_repository.adapters.store.checkpoints")
@@ -106,6 +107,7 @@ def test_a_checkpoint_that_cannot_run_is_skipped_and_the_thread_goes_on(
         caplog.clear()
         checkpointer.committed()
         assert eventually(lambda: "checkpoint skipped" in caplog.text)
-        assert checkpoint_threads()
+        assert len(checkpoint_threads()) == before + 1  # this one's thread, still running
     finally:
         checkpointer.stop()
+    assert eventually(lambda: len(checkpoint_threads()) == before)

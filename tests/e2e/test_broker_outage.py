@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -60,8 +61,11 @@ def test_broker_cut_and_restored(deploy, iam: FakeIam, bus: Bus, listener, broke
         return body if status == 200 and body["status"] == "warn" else None
 
     body = eventually(degraded, 20, message="/healthcheck to report the queue outage")
-    # Each gunicorn worker notices on its own (within its relay's poll): wait until ten
-    # answers in a row, from whichever workers answer, report it.
+    # Each gunicorn worker notices on its own, within its relay's poll (an idle relay's
+    # connection looks open until it next looks at it). Ten answers in a row may all come
+    # from one worker (the client's kept-alive connection): so let every relay poll once
+    # first, then wait until ten answers in a row report it.
+    time.sleep(settings.relay_poll_seconds + 0.5)
     eventually(lambda: all(degraded() for _ in range(10)), 20,
                message="every API worker to report the queue outage")
     assert body["details"]["queue"]["connected"] is False

@@ -16,7 +16,9 @@ import pika
 import pika.exceptions
 import requests
 
-TARGET_MS = 500.0
+# p99 targets: start -> flow.starting from the scale-out issue, started -> active from the first
+START_TO_STARTING_TARGET_MS = 200.0
+STARTED_TO_ACTIVE_TARGET_MS = 500.0
 
 
 class Listener:
@@ -99,7 +101,7 @@ def wait_for_consumer(queue: str, timeout: float = 60.0) -> None:
     raise RuntimeError(f"the service did not start consuming {queue} within {timeout}s")
 
 
-def summary(values_ms: list[float]) -> dict[str, Any]:
+def summary(values_ms: list[float], target_ms: float) -> dict[str, Any]:
     return {
         "n": len(values_ms),
         "p50Ms": round(harness.percentile(values_ms, 0.50), 2),
@@ -107,8 +109,8 @@ def summary(values_ms: list[float]) -> dict[str, Any]:
         "p99Ms": round(harness.percentile(values_ms, 0.99), 2),
         "maxMs": round(max(values_ms), 2),
         "meanMs": round(sum(values_ms) / len(values_ms), 2),
-        "targetP99Ms": TARGET_MS,
-        "met": harness.percentile(values_ms, 0.99) < TARGET_MS,
+        "targetP99Ms": target_ms,
+        "met": harness.percentile(values_ms, 0.99) < target_ms,
     }
 
 
@@ -193,11 +195,13 @@ def run(arguments: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "warmupFlows": arguments.warmup,
             "pollMs": arguments.poll_ms,
             "startToStarting": {
-                **summary([max(0.0, value) * 1000 for value in starting]),
+                **summary([max(0.0, value) * 1000 for value in starting],
+                          START_TO_STARTING_TARGET_MS),
                 "arrivedBeforeThe200": early,
                 "rawMinMs": round(min(starting) * 1000, 2),
             },
-            "startedToActive": summary([value * 1000 for value in active]),
+            "startedToActive": summary([value * 1000 for value in active],
+                                      STARTED_TO_ACTIVE_TARGET_MS),
             "workerMemory": server.memory(),
         }
     finally:
@@ -216,7 +220,7 @@ def table(report: dict[str, Any]) -> str:
     for key, label in labels.items():
         row = report[key]
         lines.append(f"| {label} | {row['n']} | {row['p50Ms']:.2f} | {row['p95Ms']:.2f} | "
-                     f"{row['p99Ms']:.2f} | {row['maxMs']:.2f} | p99 < {TARGET_MS:.0f} ms | "
+                     f"{row['p99Ms']:.2f} | {row['maxMs']:.2f} | p99 < {row['targetP99Ms']:.0f} ms | "
                      f"{'yes' if row['met'] else 'NO'} |")
     return "\n".join(lines)
 

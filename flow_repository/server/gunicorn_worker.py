@@ -56,6 +56,7 @@ HEALTH_CONNECTIONS = 16  # connections the health listener holds at once, beside
 HEALTH_PATHS = frozenset({b"/livez", b"/readyz", b"/healthcheck"})
 STREAM_PATHS = frozenset({b"/flows/events"})
 STREAM_SPARE_THREADS = 4  # beyond MAX_WATCHERS: a stream over the bound is refused quickly
+STEP_BACK_SECONDS = 0.002  # a busy worker leaves a new connection to the others this long
 
 
 def error_bytes(status: int, reason: str, message: str, extra_headers: str = "") -> bytes:
@@ -282,6 +283,9 @@ class BufferedThreadWorker(JsonErrorWorker):
         self._buffered = 0  # bytes held by all of self._reading
         self._health_open = 0  # connections of the health listener, counted in nr_conns too
         self._streams: ThreadPoolExecutor | None = None  # GET /flows/events threads
+        self._stepped_back: list[Any] = []  # API listeners left to the other workers for now
+        self._step_back_until = 0.0
+        self._may_take_until = 0.0  # back from a step back: one connection may be taken
 
     def _runtime(self) -> Any:
         return getattr(getattr(self, "wsgi", None), "extensions", {}).get("flow_repository")
@@ -319,10 +323,49 @@ class BufferedThreadWorker(JsonErrorWorker):
     def set_accept_enabled(self, enabled: bool) -> None:
         """Listeners stay registered while the worker runs: past the bound, accept() answers
         503 at once rather than leaving connections (and the health port) unanswered."""
+        self._step_forward()
         super().set_accept_enabled(enabled or self.alive)
+
+    def wait_for_and_dispatch_events(self, timeout: float) -> None:
+        if self._stepped_back:
+            left = self._step_back_until - time.monotonic()
+            if left <= 0:
+                self._step_forward()
+            else:
+                timeout = min(timeout, left)
+        super().wait_for_and_dispatch_events(timeout)
+
+    def _steps_back(self, listener: Any) -> bool:
+        """Whether to leave a waiting connection to another worker for a moment.
+
+        Workers share the listening socket and the kernel hands a new connection to
+        whichever accepts first, so keep-alive clients can pile up on one worker (13 of 16
+        while the other held 3) and wait for its threads while the other idles. A worker
+        already holding a connection per thread steps back for STEP_BACK_SECONDS before
+        each connection it takes: if it is still waiting then, no other worker wanted it.
+        Alone, or below its threads, a worker never waits."""
+        if self.cfg.workers < 2 or self.nr_conns - self._health_open < self.cfg.threads:
+            return False
+        now = time.monotonic()
+        if now < self._may_take_until:
+            self._may_take_until = 0.0  # one connection per step back
+            return False
+        self.poller.unregister(listener)
+        self._stepped_back.append(listener)
+        self._step_back_until = now + STEP_BACK_SECONDS
+        return True
+
+    def _step_forward(self) -> None:
+        if self._stepped_back:
+            for listener in self._stepped_back:
+                self.poller.register(listener, selectors.EVENT_READ, self.accept)
+            self._stepped_back = []
+            self._may_take_until = time.monotonic() + STEP_BACK_SECONDS
 
     def accept(self, listener: Any) -> None:
         health = self._is_health(listener)
+        if not health and self._steps_back(listener):
+            return
         if health:
             full = self._health_open >= HEALTH_CONNECTIONS
         else:

@@ -301,6 +301,10 @@ class Served:
     def url(self, path: str) -> str:
         return self.base_url + path
 
+    def connect(self, timeout: float = 10) -> socket.socket:
+        """A raw TCP connection to the served port."""
+        return socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+
     def get(self, path: str, **kwargs: Any) -> requests.Response:
         return requests.get(self.url(path), timeout=kwargs.pop("timeout", 10), **kwargs)
 

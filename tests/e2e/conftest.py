@@ -109,6 +109,15 @@ class FakeIam:
 
 
 @pytest.fixture
+def client_sockets() -> Iterator[list[socket.socket]]:
+    """Raw client sockets a test opens (``served.connect()``), closed after it."""
+    opened: list[socket.socket] = []
+    yield opened
+    for sock in opened:
+        sock.close()
+
+
+@pytest.fixture
 def iam() -> Iterator[FakeIam]:
     """A fake OIH IAM introspection endpoint on 127.0.0.1, recording every call."""
     fake = FakeIam()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import os
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,14 +16,6 @@ pytestmark = pytest.mark.e2e
 WORKERS = 2
 THREADS = 2
 CONNECTIONS = 8  # two per thread of each worker
-
-
-@pytest.fixture
-def client_sockets() -> Iterator[list[socket.socket]]:
-    opened: list[socket.socket] = []
-    yield opened
-    for sock in opened:
-        sock.close()
 
 
 def server_side_inode(server_port: int, client_port: int) -> int | None:
@@ -67,7 +58,7 @@ def wait_for_workers(served: Served, count: int) -> None:
     seen: set[int | None] = set()
 
     def another_answers() -> bool:
-        with socket.create_connection(("127.0.0.1", served.port), timeout=10) as sock:
+        with served.connect() as sock:
             keep_alive_get(sock)
             seen.add(worker_of(served, sock))
         return len(seen - {None}) >= count
@@ -94,8 +85,7 @@ def test_connections_opened_together_are_shared_by_the_workers(
     # and they then wait for its threads while the other worker idles.
     served: Served = serve(WEB_CONCURRENCY=str(WORKERS), GUNICORN_THREADS=str(THREADS))
     wait_for_workers(served, WORKERS)
-    client_sockets.extend(socket.create_connection(("127.0.0.1", served.port), timeout=10)
-                          for _ in range(CONNECTIONS))
+    client_sockets.extend(served.connect() for _ in range(CONNECTIONS))
     for sock in client_sockets:
         assert keep_alive_get(sock).startswith(b"HTTP/1.1 200")
 

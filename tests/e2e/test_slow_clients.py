@@ -6,7 +6,6 @@ import json
 import select
 import socket
 import time
-from collections.abc import Iterator
 
 import pytest
 import requests
@@ -22,16 +21,8 @@ IDLE = 40  # connections that send nothing at all (220 in all, beyond the bound 
 PER_REQUEST_TIMEOUT = 10  # generous: answers normally take milliseconds
 
 
-@pytest.fixture
-def stalled_sockets() -> Iterator[list[socket.socket]]:
-    opened: list[socket.socket] = []
-    yield opened
-    for sock in opened:
-        sock.close()
-
-
 def connect(served: Served) -> socket.socket:
-    return socket.create_connection(("127.0.0.1", served.port), timeout=PER_REQUEST_TIMEOUT)
+    return served.connect(PER_REQUEST_TIMEOUT)
 
 
 PARTIAL_REQUESTS = (
@@ -44,15 +35,15 @@ PARTIAL_REQUESTS = (
 
 
 def test_stalled_and_idle_connections_do_not_stop_other_requests(
-    serve, iam: FakeIam, flow_body, stalled_sockets: list[socket.socket]
+    serve, iam: FakeIam, flow_body, client_sockets: list[socket.socket]
 ) -> None:
     # Two threads: on a stock gthread worker two stalled clients would already stop it.
     served = serve(GUNICORN_THREADS="2", GUNICORN_REQUEST_TIMEOUT="600")
     for index in range(STALLED):
         sock = connect(served)
         sock.sendall(PARTIAL_REQUESTS[index % len(PARTIAL_REQUESTS)])
-        stalled_sockets.append(sock)
-    stalled_sockets.extend(connect(served) for _ in range(IDLE))
+        client_sockets.append(sock)
+    client_sockets.extend(connect(served) for _ in range(IDLE))
 
     headers = bearer(iam.grant())
     for round_number in range(5):
@@ -65,14 +56,14 @@ def test_stalled_and_idle_connections_do_not_stop_other_requests(
         assert listed.status_code == 200
         assert listed.json()["meta"]["total"] == round_number + 1
     # The stalled ones are still connected, not merely dropped to make room.
-    for sock in stalled_sockets:
+    for sock in client_sockets:
         sock.setblocking(False)
         with pytest.raises(BlockingIOError):
             sock.recv(1)
 
 
 def test_open_change_streams_and_stalled_clients_do_not_stop_other_requests(
-    serve, iam: FakeIam, flow_body, stalled_sockets: list[socket.socket]
+    serve, iam: FakeIam, flow_body, client_sockets: list[socket.socket]
 ) -> None:
     # Two request threads and one gunicorn worker; six streams (each held for minutes)
     # beside stalled and idle connections: on the request threads, they would stop it all.
@@ -81,11 +72,11 @@ def test_open_change_streams_and_stalled_clients_do_not_stop_other_requests(
                    MAX_WATCHERS=str(streams), MAX_WATCHERS_PER_CALLER=str(streams))
     watcher = iam.grant("watcher", "tenant-1")
     opened = [open_event_stream(served.port, watcher) for _ in range(streams)]
-    stalled_sockets.extend(opened)
+    client_sockets.extend(opened)
     for index in range(40):
         sock = connect(served)
         sock.sendall(PARTIAL_REQUESTS[index % len(PARTIAL_REQUESTS)])
-        stalled_sockets.append(sock)
+        client_sockets.append(sock)
     headers = bearer(iam.grant("writer", "tenant-1"))
     for round_number in range(5):
         started = time.monotonic()
@@ -114,11 +105,11 @@ def read_to_close(sock: socket.socket) -> bytes:
 
 
 def test_a_request_not_received_in_time_is_answered_408_and_closed(
-    serve, stalled_sockets: list[socket.socket]
+    serve, client_sockets: list[socket.socket]
 ) -> None:
     served = serve(GUNICORN_REQUEST_TIMEOUT="1")
     partial, idle = connect(served), connect(served)
-    stalled_sockets.extend((partial, idle))
+    client_sockets.extend((partial, idle))
     partial.sendall(b"POST /flows HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n{")
     head, _, body = read_to_close(partial).partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408")
@@ -127,14 +118,14 @@ def test_a_request_not_received_in_time_is_answered_408_and_closed(
 
 
 def test_bodies_being_received_are_bounded_in_memory_together(
-    serve, stalled_sockets: list[socket.socket]
+    serve, client_sockets: list[socket.socket]
 ) -> None:
     # 64 bodies of 4 KiB may be held at once by a worker; 80 nearly complete ones are more
     # than that (one gunicorn worker, so that all of them go to it).
     served = serve(WEB_CONCURRENCY="1", MAX_BODY_BYTES="4096", GUNICORN_REQUEST_TIMEOUT="600")
     for _ in range(80):
         sock = connect(served)
-        stalled_sockets.append(sock)
+        client_sockets.append(sock)
         sock.sendall(b"POST /flows HTTP/1.1\r\nHost: x\r\nContent-Length: 4096\r\n\r\n"
                      + b" " * 4000)
     # The worker accepts connections in arrival order and reads each one's bytes before it
@@ -142,7 +133,7 @@ def test_bodies_being_received_are_bounded_in_memory_together(
     # (over loopback, a sent answer is already in the receiving socket).
     assert served.get("/livez", timeout=PER_REQUEST_TIMEOUT).status_code == 200
     refused = 0
-    for sock in stalled_sockets:
+    for sock in client_sockets:
         sock.setblocking(False)
         try:
             answer = sock.recv(4096)
@@ -154,11 +145,11 @@ def test_bodies_being_received_are_bounded_in_memory_together(
 
 
 def test_a_body_announced_over_the_limit_is_refused_before_it_is_sent(
-    serve, stalled_sockets: list[socket.socket]
+    serve, client_sockets: list[socket.socket]
 ) -> None:
     served = serve(MAX_BODY_BYTES="4096")
     sock = connect(served)
-    stalled_sockets.append(sock)
+    client_sockets.append(sock)
     sock.sendall(b"POST /flows HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n")
     head, _, body = read_to_close(sock).partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 413")
@@ -166,11 +157,11 @@ def test_a_body_announced_over_the_limit_is_refused_before_it_is_sent(
 
 
 def test_expect_100_continue_and_pipelined_requests_are_served(
-    serve, stalled_sockets: list[socket.socket]
+    serve, client_sockets: list[socket.socket]
 ) -> None:
     served = serve()
     sock = connect(served)
-    stalled_sockets.append(sock)
+    client_sockets.append(sock)
     sock.sendall(b"POST /flows HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
                  b"Content-Length: 2\r\n\r\n")
     assert sock.recv(4096) == b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -232,11 +223,11 @@ def test_access_log_lines_are_json_whatever_the_request_holds(serve, iam: FakeIa
 
 
 def test_a_head_over_64_kib_is_refused_431_while_it_arrives(
-    serve, stalled_sockets: list[socket.socket]
+    serve, client_sockets: list[socket.socket]
 ) -> None:
     served = serve()
     sock = connect(served)
-    stalled_sockets.append(sock)
+    client_sockets.append(sock)
     # Ten fields of 7 KB each: within gunicorn's per-field limits, never ending.
     sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n"
                  + b"".join(f"X-F{i}: ".encode() + b"a" * 7000 + b"\r\n" for i in range(10)))
@@ -261,7 +252,7 @@ def hold_every_slot(served: Served, slots: int, stalled: list[socket.socket]) ->
 
 
 def test_health_checks_answer_while_slow_clients_hold_every_slot(
-    serve, stalled_sockets: list[socket.socket]
+    serve, client_sockets: list[socket.socket]
 ) -> None:
     """Issue 16: every API slot held by slow connections; the kubelet's port still answers,
     and a new API connection is refused at once with 503 instead of waiting."""
@@ -270,7 +261,7 @@ def test_health_checks_answer_while_slow_clients_hold_every_slot(
     # one gunicorn worker: its slots are the ones filled (embedded serve runs two by default)
     served = serve(WEB_CONCURRENCY="1", GUNICORN_MAX_CONNECTIONS=str(slots), GUNICORN_THREADS="2",
                    GUNICORN_REQUEST_TIMEOUT="600", HEALTH_PORT=str(health_port))
-    hold_every_slot(served, slots, stalled_sockets)
+    hold_every_slot(served, slots, client_sockets)
     health = f"http://127.0.0.1:{health_port}"
     for _ in range(3):
         assert requests.get(f"{health}/livez", timeout=2).status_code == 200
@@ -286,8 +277,8 @@ def test_health_checks_answer_while_slow_clients_hold_every_slot(
     assert head.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in head
     assert json.loads(body)["errors"][0]["code"] == 503
 
-    for sock in stalled_sockets:  # slots free again: the API port serves as before
+    for sock in client_sockets:  # slots free again: the API port serves as before
         sock.close()
-    stalled_sockets.clear()
+    client_sockets.clear()
     eventually(lambda: served.get("/livez", timeout=2).status_code == 200, 10,
                message="the API port to serve again once slots are free")

@@ -14,6 +14,7 @@ from bson import ObjectId
 
 from flow_repository.adapters.store import SqliteFlowStore, utcnow
 from flow_repository.adapters.store.checkpoints import BACKSTOP_PAGES, WalCheckpointer
+from support import eventually
 
 THREAD = "sqlite-checkpoint"
 
@@ -43,15 +44,6 @@ def checkpoint_threads() -> list[threading.Thread]:
     return [thread for thread in threading.enumerate() if thread.name == THREAD]
 
 
-def eventually(condition, seconds: float = 5.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
-
-
 @pytest.mark.parametrize("checkpointing", [True, False])
 def test_written_pages_reach_the_file_from_the_thread_not_from_a_commit(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, checkpointing: bool) -> None:
@@ -68,7 +60,7 @@ def test_written_pages_reach_the_file_from_the_thread_not_from_a_commit(
         scratch = tmp_path / "scratch"
         scratch.mkdir()
         if checkpointing:
-            assert eventually(lambda: flows_in_file_alone(path, scratch) == 20)
+            eventually(lambda: flows_in_file_alone(path, scratch) == 20, 5)
         else:
             time.sleep(0.5)
             assert flows_in_file_alone(path, scratch) == 0
@@ -86,13 +78,13 @@ def test_the_thread_starts_with_writes_and_stops_with_the_store(tmp_path: Path) 
         store.insert(new_flow(1))
         assert len(checkpoint_threads()) == before + 1
         store.close()
-        assert eventually(lambda: len(checkpoint_threads()) == before)
+        eventually(lambda: len(checkpoint_threads()) == before, 5)
         store.insert(new_flow(2))  # a store used again after close checkpoints again
         assert len(checkpoint_threads()) == before + 1
         assert store.get(ObjectId()) is None
     finally:
         store.close()
-    assert eventually(lambda: len(checkpoint_threads()) == before)
+    eventually(lambda: len(checkpoint_threads()) == before, 5)
 
 
 def test_a_checkpoint_that_cannot_run_is_skipped_and_the_thread_goes_on(
@@ -103,11 +95,11 @@ def test_a_checkpoint_that_cannot_run_is_skipped_and_the_thread_goes_on(
     caplog.set_level("DEBUG", logger="flow_repository.adapters.store.checkpoints")
     try:
         checkpointer.committed()
-        assert eventually(lambda: "checkpoint skipped" in caplog.text)
+        eventually(lambda: "checkpoint skipped" in caplog.text, 5)
         caplog.clear()
         checkpointer.committed()
-        assert eventually(lambda: "checkpoint skipped" in caplog.text)
+        eventually(lambda: "checkpoint skipped" in caplog.text, 5)
         assert len(checkpoint_threads()) == before + 1  # this one's thread, still running
     finally:
         checkpointer.stop()
-    assert eventually(lambda: len(checkpoint_threads()) == before)
+    eventually(lambda: len(checkpoint_threads()) == before, 5)

@@ -282,3 +282,30 @@ def test_health_checks_answer_while_slow_clients_hold_every_slot(
     client_sockets.clear()
     eventually(lambda: served.get("/livez", timeout=2).status_code == 200, 10,
                message="the API port to serve again once slots are free")
+
+
+def test_two_workers_with_every_slot_held_refuse_at_once_and_stop_cleanly(
+    serve, client_sockets: list[socket.socket]
+) -> None:
+    """Each worker holds a connection per thread, so each steps back before taking another
+    (tests/e2e/test_connection_spread.py): past the bound a new connection is still refused
+    at once, the health port still answers, and SIGTERM finds every listener to close."""
+    per_worker = 12
+    health_port = free_port()
+    served = serve(WEB_CONCURRENCY="2", GUNICORN_MAX_CONNECTIONS=str(per_worker),
+                   GUNICORN_THREADS="2", GUNICORN_REQUEST_TIMEOUT="600",
+                   HEALTH_PORT=str(health_port))
+    hold_every_slot(served, 2 * per_worker, client_sockets)
+    assert requests.get(f"http://127.0.0.1:{health_port}/livez", timeout=2).status_code == 200
+
+    started = time.monotonic()
+    with connect(served) as sock:
+        sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = read_to_close(sock).partition(b"\r\n\r\n")[0]
+    assert time.monotonic() - started < 3
+    assert head.startswith(b"HTTP/1.1 503")
+
+    # connections arriving as it stops: a worker may be stepping back from them
+    client_sockets.extend(connect(served) for _ in range(4))
+    assert served.terminate(30) == 0
+    assert "Traceback" not in served.stderr()

@@ -270,6 +270,42 @@ def test_memory_is_one_database_for_every_thread_of_the_process() -> None:
     store.close()
 
 
+def test_the_threads_of_a_process_write_on_one_connection_and_read_their_write(
+        tmp_path: Path) -> None:
+    """Writes of every thread go through one connection (its page cache stays warm from one
+    write to the next); a read inside a write, by query or reading, sees what it wrote."""
+    store = SqliteFlowStore.open(str(tmp_path / "flows.sqlite3"))
+    database = store.database
+    used: list[Any] = []
+
+    def write() -> None:
+        with database.writing() as connection:
+            used.append(connection)
+
+    try:
+        threads = [threading.Thread(target=write) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        write()
+        assert len(used) == 4 and all(connection is used[0] for connection in used)
+        with database.writing() as connection:
+            connection.execute("INSERT INTO generations (name, value) VALUES ('probe', 7)")
+            probe = "SELECT value FROM generations WHERE name = 'probe'"
+            assert database.query(probe) == [(7,)]
+            with database.reading() as reader:
+                assert reader.execute(probe).fetchall() == [(7,)]
+            outside: list[Any] = []  # another thread reads the last commit, not this write
+            thread = threading.Thread(target=lambda: outside.append(database.query(probe)))
+            thread.start()
+            thread.join()
+            assert outside == [[]]
+        assert database.query(probe) == [(7,)]
+    finally:
+        store.close()
+
+
 def test_values_that_look_like_the_encodings_tags_come_back_verbatim(
         store: SqliteFlowStore) -> None:
     settings = {"$date": 5, "$oid": "not an id", "one": {"$date": 7}, "two": {"$oid": "x"},
@@ -332,11 +368,12 @@ def test_a_commit_that_fails_leaves_no_transaction_for_the_next_write_to_join(
     store = SqliteFlowStore.open(path)
     database = store.database
     try:
-        database.query("PRAGMA foreign_keys = ON")  # this thread's connection
         with database.writing() as connection:
             connection.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
             connection.execute("CREATE TABLE child (parent REFERENCES parent (id) "
                                "DEFERRABLE INITIALLY DEFERRED)")
+        # the connection writes are made on, between transactions (a no-op inside one)
+        connection.execute("PRAGMA foreign_keys = ON")
         # a deferred constraint is checked by COMMIT, which fails with the transaction open
         with pytest.raises(sqlite3.IntegrityError), database.writing() as connection:
             connection.execute("INSERT INTO child VALUES (1)")

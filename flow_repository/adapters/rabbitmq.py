@@ -145,7 +145,7 @@ class Publisher:
             return 0
         # The underlying channel only queues each message; the wait for the confirms below
         # sends them together (the blocking channel's own publish flushes every message
-        # through a turn of pika's I/O loop: most of the relay's time went there).
+        # through a turn of pika's I/O loop: a third of the relay's time went there).
         channel = self.connect()._impl
         first = self._published + 1
         try:

@@ -362,12 +362,12 @@ def _owner_ids(document: Mapping[str, Any]) -> list[Any]:
 class Database:
     """One SQLite database and this process's connections to it.
 
-    A file is opened once per thread (SQLite connections are not shared between threads
-    here), in WAL mode so that readers never wait for the writer and several processes can
-    share it. ``:memory:`` is one connection that every thread takes in turn. Write
-    transactions begin IMMEDIATE: they take the file's write lock first, waiting up to
-    BUSY_TIMEOUT_SECONDS for another process's transaction, so two writers never both read
-    and then collide on upgrading.
+    A file is read through a connection per thread and written through one connection per
+    process, whose threads take turns on it (see _write_connection); in WAL mode readers
+    never wait for the writer and several processes can share the file. ``:memory:`` is one
+    connection that every thread takes in turn. Write transactions begin IMMEDIATE: they
+    take the file's write lock first, waiting up to BUSY_TIMEOUT_SECONDS for another
+    process's transaction, so two writers never both read and then collide on upgrading.
     """
 
     def __init__(self, path: str) -> None:
@@ -463,7 +463,7 @@ class Database:
     @contextlib.contextmanager
     def reading(self) -> Iterator[sqlite3.Connection]:
         """A connection whose statements all read one snapshot of the database."""
-        writing = getattr(self._local, "writing", None)
+        writing = self._open_write()
         if writing is not None:  # inside a write: its transaction is the snapshot
             yield writing
             return
@@ -482,8 +482,12 @@ class Database:
 
         Inside this thread's open write transaction, the block joins it: a burst of status
         reports is one transaction of many writes, and joining costs next to nothing."""
-        joined = getattr(self._local, "writing", None)
+        joined = self._open_write()
         return _Joined(joined) if joined is not None else self._write_transaction()
+
+    def _open_write(self) -> sqlite3.Connection | None:
+        """The connection of this thread's open write transaction, if it has one."""
+        return getattr(self._local, "writing", None)
 
     @contextlib.contextmanager
     def _write_transaction(self) -> Iterator[sqlite3.Connection]:
@@ -578,7 +582,7 @@ class Database:
 
     def query(self, sql: str, parameters: Sequence[Any] = ()) -> list[tuple]:
         """Every row of one read statement (one statement needs no explicit transaction)."""
-        writing = getattr(self._local, "writing", None)
+        writing = self._open_write()
         if writing is not None:  # inside a write: read what it wrote so far
             return writing.execute(sql, parameters).fetchall()
         with self._using() as connection:

@@ -306,6 +306,33 @@ def test_the_threads_of_a_process_write_on_one_connection_and_read_their_write(
         store.close()
 
 
+def test_a_forked_child_writes_on_a_connection_of_its_own(tmp_path: Path) -> None:
+    """gunicorn forks its workers: a child must not write on the connection its parent
+    opened (nor queue behind the parent's writers); both go on writing to the one file."""
+    import os
+
+    store = SqliteFlowStore.open(str(tmp_path / "flows.sqlite3"))
+    try:
+        with store.database.writing() as parents:
+            pass
+        child = os.fork()
+        if child == 0:  # the child: exit status 0 only if it wrote on a new connection
+            status = 1
+            try:
+                with store.database.writing() as own:
+                    status = 2 if own is parents else 0
+                store.insert(document())
+            finally:
+                os._exit(status)
+        assert os.waitpid(child, 0)[1] == 0
+        with store.database.writing() as again:
+            assert again is parents
+        store.insert(document())
+        assert store.database.query("SELECT count(*) FROM flows") == [(2,)]
+    finally:
+        store.close()
+
+
 def test_values_that_look_like_the_encodings_tags_come_back_verbatim(
         store: SqliteFlowStore) -> None:
     settings = {"$date": 5, "$oid": "not an id", "one": {"$date": 7}, "two": {"$oid": "x"},

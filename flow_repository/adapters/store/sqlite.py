@@ -377,11 +377,10 @@ class Database:
         # :memory: has one connection; its users take turns
         self._turn = threading.RLock() if self.in_memory else None
         self._shared: sqlite3.Connection | None = None
-        self._writer: sqlite3.Connection | None = None  # this process's, see _write_connection
-        self._writer_pid: int | None = None
         self._opened: list[sqlite3.Connection] = []
         self._writers = threading.Lock()
         self._writers_pid = os.getpid()
+        self._writer: sqlite3.Connection | None = None  # see _write_connection
         self._turn_file_descriptor: int | None = None  # this process's, of <path>.write-turn
         self._turn_pid: int | None = None
         self._opened_lock = threading.Lock()
@@ -496,7 +495,7 @@ class Database:
                 yield connection
                 return
             with self._writer_turn():
-                connection = self._write_connection(connection)
+                connection = self._write_connection()
                 connection.execute("BEGIN IMMEDIATE")
                 self._local.writing = connection
                 try:
@@ -551,23 +550,26 @@ class Database:
         finally:
             writers.release()
 
-    def _write_connection(self, thread_connection: sqlite3.Connection) -> sqlite3.Connection:
+    def _write_connection(self) -> sqlite3.Connection:
         """The connection this process writes on, its write turn held. One for all the
         process's threads: SQLite drops a connection's page cache whenever another
         connection wrote, so a connection per thread read back, from the WAL, every page
         of every index a write touches (about 30 reads per POST); the process's own
-        consecutive writes now find them cached."""
+        consecutive writes now find them cached. A forked child opens its own (see
+        _process_writers)."""
         if self.in_memory:
-            return thread_connection
-        if self._writer_pid != os.getpid():
-            self._writer, self._writer_pid = self._connect(), os.getpid()
+            return self._connection()
+        if self._writer is None:
+            self._writer = self._connect()
         return self._writer
 
     def _process_writers(self) -> threading.Lock:
         """This process's queue of writing threads (a forked child starts a queue of its
-        own: a lock held by a thread of the parent would never be let go there)."""
+        own: a lock held by a thread of the parent would never be let go there), and with
+        it the connection they write on: a connection must not cross a fork."""
         if self._writers_pid != os.getpid():
             self._writers, self._writers_pid = threading.Lock(), os.getpid()
+            self._writer = None
         return self._writers
 
     def _turn_file(self) -> int:
@@ -647,7 +649,7 @@ class Database:
             if self._turn_file_descriptor is not None and self._turn_pid == os.getpid():
                 os.close(self._turn_file_descriptor)
             self._turn_file_descriptor = self._turn_pid = None
-        self._shared = self._writer = self._writer_pid = None
+        self._shared = self._writer = None
         self._local = threading.local()
 
 

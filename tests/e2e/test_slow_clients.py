@@ -21,10 +21,6 @@ IDLE = 40  # connections that send nothing at all (220 in all, beyond the bound 
 PER_REQUEST_TIMEOUT = 10  # generous: answers normally take milliseconds
 
 
-def connect(served: Served) -> socket.socket:
-    return served.connect(PER_REQUEST_TIMEOUT)
-
-
 PARTIAL_REQUESTS = (
     b"G",
     b"GET /livez HTTP/1.1\r\nHost: x\r\n",  # the head never ends
@@ -40,10 +36,10 @@ def test_stalled_and_idle_connections_do_not_stop_other_requests(
     # Two threads: on a stock gthread worker two stalled clients would already stop it.
     served = serve(GUNICORN_THREADS="2", GUNICORN_REQUEST_TIMEOUT="600")
     for index in range(STALLED):
-        sock = connect(served)
+        sock = served.connect(PER_REQUEST_TIMEOUT)
         sock.sendall(PARTIAL_REQUESTS[index % len(PARTIAL_REQUESTS)])
         client_sockets.append(sock)
-    client_sockets.extend(connect(served) for _ in range(IDLE))
+    client_sockets.extend(served.connect(PER_REQUEST_TIMEOUT) for _ in range(IDLE))
 
     headers = bearer(iam.grant())
     for round_number in range(5):
@@ -74,7 +70,7 @@ def test_open_change_streams_and_stalled_clients_do_not_stop_other_requests(
     opened = [open_event_stream(served.port, watcher) for _ in range(streams)]
     client_sockets.extend(opened)
     for index in range(40):
-        sock = connect(served)
+        sock = served.connect(PER_REQUEST_TIMEOUT)
         sock.sendall(PARTIAL_REQUESTS[index % len(PARTIAL_REQUESTS)])
         client_sockets.append(sock)
     headers = bearer(iam.grant("writer", "tenant-1"))
@@ -108,7 +104,7 @@ def test_a_request_not_received_in_time_is_answered_408_and_closed(
     serve, client_sockets: list[socket.socket]
 ) -> None:
     served = serve(GUNICORN_REQUEST_TIMEOUT="1")
-    partial, idle = connect(served), connect(served)
+    partial, idle = served.connect(PER_REQUEST_TIMEOUT), served.connect(PER_REQUEST_TIMEOUT)
     client_sockets.extend((partial, idle))
     partial.sendall(b"POST /flows HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n{")
     head, _, body = read_to_close(partial).partition(b"\r\n\r\n")
@@ -124,7 +120,7 @@ def test_bodies_being_received_are_bounded_in_memory_together(
     # than that (one gunicorn worker, so that all of them go to it).
     served = serve(WEB_CONCURRENCY="1", MAX_BODY_BYTES="4096", GUNICORN_REQUEST_TIMEOUT="600")
     for _ in range(80):
-        sock = connect(served)
+        sock = served.connect(PER_REQUEST_TIMEOUT)
         client_sockets.append(sock)
         sock.sendall(b"POST /flows HTTP/1.1\r\nHost: x\r\nContent-Length: 4096\r\n\r\n"
                      + b" " * 4000)
@@ -148,7 +144,7 @@ def test_a_body_announced_over_the_limit_is_refused_before_it_is_sent(
     serve, client_sockets: list[socket.socket]
 ) -> None:
     served = serve(MAX_BODY_BYTES="4096")
-    sock = connect(served)
+    sock = served.connect(PER_REQUEST_TIMEOUT)
     client_sockets.append(sock)
     sock.sendall(b"POST /flows HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n")
     head, _, body = read_to_close(sock).partition(b"\r\n\r\n")
@@ -160,7 +156,7 @@ def test_expect_100_continue_and_pipelined_requests_are_served(
     serve, client_sockets: list[socket.socket]
 ) -> None:
     served = serve()
-    sock = connect(served)
+    sock = served.connect(PER_REQUEST_TIMEOUT)
     client_sockets.append(sock)
     sock.sendall(b"POST /flows HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
                  b"Content-Length: 2\r\n\r\n")
@@ -226,7 +222,7 @@ def test_a_head_over_64_kib_is_refused_431_while_it_arrives(
     serve, client_sockets: list[socket.socket]
 ) -> None:
     served = serve()
-    sock = connect(served)
+    sock = served.connect(PER_REQUEST_TIMEOUT)
     client_sockets.append(sock)
     # Ten fields of 7 KB each: within gunicorn's per-field limits, never ending.
     sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n"
@@ -242,7 +238,7 @@ def hold_every_slot(served: Served, slots: int, stalled: list[socket.socket]) ->
     the readiness probe, gone since) is replaced."""
     while len(stalled) < slots:
         for index in range(len(stalled), slots):
-            sock = connect(served)
+            sock = served.connect(PER_REQUEST_TIMEOUT)
             sock.sendall(PARTIAL_REQUESTS[index % len(PARTIAL_REQUESTS)])
             stalled.append(sock)
         refused, _, _ = select.select(stalled, [], [], 0.5)  # a held one is never answered
@@ -299,13 +295,13 @@ def test_two_workers_with_every_slot_held_refuse_at_once_and_stop_cleanly(
     assert requests.get(f"http://127.0.0.1:{health_port}/livez", timeout=2).status_code == 200
 
     started = time.monotonic()
-    with connect(served) as sock:
+    with served.connect(PER_REQUEST_TIMEOUT) as sock:
         sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
         head = read_to_close(sock).partition(b"\r\n\r\n")[0]
     assert time.monotonic() - started < 3
     assert head.startswith(b"HTTP/1.1 503")
 
     # connections arriving as it stops: a worker may be stepping back from them
-    client_sockets.extend(connect(served) for _ in range(4))
+    client_sockets.extend(served.connect(PER_REQUEST_TIMEOUT) for _ in range(4))
     assert served.terminate(30) == 0
     assert "Traceback" not in served.stderr()

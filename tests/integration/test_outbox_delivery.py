@@ -308,3 +308,39 @@ def test_a_relay_past_its_publish_deadline_stops_and_cannot_reorder_a_flows_even
     messages = events.events(flow_id=flow_id)
     assert [m.routing_key for m in messages] == ["flowrepo.flow.created", "flow.starting"]
     assert outbox_names(store, flow_id) == []
+
+
+def test_a_batch_over_a_dropped_connection_fails_at_once_and_goes_out_whole_after(
+        settings, broker, broker_proxy):
+    """The publisher queues a batch's messages and sends them while it waits for the
+    confirms: a connection the broker side dropped is found then, not at the deadline,
+    nothing counts as confirmed, and the next batch reconnects and arrives in order."""
+    sink = f"{settings.event_queue}.batch"
+    broker.exchange_declare(settings.event_exchange, "topic", durable=True)
+    broker.queue_declare(sink, durable=False, auto_delete=True)
+    broker.queue_bind(sink, settings.event_exchange, routing_key="#")
+    publisher = Publisher(broker_proxy.url(settings.queue_url), settings.event_exchange)
+    batch = [{"headers": {"name": "flowrepo.flow.created", "eventId": f"event-{number}",
+                          "createdAt": 1733333333000}, "payload": {"number": number}}
+             for number in range(3)]
+    try:
+        publisher.connect()
+        broker_proxy.cut()
+        started = time.monotonic()
+        with pytest.raises(BrokerUnavailable) as refused:
+            publisher.publish_batch(batch, time.monotonic() + 20)
+        assert refused.value.confirmed == 0
+        assert time.monotonic() - started < 5
+        assert not publisher.connected
+
+        broker_proxy.restore()
+        assert publisher.publish_batch(batch, time.monotonic() + 20) == len(batch)
+        arrived = []
+        for _ in batch:
+            method, properties, _body = broker.basic_get(sink, auto_ack=True)
+            assert method is not None
+            arrived.append(properties.message_id)
+        assert arrived == [message["headers"]["eventId"] for message in batch]
+    finally:
+        publisher.close()
+        broker.queue_delete(sink)

@@ -335,8 +335,9 @@ class BufferedThreadWorker(JsonErrorWorker):
                 timeout = min(timeout, left)
         super().wait_for_and_dispatch_events(timeout)
 
-    def _steps_back(self, listener: Any) -> bool:
-        """Whether to leave a waiting connection to another worker for a moment.
+    def _step_back(self, listener: Any) -> bool:
+        """Leave a waiting connection to another worker for a moment, if this worker is
+        busy: True when it stepped back (the listener is unregistered until then).
 
         Workers share the listening socket and the kernel hands a new connection to
         whichever accepts first, so keep-alive clients can pile up on one worker (13 of 16
@@ -364,7 +365,7 @@ class BufferedThreadWorker(JsonErrorWorker):
 
     def accept(self, listener: Any) -> None:
         health = self._is_health(listener)
-        if not health and self._steps_back(listener):
+        if not health and self._step_back(listener):
             return
         if health:
             full = self._health_open >= HEALTH_CONNECTIONS

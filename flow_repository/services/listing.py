@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from flow_repository.adapters.store.base import Fits
+from flow_repository.adapters.store.base import Fits, SharedDocument
 from flow_repository.contract import json_text
 from flow_repository.domain import paging
 
@@ -32,7 +32,7 @@ def bounded_page(read: Callable[[Fits], tuple[list[dict], int]],
     sizes: list[int] = []
 
     def fits(document: dict) -> bool:
-        encoded.append(text := json_text(public(document)))
+        encoded.append(text := public_text(document, public))
         sizes.append(len(text))
         return len(sizes) == 1 or sum(sizes) <= max_list_bytes
 
@@ -40,3 +40,13 @@ def bounded_page(read: Callable[[Fits], tuple[list[dict], int]],
     offset = (page_number - 1) * page_size
     size = paging.page_size_within(sizes, offset, page_size, max_list_bytes)
     return Page(paging.page_meta(total, offset, size, page_size), encoded[:size])
+
+
+def public_text(document: dict, public: Callable[[dict], dict]) -> str:
+    """``json_text(public(document))``, derived once per stored state of a shared document."""
+    if not isinstance(document, SharedDocument):
+        return json_text(public(document))
+    text = document.projections.get(public)
+    if text is None:
+        text = document.projections[public] = json_text(public(document))
+    return text

@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 from flask import Flask
 
+from flow_repository.adapters.store.base import SharedDocument
 from flow_repository.domain.flow import ListQuery
+from flow_repository.services.listing import bounded_page
 
 BIG = "x" * 3000  # a setting that makes each flow about 3.5 kB of JSON
 
@@ -97,3 +99,36 @@ def _oid(text: str) -> Any:
     from bson import ObjectId
 
     return ObjectId(text)
+
+
+def test_a_shared_document_is_projected_once_a_fresh_one_every_time() -> None:
+    projected: list[str] = []
+
+    def public(document: dict) -> dict:
+        projected.append(document["name"])
+        return {"name": document["name"]}
+
+    shared, fresh = SharedDocument({"name": "shared"}), {"name": "fresh"}
+
+    def read(fits: Callable[[dict], bool]) -> tuple[list[dict], int]:
+        return [document for document in (shared, fresh) if fits(document) or True], 2
+
+    for _ in range(3):
+        page = bounded_page(read, public, 1, 10, 10_000)
+        assert page.encoded == ['{"name":"shared"}', '{"name":"fresh"}']
+    assert projected == ["shared", "fresh", "fresh", "fresh"]
+
+
+def test_a_page_read_again_after_a_change_shows_the_change(
+        build_app: Callable[..., Flask], auth: Callable[..., dict],
+        flow_body: Callable[..., dict]) -> None:
+    app = build_app()
+    client = app.test_client()
+    ids = make_flows(app, auth(), flow_body, 3)
+    before = client.get("/flows?sort=name", headers=auth()).get_json()["data"]
+    assert client.patch(f"/flows/{ids[1]}", json={"description": "changed"},
+                        headers=auth()).status_code == 200
+    after = client.get("/flows?sort=name", headers=auth()).get_json()["data"]
+    assert [flow["description"] for flow in after] == [
+        before[0]["description"], "changed", before[2]["description"]]
+    assert after[1]["revision"] == before[1]["revision"] + 1

@@ -17,7 +17,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flow_repository.adapters.store import SqliteFlowStore, utcnow
-from flow_repository.adapters.store.sqlite import SqliteHistoryStore, dumps, flow_key, loads
+from flow_repository.adapters.store.base import SharedDocument
+from flow_repository.adapters.store.sqlite import (
+    ListedDocuments,
+    SqliteHistoryStore,
+    dumps,
+    flow_key,
+    loads,
+)
 from flow_repository.domain.flow import STATUSES, ListQuery
 from flow_repository.entrypoints.cli import main
 from flow_repository.settings import Settings
@@ -639,6 +646,40 @@ def test_a_kept_list_total_is_counted_again_once_any_process_changes_who_sees_wh
     assert total() == (1, True)
     reader.close()
     writer.close()
+
+
+def test_a_listed_flow_is_decoded_once_per_stored_state_and_its_projections_with_it(
+        tmp_path: Path) -> None:
+    path = str(tmp_path / "flows.sqlite3")
+    reader, writer = SqliteFlowStore.open(path), SqliteFlowStore.open(path)  # two processes
+    flow = writer.insert(document(name="first"))
+
+    def listed() -> SharedDocument:
+        [found], _ = reader.list(ListQuery(), ("alice",))
+        return found
+
+    first = listed()
+    assert isinstance(first, SharedDocument) and first["name"] == "first"
+    first.projections[str] = "derived once"
+    assert listed() is first  # the row unchanged: the same document, what was derived kept
+    writer.update(flow["_id"], changes={"name": "second"}, history=ENTRY)
+    second = listed()  # changed by another process: decoded again, nothing derived kept
+    assert second is not first and second["name"] == "second" and not second.projections
+    assert first["name"] == "first"  # a reader still holding the old state keeps it
+    with writer.database.writing() as connection:  # the lease is in the row, not the text
+        connection.execute("UPDATE flows SET lease_until = 1, lease_owner = 'relay'")
+    leased = listed()
+    assert leased is not second and leased["relayLeaseOwner"] == "relay"
+    reader.close()
+    writer.close()
+
+
+def test_listed_flows_kept_are_bounded() -> None:
+    listed = ListedDocuments(capacity=4)
+    rows = [(str(number), '{"name":"f"}', None, None) for number in range(10)]
+    documents = [listed.document(row) for row in rows]
+    assert listed.document(rows[-1]) is documents[-1]
+    assert listed.document(rows[0]) is not documents[0]  # forgotten, decoded again
 
 
 KEYS = st.sampled_from(["a", "name", "$date", "$oid", "$esc", "$escname", "$x", "q\"{\"$"])

@@ -158,6 +158,18 @@ Fits = Callable[[dict], bool]
 READ_BATCH = 32  # documents fetched at once while a page is read up to its byte budget
 
 
+class SharedDocument(dict):
+    """A stored flow as a store hands it to every read of the same stored state (a page of
+    a list): never to be changed. ``projections`` keeps what readers derived from it, by the
+    function that derived it, so the next read of that state need not derive it again."""
+
+    __slots__ = ("projections",)
+
+    def __init__(self, document: Mapping[str, Any]) -> None:
+        super().__init__(document)
+        self.projections: dict[Callable[[Any], Any], Any] = {}
+
+
 def read_until(documents: Iterable[dict], fits: Fits | None) -> list[dict]:
     """The documents of a page, read one at a time until ``fits`` says the budget is spent."""
     kept = []
@@ -292,7 +304,8 @@ class Store(Protocol):
 
     Flows are documents with an ``_id``; a flow is live until ``deletedAt`` is set, and a
     deleted flow stays as a hidden tombstone until the relay has published its last event.
-    Every method returns fresh copies: callers never hold stored state. Each change also
+    Every method returns fresh copies, callers never hold stored state, with one exception:
+    the documents of list() may be SharedDocuments, read only. Each change also
     writes one history entry: into ``history`` in the change's own transaction where the
     store has transactions (SQLite), else queued in the flow (``historyOutbox``) and
     written into ``history`` next (MongoDB).

@@ -16,7 +16,7 @@ from __future__ import annotations
 from .flow_service import FlowService
 from .listing import Page
 from .parsing import parse_flow_id, parse_if_match
-from .results import DryRun, InvalidEvent, ItemResult, Saved
+from .results import DryRun, InvalidEvent, ItemResult, Saved, Shown
 
-__all__ = ["DryRun", "FlowService", "InvalidEvent", "ItemResult", "Page", "Saved",
+__all__ = ["DryRun", "FlowService", "InvalidEvent", "ItemResult", "Page", "Saved", "Shown",
            "parse_flow_id", "parse_if_match"]

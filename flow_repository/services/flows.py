@@ -28,10 +28,10 @@ from flow_repository.domain.flow import (
 from .access import FlowAccess, require_inactive, require_revision, scope
 from .bulk import each
 from .entries import definition_entry, deleted_entry
-from .listing import Page, bounded_page
+from .listing import Page, bounded_page, public_text
 from .parsing import parse_flow_id
 from .recorder import HistoryRecorder
-from .results import Checks, DryRun, ItemResult, Saved
+from .results import Checks, DryRun, ItemResult, Saved, Shown
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +59,11 @@ class FlowUseCases:
     references: ReferenceChecker | None = None
     step_log_client: StepLogClient | None = None  # None: no logging service configured
 
-    def get(self, principal: Principal, raw_id: Any) -> dict[str, Any]:
-        flow = self.store.get(parse_flow_id(raw_id), scope(principal))
+    def get(self, principal: Principal, raw_id: Any) -> Shown:
+        flow = self.store.get(parse_flow_id(raw_id), scope(principal), shared=True)
         if flow is None:
             raise FlowNotFound(f"flow {raw_id} not found")
-        return public_flow(flow)
+        return Shown(flow["revision"], public_text(flow, public_flow))
 
     def list(self, principal: Principal, query: ListQuery) -> Page:
         owners = scope(principal)

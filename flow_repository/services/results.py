@@ -26,6 +26,15 @@ class Saved:
 
 
 @dataclass(frozen=True)
+class Shown:
+    """One flow as read for an answer: its revision, and its public form as the JSON text
+    (:func:`~flow_repository.contract.json_text`) the answer holds."""
+
+    revision: int
+    encoded: str
+
+
+@dataclass(frozen=True)
 class ItemResult:
     """The outcome of one item of a bulk request: what it wrote, or why it failed."""
 

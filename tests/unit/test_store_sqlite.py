@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from flow_repository.adapters.store import SqliteFlowStore, utcnow
 from flow_repository.adapters.store.base import SharedDocument
 from flow_repository.adapters.store.sqlite import (
-    ListedDocuments,
+    SharedDocuments,
     SqliteHistoryStore,
     dumps,
     flow_key,
@@ -648,7 +648,7 @@ def test_a_kept_list_total_is_counted_again_once_any_process_changes_who_sees_wh
     writer.close()
 
 
-def test_a_listed_flow_is_decoded_once_per_stored_state_and_its_projections_with_it(
+def test_a_flow_read_to_be_shown_is_decoded_once_per_stored_state_with_its_projections(
         tmp_path: Path) -> None:
     path = str(tmp_path / "flows.sqlite3")
     reader, writer = SqliteFlowStore.open(path), SqliteFlowStore.open(path)  # two processes
@@ -662,6 +662,10 @@ def test_a_listed_flow_is_decoded_once_per_stored_state_and_its_projections_with
     assert isinstance(first, SharedDocument) and first["name"] == "first"
     first.projections[str] = "derived once"
     assert listed() is first  # the row unchanged: the same document, what was derived kept
+    assert reader.get(flow["_id"], ("alice",), shared=True) is first  # GET of one flow too
+    assert reader.get(flow["_id"], ("bob",), shared=True) is None  # still owner-scoped
+    fresh = reader.get(flow["_id"])  # a reader that may change what it reads: its own copy
+    assert fresh == first and fresh is not first and not isinstance(fresh, SharedDocument)
     writer.update(flow["_id"], changes={"name": "second"}, history=ENTRY)
     second = listed()  # changed by another process: decoded again, nothing derived kept
     assert second is not first and second["name"] == "second" and not second.projections
@@ -674,8 +678,8 @@ def test_a_listed_flow_is_decoded_once_per_stored_state_and_its_projections_with
     writer.close()
 
 
-def test_listed_flows_kept_are_bounded() -> None:
-    listed = ListedDocuments(capacity=4)
+def test_flows_kept_for_readers_are_bounded() -> None:
+    listed = SharedDocuments(capacity=4)
     rows = [(str(number), '{"name":"f"}', None, None) for number in range(10)]
     documents = [listed.document(row) for row in rows]
     assert listed.document(rows[-1]) is documents[-1]

@@ -305,7 +305,8 @@ class Store(Protocol):
     Flows are documents with an ``_id``; a flow is live until ``deletedAt`` is set, and a
     deleted flow stays as a hidden tombstone until the relay has published its last event.
     Every method returns fresh copies, callers never hold stored state, with one exception:
-    the documents of list() may be SharedDocuments, read only. Each change also
+    the documents of list() and get(shared=True) may be SharedDocuments, read only. Each
+    change also
     writes one history entry: into ``history`` in the change's own transaction where the
     store has transactions (SQLite), else queued in the flow (``historyOutbox``) and
     written into ``history`` next (MongoDB).
@@ -322,7 +323,8 @@ class Store(Protocol):
     def ensure_indexes(self) -> None: ...
     def together(self) -> contextlib.AbstractContextManager[None]: ...
     def ping(self) -> None: ...
-    def get(self, flow_id: ObjectId, owner_ids: Sequence[str] | None = None) -> dict | None: ...
+    def get(self, flow_id: ObjectId, owner_ids: Sequence[str] | None = None, *,
+            shared: bool = False) -> dict | None: ...
     def list(self, query: ListQuery, owner_ids: Sequence[str] | None, *,
              fits: Fits | None = None) -> tuple[list[dict], int]: ...
     def stuck(self, status: str, changed_before: datetime, *, retries: int,

@@ -178,8 +178,10 @@ class FlowStore:
 
     # ------------------------------------------------------------------------- reads
 
-    def get(self, flow_id: ObjectId, owner_ids: Sequence[str] | None = None) -> dict | None:
-        """The live flow, if it exists and (when ``owner_ids`` is given) one of them owns it."""
+    def get(self, flow_id: ObjectId, owner_ids: Sequence[str] | None = None, *,
+            shared: bool = False) -> dict | None:
+        """The live flow, if it exists and (when ``owner_ids`` is given) one of them owns it
+        (always a fresh copy: ``shared`` allows, but does not need, a shared one)."""
         find = queries.by_id(flow_id)
         with self._call():
             document = self._flows.find_one(find.filter, **self._hint(find))

@@ -51,8 +51,8 @@ MEMORY = ":memory:"
 SCHEMA_VERSION = 3  # 2: the change feed (flow_changes, feed_state); 3: generations, history_at
 # How many list totals a process keeps (see CountedTotals).
 COUNTED_TOTALS = 512
-# How many listed flows a process keeps decoded (see ListedDocuments).
-LISTED_DOCUMENTS = 1024
+# How many flows read for readers only a process keeps decoded (see SharedDocuments).
+SHARED_DOCUMENTS = 1024
 # How long a write waits for another process's transaction before giving up (503).
 BUSY_TIMEOUT_SECONDS = 10.0
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -734,17 +734,18 @@ class CountedTotals:
         return total
 
 
-class ListedDocuments:
-    """The flows this process listed last, decoded, each with the row it was decoded from.
+class SharedDocuments:
+    """The flows this process last read for readers that only read (a page, GET of one
+    flow), decoded, each with the row it was decoded from.
 
-    A page reads its rows anyway; a row read again unchanged (the same document text and
-    lease) is given as the SharedDocument decoded the first time, with what readers derived
-    from it (the page's JSON text of the flow), instead of being decoded, projected and
-    encoded again: that was two thirds of a page's own work. Past ``capacity`` flows, the
-    oldest half is forgotten.
+    Such a read reads its rows anyway; a row read again unchanged (the same document text
+    and lease) is given as the SharedDocument decoded the first time, with what readers
+    derived from it (the flow's JSON text in an answer), instead of being decoded, projected
+    and encoded again: that was two thirds of a page's own work. Past ``capacity`` flows,
+    the oldest half is forgotten.
     """
 
-    def __init__(self, capacity: int = LISTED_DOCUMENTS) -> None:
+    def __init__(self, capacity: int = SHARED_DOCUMENTS) -> None:
         self._capacity = capacity
         self._kept: dict[bytes | str, tuple[tuple, SharedDocument]] = {}
 
@@ -767,7 +768,7 @@ class SqliteFlowStore:
     def __init__(self, database: Database) -> None:
         self.database = database
         self._totals = CountedTotals()
-        self._listed = ListedDocuments()
+        self._shared = SharedDocuments()
         self.history = SqliteHistoryStore(database)
         self.changes = SqliteChangeFeed(database)
 
@@ -800,13 +801,15 @@ class SqliteFlowStore:
 
     # ------------------------------------------------------------------------- reads
 
-    def get(self, flow_id: ObjectId, owner_ids: Sequence[str] | None = None) -> dict | None:
-        """The live flow, if it exists and (when ``owner_ids`` is given) one of them owns it."""
+    def get(self, flow_id: ObjectId, owner_ids: Sequence[str] | None = None, *,
+            shared: bool = False) -> dict | None:
+        """The live flow, if it exists and (when ``owner_ids`` is given) one of them owns it;
+        ``shared``: a SharedDocument (see SharedDocuments), read only."""
         rows = self.database.query(
             f"SELECT {_ROW} FROM flows WHERE id = ? AND deleted IS NULL", (flow_key(flow_id),))
         if not rows:
             return None
-        document = _document(*rows[0])
+        document = self._shared.document(rows[0]) if shared else _document(*rows[0])
         if owner_ids is not None and not owned_by_any(document, owner_ids):
             return None
         return document
@@ -816,7 +819,7 @@ class SqliteFlowStore:
         """One page of live flows matching ``query`` within the caller's scope, and the total.
 
         The page's documents are read a few at a time and no further than ``fits`` allows;
-        they are SharedDocuments (see ListedDocuments), read only.
+        they are SharedDocuments (see SharedDocuments), read only.
         """
         listing = _listing(query, owner_ids)
         if listing is None:
@@ -836,7 +839,7 @@ class SqliteFlowStore:
                     chunk = keys[start:start + READ_BATCH]
                     rows = connection.execute(f"SELECT {_ROW} FROM flows WHERE id IN "
                                               f"({_marks(len(chunk))})", chunk)
-                    documents = {row[0]: self._listed.document(row) for row in rows}
+                    documents = {row[0]: self._shared.document(row) for row in rows}
                     yield from (documents[key] for key in chunk if key in documents)
 
             return read_until(in_order(), fits), total

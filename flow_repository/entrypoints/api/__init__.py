@@ -14,7 +14,7 @@ from flow_repository.contract import error_body, json_text
 from flow_repository.contract.schemas import ErrorResponseSchema
 from flow_repository.domain.flow import Forbidden, InvalidFlow
 from flow_repository.server.bootstrap import Runtime
-from flow_repository.services import DryRun, FlowService, ItemResult, Page, Saved
+from flow_repository.services import DryRun, FlowService, ItemResult, Page, Saved, Shown
 from flow_repository.settings import Settings
 
 MISSING_PERMISSION = "MISSING_PERMISSION"
@@ -134,11 +134,22 @@ def envelope(data: Any, status: int = 200, meta: Mapping[str, Any] | None = None
     return response
 
 
-def page_answer(page: Page) -> Response:
-    """A page of a list, ``{data, meta}``, written from the items' JSON texts the page was
-    measured by (the same encoding as :func:`envelope`'s, keys sorted)."""
-    return Response(f'{{"data":[{",".join(page.encoded)}],"meta":{json_text(page.meta)}}}\n',
+def encoded_answer(data: str, meta: Mapping[str, Any],
+                   headers: Mapping[str, str] | None = None) -> Response:
+    """``{data, meta}`` from the JSON text of its ``data``, encoded as :func:`envelope`
+    encodes (keys sorted)."""
+    return Response(f'{{"data":{data},"meta":{json_text(meta)}}}\n', headers=headers,
                     mimetype="application/json")
+
+
+def page_answer(page: Page) -> Response:
+    """A page of a list, written from the items' JSON texts the page was measured by."""
+    return encoded_answer(f'[{",".join(page.encoded)}]', page.meta)
+
+
+def shown_answer(shown: Shown) -> Response:
+    """One flow as read, its revision the ETag."""
+    return encoded_answer(shown.encoded, {}, {"ETag": f'"{shown.revision}"'})
 
 
 def flow_answer(saved: Saved, status: int = 200) -> Response:

@@ -28,9 +28,7 @@ from . import (
     caller_token,
     dry_run_answer,
     dry_run_requested,
-    envelope,
     error_responses,
-    etag,
     flow_answer,
     json_body,
     json_list,
@@ -38,6 +36,7 @@ from . import (
     require,
     service,
     settings,
+    shown_answer,
 )
 
 blp = Blueprint("flows", __name__, description="Integration flows")
@@ -121,9 +120,7 @@ def update_flows() -> Response:
 @blp.doc(responses=error_responses(400, 401, 403, 404, 503))
 def get_flow(flow_id: str) -> Response:
     """One flow; its revision is returned as the ETag."""
-    principal = caller(settings().flow_read_permission)
-    flow = service().get(principal, flow_id)
-    return envelope(flow, meta={}, headers=etag(flow))
+    return shown_answer(service().get(caller(settings().flow_read_permission), flow_id))
 
 
 @blp.route("/flows/<flow_id>", methods=["PATCH"])

@@ -179,6 +179,7 @@ class StatusConsumer:
                     self._connection.process_data_events(time_limit=0.2)
                     self._apply_burst()
                     self._ack_settled(channel)
+                self._connection.process_data_events(0)  # the acks queued last go out
                 # Not channel.close(): pika would cancel the consumer first, the broker would
                 # hand the queue to a standby consumer, and the messages held here would
                 # return only afterwards, behind later reports of the same flows. Dropping
@@ -212,9 +213,13 @@ class StatusConsumer:
         return channel
 
     def _ack_settled(self, channel: Any) -> None:
-        """Acknowledge every settled message at once (they are all written already)."""
+        """Acknowledge every settled message at once (they are all written already).
+
+        The ack is queued on the connection, not flushed through a turn of pika's I/O loop
+        of its own (that flush was a sixth of the consumer's time): the loop's next
+        process_data_events sends it, at once, as it sends anything queued first."""
         if self._unacked_tag:
-            channel.basic_ack(self._unacked_tag, multiple=True)
+            channel._impl.basic_ack(self._unacked_tag, multiple=True)
             self._unacked_tag = self._unacked_count = 0
 
     def _settled(self, channel: Any, delivery_tag: int) -> None:

@@ -48,6 +48,8 @@ class FakeChannel:
     def __init__(self) -> None:
         self.acked: list[tuple[int, bool]] = []
         self.dead_lettered: list[bytes] = []
+        self._impl = self  # acks are queued on pika's underlying channel: here, the same
+
 
     def basic_ack(self, delivery_tag: int, multiple: bool = False) -> None:
         self.acked.append((delivery_tag, multiple))

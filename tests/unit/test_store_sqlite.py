@@ -3,6 +3,7 @@ what it keeps across reopening, its JSON encoding, and backup and restore under 
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 import threading
@@ -678,12 +679,15 @@ def test_a_flow_read_to_be_shown_is_decoded_once_per_stored_state_with_its_proje
     writer.close()
 
 
-def test_flows_kept_for_readers_are_bounded() -> None:
-    listed = SharedDocuments(capacity=4)
-    rows = [(str(number), '{"name":"f"}', None, None) for number in range(10)]
-    documents = [listed.document(row) for row in rows]
-    assert listed.document(rows[-1]) is documents[-1]
-    assert listed.document(rows[0]) is not documents[0]  # forgotten, decoded again
+@pytest.mark.parametrize("bound", [{"capacity": 4}, {"capacity_chars": 4 * 12}])
+def test_flows_kept_for_readers_are_bounded_in_number_and_in_size(bound: dict) -> None:
+    shared = SharedDocuments(**bound)
+    rows = [(str(number), '{"name":"f"}', None, None) for number in range(10)]  # 12 chars
+    documents = [shared.document(row) for row in rows]
+    assert shared.document(rows[-1]) is documents[-1]
+    assert shared.document(rows[0]) is not documents[0]  # forgotten, decoded again
+    big = ('"big"', json.dumps({"name": "x" * 100}), None, None)
+    assert shared.document(big) is shared.document(big)  # one flow past the size: kept
 
 
 KEYS = st.sampled_from(["a", "name", "$date", "$oid", "$esc", "$escname", "$x", "q\"{\"$"])

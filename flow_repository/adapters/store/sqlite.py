@@ -51,8 +51,10 @@ MEMORY = ":memory:"
 SCHEMA_VERSION = 3  # 2: the change feed (flow_changes, feed_state); 3: generations, history_at
 # How many list totals a process keeps (see CountedTotals).
 COUNTED_TOTALS = 512
-# How many flows read for readers only a process keeps decoded (see SharedDocuments).
+# How many flows read for readers only a process keeps decoded, and how many characters
+# of their stored text at most (see SharedDocuments): about 6 MiB with small flows, 10 at most.
 SHARED_DOCUMENTS = 1024
+SHARED_DOCUMENT_CHARS = 1024 * 1024
 # How long a write waits for another process's transaction before giving up (503).
 BUSY_TIMEOUT_SECONDS = 10.0
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -741,13 +743,18 @@ class SharedDocuments:
     Such a read reads its rows anyway; a row read again unchanged (the same document text
     and lease) is given as the SharedDocument decoded the first time, with what readers
     derived from it (the flow's JSON text in an answer), instead of being decoded, projected
-    and encoded again: that was two thirds of a page's own work. Past ``capacity`` flows,
-    the oldest half is forgotten.
+    and encoded again: that was two thirds of a page's own work. Past ``capacity`` flows or
+    ``capacity_chars`` characters of their stored text (decoded, a flow takes about ten
+    times its text's size), the oldest half is forgotten.
     """
 
-    def __init__(self, capacity: int = SHARED_DOCUMENTS) -> None:
+    def __init__(self, capacity: int = SHARED_DOCUMENTS,
+                 capacity_chars: int = SHARED_DOCUMENT_CHARS) -> None:
         self._capacity = capacity
+        self._capacity_chars = capacity_chars
         self._kept: dict[bytes | str, tuple[tuple, SharedDocument]] = {}
+        self._chars = 0
+        self._lock = threading.Lock()
 
     def document(self, row: tuple) -> SharedDocument:
         """The shared document of ``row`` (id, doc, lease_until, lease_owner)."""
@@ -755,10 +762,15 @@ class SharedDocuments:
         if kept is not None and kept[0] == row:
             return kept[1]
         document = SharedDocument(_document(*row))
-        if len(self._kept) >= self._capacity:
-            for key in list(self._kept)[:self._capacity // 2]:
-                self._kept.pop(key, None)  # another thread may have dropped it first
-        self._kept[row[0]] = (row, document)
+        with self._lock:
+            if len(self._kept) >= self._capacity or self._chars >= self._capacity_chars:
+                for key in list(self._kept)[:max(1, len(self._kept) // 2)]:
+                    self._chars -= len(self._kept.pop(key)[0][1])
+            replaced = self._kept.pop(row[0], None)
+            if replaced is not None:
+                self._chars -= len(replaced[0][1])
+            self._kept[row[0]] = (row, document)
+            self._chars += len(row[1])
         return document
 
 

@@ -221,3 +221,48 @@ def test_standalone_worker_process_consumes_survives_sigkill_and_stops_on_sigter
         if first.poll() is None:
             first.kill()
             first.wait(10)
+
+
+class StoppingConsumer(StatusConsumer):
+    """The real consumer, asked to stop from inside its handler of the last expected report
+    (so its loop ends right after that burst, before another turn could send anything)."""
+
+    def __init__(self, *args, expected: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.expected = expected
+        self.handled = 0
+
+    def handle(self, name: str, body: bytes) -> str:
+        outcome = super().handle(name, body)
+        self.handled += 1
+        if self.handled == self.expected:
+            self._stop.set()
+        return outcome
+
+
+def test_a_consumer_stopped_right_after_a_burst_has_acknowledged_all_of_it(
+        settings, store, bus):
+    """Acks are queued, not flushed one by one: those of the last burst still go out
+    before the stopping consumer drops its connection, so nothing applied comes back."""
+    runtime = Runtime.build(settings, store=store)
+    owner = Principal(sub="user-1", tenant="tenant-1", permissions=frozenset(), is_admin=False)
+    flow_ids = []
+    for number in range(20):
+        flow_id = runtime.service.create(owner, {"name": f"Burst {number}", "graph": {
+            "nodes": [{"id": "a", "componentId": "0" * 23 + "1", "function": "run"}],
+            "edges": []}}).flow["id"]
+        runtime.service.start(owner, flow_id)
+        flow_ids.append(flow_id)
+    consumer = StoppingConsumer(settings, runtime.service, runtime.metrics,
+                                expected=len(flow_ids))
+    consumer.start()
+    try:
+        bus.wait_consumers(1)
+        for flow_id in flow_ids:
+            bus.publish("flow.started", flow_id)
+        eventually(lambda: not consumer.alive, timeout=30, message="consumer stopped")
+    finally:
+        consumer.stop()
+    assert [store.raw(ObjectId(flow_id))["status"] for flow_id in flow_ids] == \
+        ["active"] * len(flow_ids)
+    assert bus.queue_state() == (0, 0)  # every report acked before the connection went

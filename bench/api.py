@@ -115,24 +115,30 @@ def run_wrk(wrk: str, url: str, script: Path, seconds: float, arguments: argpars
     }
 
 
-def measure(wrk: str, url: str, script: Path, arguments: argparse.Namespace, label: str,
-            seconds: float | None = None, warmup: float | None = None) -> dict[str, Any]:
-    warmup = arguments.warmup if warmup is None else warmup
+def measure(wrk: str, server: harness.Server, script: Path, arguments: argparse.Namespace,
+            label: str, seconds: float | None = None) -> dict[str, Any]:
+    """wrk's figures for ``script`` against ``server``, after a warm-up, with the CPU time
+    the server's workers spent per request while measured (every thread: the relay's too;
+    not wrk's, the broker's or the arbiter's)."""
     warmed = 0
-    if warmup > 0:
-        warmed = run_wrk(wrk, url, script, warmup, arguments)["requests"]
-    result = run_wrk(wrk, url, script, arguments.duration if seconds is None else seconds,
+    if arguments.warmup > 0:
+        warmed = run_wrk(wrk, server.url, script, arguments.warmup, arguments)["requests"]
+    before = cpu_seconds(server)
+    result = run_wrk(wrk, server.url, script, arguments.duration if seconds is None else seconds,
                      arguments)
+    result["cpuUsPerRequest"] = round((cpu_seconds(server) - before)
+                                      / max(1, result["requests"]) * 1e6, 1)
     result["warmupRequests"] = warmed
     print(f"  {label:<44} {result['reqPerSec']:>9.1f} req/s  p50 {result['p50Ms']:>8.2f} ms"
-          f"  p99 {result['p99Ms']:>8.2f} ms  errors {result['errors']}", flush=True)
+          f"  p99 {result['p99Ms']:>8.2f} ms  CPU {result['cpuUsPerRequest']:>7.1f} us/req"
+          f"  errors {result['errors']}", flush=True)
     return result
 
 
 def average(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The mean of several measurements of one endpoint (rates and percentiles alike)."""
     merged = dict(runs[0])
-    for key in ("reqPerSec", "p50Ms", "p90Ms", "p99Ms", "meanMs"):
+    for key in ("reqPerSec", "p50Ms", "p90Ms", "p99Ms", "meanMs", "cpuUsPerRequest"):
         merged[key] = round(sum(run[key] for run in runs) / len(runs), 2)
     merged["maxMs"] = max(run["maxMs"] for run in runs)
     for key in ("requests", "errors"):
@@ -200,7 +206,7 @@ def bench_size(size: int, arguments: argparse.Namespace, wrk: str, workdir: Path
             proxy.restore()
             for key, label in ENDPOINTS.items():
                 before = pending(server.url)
-                result = measure(wrk, server.url, scripts[key], arguments,
+                result = measure(wrk, server, scripts[key], arguments,
                                  f"{label}, relay draining", seconds=arguments.drain_duration)
                 result["outboxPendingBefore"] = before
                 result["outboxPendingAfter"] = pending(server.url)
@@ -217,19 +223,19 @@ def bench_size(size: int, arguments: argparse.Namespace, wrk: str, workdir: Path
         outbox_before = pending(server.url)
         # The ceiling is measured just before and just after the service's GET, and averaged,
         # so that drift on the shared machine hits both sides alike.
-        ceiling_runs = [measure(wrk, ceiling.url, scripts["getFlow"], arguments,
+        ceiling_runs = [measure(wrk, ceiling, scripts["getFlow"], arguments,
                                 "ceiling GET /flows/{id}")]
-        idle["getFlow"] = measure(wrk, server.url, scripts["getFlow"], arguments, ENDPOINTS[
+        idle["getFlow"] = measure(wrk, server, scripts["getFlow"], arguments, ENDPOINTS[
             "getFlow"])
-        ceiling_runs.append(measure(wrk, ceiling.url, scripts["getFlow"], arguments,
+        ceiling_runs.append(measure(wrk, ceiling, scripts["getFlow"], arguments,
                                     "ceiling GET /flows/{id}"))
         ceiling_rate = average(ceiling_runs)
-        idle["listFlows"] = measure(wrk, server.url, scripts["listFlows"], arguments,
+        idle["listFlows"] = measure(wrk, server, scripts["listFlows"], arguments,
                                     ENDPOINTS["listFlows"])
         memory_reads = server.memory()
-        idle["createFlow"] = measure(wrk, server.url, scripts["createFlow"], arguments,
+        idle["createFlow"] = measure(wrk, server, scripts["createFlow"], arguments,
                                      ENDPOINTS["createFlow"])
-        idle["updateFlow"] = measure(wrk, server.url, scripts["updateFlow"], arguments,
+        idle["updateFlow"] = measure(wrk, server, scripts["updateFlow"], arguments,
                                      LABELS["updateFlow"])
         memory_end = server.memory()
         outbox_after = pending(server.url)
@@ -237,6 +243,10 @@ def bench_size(size: int, arguments: argparse.Namespace, wrk: str, workdir: Path
         for results in (idle, draining):
             for row in results.values():
                 row["ofCeiling"] = round(row["reqPerSec"] / ceiling_rate["reqPerSec"], 3)
+                # the share of the ceiling's rate this endpoint could reach at most if both
+                # used the same CPUs fully: the ceiling's CPU per request over its own
+                row["cpuBoundOfCeiling"] = round(ceiling_rate["cpuUsPerRequest"]
+                                                 / row["cpuUsPerRequest"], 3)
         return {
             "storedFlows": size,
             "storedFlowsAtEnd": size + posted,
@@ -287,22 +297,6 @@ def cpu_seconds(server: harness.Server) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def measure_cpu(wrk: str, server: harness.Server, script: Path,
-                arguments: argparse.Namespace, label: str) -> dict[str, Any]:
-    """:func:`measure`, plus the CPU time the workers spent per request while measured:
-    on a machine shared with other work, a steadier figure of the cost than the rate."""
-    if arguments.warmup > 0:
-        run_wrk(wrk, server.url, script, arguments.warmup, arguments)
-    before = cpu_seconds(server)
-    result = run_wrk(wrk, server.url, script, arguments.duration, arguments)
-    result["cpuUsPerRequest"] = round((cpu_seconds(server) - before) / result["requests"]
-                                      * 1e6, 1)
-    print(f"  {label:<44} {result['reqPerSec']:>9.1f} req/s  p50 {result['p50Ms']:>8.2f} ms"
-          f"  p99 {result['p99Ms']:>8.2f} ms  CPU {result['cpuUsPerRequest']:>6.1f} us/req"
-          f"  errors {result['errors']}", flush=True)
-    return result
-
-
 def bench_tracing(size: int, arguments: argparse.Namespace, wrk: str, workdir: Path
                   ) -> dict[str, Any]:
     """GET /flows/{id} with tracing off and on, on one seeded database.
@@ -339,9 +333,9 @@ def bench_tracing(size: int, arguments: argparse.Namespace, wrk: str, workdir: P
                                                 f"tracing-{mode}")
                 server.start()
                 try:
-                    runs[mode].append(measure_cpu(wrk, server, script, arguments,
-                                                  f"GET /flows/{{id}}, tracing {mode} "
-                                                  f"(round {round_number + 1})"))
+                    runs[mode].append(measure(wrk, server, script, arguments,
+                                              f"GET /flows/{{id}}, tracing {mode} "
+                                              f"(round {round_number + 1})"))
                 finally:
                     server.stop()
     finally:
@@ -349,9 +343,6 @@ def bench_tracing(size: int, arguments: argparse.Namespace, wrk: str, workdir: P
         if database:
             harness.drop_mongodb_database(arguments.mongodb_url, database)
     off, on = average(runs["off"]), average(runs["on"])
-    for row, mode in ((off, "off"), (on, "on")):
-        row["cpuUsPerRequest"] = round(sum(run["cpuUsPerRequest"] for run in runs[mode])
-                                       / len(runs[mode]), 1)
     return {
         "storedFlows": size,
         "exporter": "OTLP over HTTP (OTEL_TRACES_EXPORTER=otlp) to a port where nothing "
@@ -402,14 +393,15 @@ LABELS = {"getFlow": "GET /flows/{id}", "listFlows": "GET /flows (page of 10, ow
 def table(report: dict[str, Any]) -> str:
     lines = [
         ("| stored flows | endpoint | relay | req/s | p50 ms | p99 ms | errors | vs ceiling "
-         "| outbox pending before / after |"),
-        "|---:|---|---|---:|---:|---:|---:|---:|---|",
+         "| worker CPU us/req | CPU-bound share of ceiling | outbox pending before / after |"),
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for run in report["runs"]:
         row = run["ceiling"]
         lines.append(f"| {run['storedFlows']} | bare Flask (ceiling) GET /flows/{{id}}, mean of "
                      f"2 runs | idle | {row['reqPerSec']:.0f} | {row['p50Ms']:.2f} | "
-                     f"{row['p99Ms']:.2f} | {row['errors']} | 100% | |")
+                     f"{row['p99Ms']:.2f} | {row['errors']} | 100% | "
+                     f"{row['cpuUsPerRequest']:.0f} | 100% | |")
         for phase, results in (("draining", run["whileDraining"]), ("idle", run["endpoints"])):
             for key, row in results.items():
                 backlog = ""
@@ -418,7 +410,9 @@ def table(report: dict[str, Any]) -> str:
                                f"{row['outboxPendingAfter'] or 0:.0f}")
                 lines.append(f"| {run['storedFlows']} | {LABELS[key]} | {phase} | "
                              f"{row['reqPerSec']:.0f} | {row['p50Ms']:.2f} | {row['p99Ms']:.2f} | "
-                             f"{row['errors']} | {row['ofCeiling']:.0%} | {backlog} |")
+                             f"{row['errors']} | {row['ofCeiling']:.0%} | "
+                             f"{row['cpuUsPerRequest']:.0f} | {row['cpuBoundOfCeiling']:.0%} | "
+                             f"{backlog} |")
     lines += [
         "",
         ("| stored flows | owned by caller | creation backlog drained during the runs "

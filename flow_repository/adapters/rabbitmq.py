@@ -107,6 +107,9 @@ class Publisher:
                 selected: list[bool] = []
                 self._channel._impl.confirm_delivery(self._on_confirm,
                                                      lambda _frame: selected.append(True))
+                # A channel the broker closes (say, the exchange deleted: 404 at the next
+                # message) ends the wait for confirms at once, not at the batch's deadline.
+                self._channel._impl.add_on_close_callback(self._on_channel_closed)
                 deadline = time.monotonic() + self._parameters.socket_timeout
                 while not selected:
                     if time.monotonic() > deadline:
@@ -116,6 +119,9 @@ class Publisher:
                 self.close()
                 raise BrokerUnavailable(f"cannot connect to RabbitMQ: {error!r}") from error
         return self._channel
+
+    def _on_channel_closed(self, _channel: Any, reason: BaseException) -> None:
+        self._refused = f"RabbitMQ closed the channel: {reason}"
 
     def _on_confirm(self, frame: Any) -> None:
         method = frame.method

@@ -344,3 +344,40 @@ def test_a_batch_over_a_dropped_connection_fails_at_once_and_goes_out_whole_afte
     finally:
         publisher.close()
         broker.queue_delete(sink)
+
+
+def test_a_batch_whose_channel_the_broker_closes_fails_at_once_and_goes_out_after(
+        settings, broker):
+    """The exchange deleted under a connected publisher: the broker closes the channel at
+    the first message (404). That is found while waiting for the confirms, not at the
+    batch's deadline, and the next batch declares the exchange again and arrives whole."""
+    exchange = f"{settings.event_exchange}.closing"
+    sink = f"{settings.event_queue}.closing"
+    publisher = Publisher(settings.queue_url, exchange)
+    batch = [{"headers": {"name": "flowrepo.flow.created", "eventId": f"event-{number}",
+                          "createdAt": 1733333333000}, "payload": {"number": number}}
+             for number in range(3)]
+    try:
+        publisher.connect()  # declares the exchange
+        broker.exchange_delete(exchange)
+        started = time.monotonic()
+        with pytest.raises(BrokerUnavailable) as refused:
+            publisher.publish_batch(batch, time.monotonic() + 20)
+        assert refused.value.confirmed == 0
+        assert time.monotonic() - started < 5
+        assert not publisher.connected
+
+        broker.queue_declare(sink, durable=False, auto_delete=False)
+        publisher.connect()
+        broker.queue_bind(sink, exchange, routing_key="#")
+        assert publisher.publish_batch(batch, time.monotonic() + 20) == len(batch)
+        arrived = []
+        for _ in batch:
+            method, properties, _body = broker.basic_get(sink, auto_ack=True)
+            assert method is not None
+            arrived.append(properties.message_id)
+        assert arrived == [message["headers"]["eventId"] for message in batch]
+    finally:
+        publisher.close()
+        broker.queue_delete(sink)
+        broker.exchange_delete(exchange)

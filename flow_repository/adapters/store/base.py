@@ -159,9 +159,10 @@ READ_BATCH = 32  # documents fetched at once while a page is read up to its byte
 
 
 class SharedDocument(dict):
-    """A stored flow as a store hands it to every read of the same stored state (a page of
-    a list): never to be changed. ``projections`` keeps what readers derived from it, by the
-    function that derived it, so the next read of that state need not derive it again."""
+    """A stored flow as a store hands it to every read of the same stored state that only
+    reads (a page, GET of one flow): never to be changed. ``projections`` keeps what readers
+    derived from it, by the function that derived it, so the next read of that state need
+    not derive it again."""
 
     __slots__ = ("projections",)
 
@@ -304,11 +305,10 @@ class Store(Protocol):
 
     Flows are documents with an ``_id``; a flow is live until ``deletedAt`` is set, and a
     deleted flow stays as a hidden tombstone until the relay has published its last event.
-    Every method returns fresh copies, callers never hold stored state, with one exception:
-    the documents of list() and get(shared=True) may be SharedDocuments, read only. Each
-    change also
-    writes one history entry: into ``history`` in the change's own transaction where the
-    store has transactions (SQLite), else queued in the flow (``historyOutbox``) and
+    Every method returns fresh copies: callers never hold stored state, except that the
+    documents of list() and get(shared=True) may be SharedDocuments, read only. Each change
+    also writes one history entry: into ``history`` in the change's own transaction where
+    the store has transactions (SQLite), else queued in the flow (``historyOutbox``) and
     written into ``history`` next (MongoDB).
     """
 

@@ -310,6 +310,32 @@ def test_a_relay_past_its_publish_deadline_stops_and_cannot_reorder_a_flows_even
     assert outbox_names(store, flow_id) == []
 
 
+BATCH = [{"headers": {"name": "flowrepo.flow.created", "eventId": f"event-{number}",
+                      "createdAt": 1733333333000}, "payload": {"number": number}}
+         for number in range(3)]
+
+
+def fails_at_once_with_nothing_confirmed(publisher: Publisher) -> None:
+    """A batch whose sending fails raises BrokerUnavailable long before its deadline, with
+    nothing confirmed, and leaves the publisher disconnected."""
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailable) as refused:
+        publisher.publish_batch(BATCH, time.monotonic() + 20)
+    assert refused.value.confirmed == 0
+    assert time.monotonic() - started < 5
+    assert not publisher.connected
+
+
+def goes_out_whole_in_order(publisher: Publisher, broker, sink: str) -> None:
+    assert publisher.publish_batch(BATCH, time.monotonic() + 20) == len(BATCH)
+    arrived = []
+    for _ in BATCH:
+        method, properties, _body = broker.basic_get(sink, auto_ack=True)
+        assert method is not None
+        arrived.append(properties.message_id)
+    assert arrived == [message["headers"]["eventId"] for message in BATCH]
+
+
 def test_a_batch_over_a_dropped_connection_fails_at_once_and_goes_out_whole_after(
         settings, broker, broker_proxy):
     """The publisher queues a batch's messages and sends them while it waits for the
@@ -320,27 +346,12 @@ def test_a_batch_over_a_dropped_connection_fails_at_once_and_goes_out_whole_afte
     broker.queue_declare(sink, durable=False, auto_delete=True)
     broker.queue_bind(sink, settings.event_exchange, routing_key="#")
     publisher = Publisher(broker_proxy.url(settings.queue_url), settings.event_exchange)
-    batch = [{"headers": {"name": "flowrepo.flow.created", "eventId": f"event-{number}",
-                          "createdAt": 1733333333000}, "payload": {"number": number}}
-             for number in range(3)]
     try:
         publisher.connect()
         broker_proxy.cut()
-        started = time.monotonic()
-        with pytest.raises(BrokerUnavailable) as refused:
-            publisher.publish_batch(batch, time.monotonic() + 20)
-        assert refused.value.confirmed == 0
-        assert time.monotonic() - started < 5
-        assert not publisher.connected
-
+        fails_at_once_with_nothing_confirmed(publisher)
         broker_proxy.restore()
-        assert publisher.publish_batch(batch, time.monotonic() + 20) == len(batch)
-        arrived = []
-        for _ in batch:
-            method, properties, _body = broker.basic_get(sink, auto_ack=True)
-            assert method is not None
-            arrived.append(properties.message_id)
-        assert arrived == [message["headers"]["eventId"] for message in batch]
+        goes_out_whole_in_order(publisher, broker, sink)
     finally:
         publisher.close()
         broker.queue_delete(sink)
@@ -354,29 +365,14 @@ def test_a_batch_whose_channel_the_broker_closes_fails_at_once_and_goes_out_afte
     exchange = f"{settings.event_exchange}.closing"
     sink = f"{settings.event_queue}.closing"
     publisher = Publisher(settings.queue_url, exchange)
-    batch = [{"headers": {"name": "flowrepo.flow.created", "eventId": f"event-{number}",
-                          "createdAt": 1733333333000}, "payload": {"number": number}}
-             for number in range(3)]
     try:
         publisher.connect()  # declares the exchange
         broker.exchange_delete(exchange)
-        started = time.monotonic()
-        with pytest.raises(BrokerUnavailable) as refused:
-            publisher.publish_batch(batch, time.monotonic() + 20)
-        assert refused.value.confirmed == 0
-        assert time.monotonic() - started < 5
-        assert not publisher.connected
-
+        fails_at_once_with_nothing_confirmed(publisher)
         broker.queue_declare(sink, durable=False, auto_delete=False)
         publisher.connect()
         broker.queue_bind(sink, exchange, routing_key="#")
-        assert publisher.publish_batch(batch, time.monotonic() + 20) == len(batch)
-        arrived = []
-        for _ in batch:
-            method, properties, _body = broker.basic_get(sink, auto_ack=True)
-            assert method is not None
-            arrived.append(properties.message_id)
-        assert arrived == [message["headers"]["eventId"] for message in batch]
+        goes_out_whole_in_order(publisher, broker, sink)
     finally:
         publisher.close()
         broker.queue_delete(sink)

@@ -684,8 +684,9 @@ def _marks(count: int) -> str:
     return ",".join("?" * count)
 
 
-def _document(key: bytes | str, text: str, lease_until: int | None,
-              lease_owner: str | None) -> dict:
+def _document(row: Sequence[Any]) -> dict:
+    """The flow of a row that starts with the columns of _ROW."""
+    key, text, lease_until, lease_owner = row[:4]
     document = {"_id": _flow_id(key), **loads(text)}
     if lease_until is not None:
         document["relayLeaseUntil"] = from_millis(lease_until)
@@ -761,7 +762,7 @@ class SharedDocuments:
         kept = self._kept.get(row[0])
         if kept is not None and kept[0] == row:
             return kept[1]
-        document = SharedDocument(_document(*row))
+        document = SharedDocument(_document(row))
         with self._lock:
             if len(self._kept) >= self._capacity or self._chars >= self._capacity_chars:
                 for key in list(self._kept)[:max(1, len(self._kept) // 2)]:
@@ -780,7 +781,7 @@ class SqliteFlowStore:
     def __init__(self, database: Database) -> None:
         self.database = database
         self._totals = CountedTotals()
-        self._shared = SharedDocuments()
+        self._shared_documents = SharedDocuments()
         self.history = SqliteHistoryStore(database)
         self.changes = SqliteChangeFeed(database)
 
@@ -821,7 +822,8 @@ class SqliteFlowStore:
             f"SELECT {_ROW} FROM flows WHERE id = ? AND deleted IS NULL", (flow_key(flow_id),))
         if not rows:
             return None
-        document = self._shared.document(rows[0]) if shared else _document(*rows[0])
+        decode = self._shared_documents.document if shared else _document
+        document = decode(rows[0])
         if owner_ids is not None and not owned_by_any(document, owner_ids):
             return None
         return document
@@ -849,21 +851,22 @@ class SqliteFlowStore:
             def in_order() -> Iterator[dict]:
                 for start in range(0, len(keys), READ_BATCH):
                     chunk = keys[start:start + READ_BATCH]
-                    rows = connection.execute(f"SELECT {_ROW} FROM flows WHERE id IN "
-                                              f"({_marks(len(chunk))})", chunk)
-                    documents = {row[0]: self._shared.document(row) for row in rows}
+                    documents = self._documents(connection, chunk,
+                                                self._shared_documents.document)
                     yield from (documents[key] for key in chunk if key in documents)
 
             return read_until(in_order(), fits), total
 
     @staticmethod
-    def _documents(connection: sqlite3.Connection, keys: Sequence[bytes | str]
-                   ) -> dict[bytes | str, dict]:
+    def _documents(connection: sqlite3.Connection, keys: Sequence[bytes | str],
+                   decode: Callable[[tuple], dict] = _document) -> dict[bytes | str, dict]:
+        """The flows of ``keys`` by key, each row made a document by ``decode`` (default: a
+        fresh one)."""
         if not keys:
             return {}
         rows = connection.execute(
             f"SELECT {_ROW} FROM flows WHERE id IN ({_marks(len(keys))})", list(keys))
-        return {row[0]: _document(*row) for row in rows}
+        return {row[0]: decode(row) for row in rows}
 
     def stuck(self, status: str, changed_before: datetime, *, retries: int, limit: int = 100
               ) -> list[dict]:
@@ -872,7 +875,7 @@ class SqliteFlowStore:
             f"SELECT {_ROW} FROM flows WHERE status = ? AND retries = ? AND changed < ? "
             "AND deleted IS NULL ORDER BY changed LIMIT ?",
             (status, retries, millis(changed_before), limit))
-        return [_document(*row) for row in rows]
+        return [_document(row) for row in rows]
 
     def owned_by(self, owner_id: str) -> list[ObjectId]:
         """Ids of every live flow that lists ``owner_id`` among its owners."""
@@ -1011,7 +1014,7 @@ class SqliteFlowStore:
                     return None
             elif revision is not None and current_revision not in revision:
                 return None
-            current = _document(*row[:4])
+            current = _document(row)
             owners = current.get("owners")
             if owner_ids is not None and not owned_by_any(current, owner_ids):
                 return None
@@ -1102,7 +1105,7 @@ class SqliteFlowStore:
             row = connection.execute(f"SELECT {_ROW} FROM flows WHERE id = ?", (key,)).fetchone()
             if row is None:
                 return
-            document = _document(*row)
+            document = _document(row)
             if change(document):
                 self._rewrite(connection, key, document)
 
@@ -1134,7 +1137,7 @@ class SqliteFlowStore:
             f"SELECT {_ROW} FROM flows WHERE history_at IS NOT NULL AND history_at < ? "
             "AND (lease_until IS NULL OR lease_until < ?) ORDER BY history_at, id LIMIT ?",
             (millis(before), millis(utcnow()), limit))
-        return [_document(*row) for row in rows]
+        return [_document(row) for row in rows]
 
     def claim_batch(self, relay_id: str, until: datetime, limit: int,
                     flow_ids: Sequence[ObjectId] | None = None) -> list[dict]:
@@ -1187,7 +1190,7 @@ class SqliteFlowStore:
                 f"SELECT {_ROW} FROM flows WHERE id IN ({_marks(len(rest))})",
                 rest).fetchall() if rest else []
             for row in rows:
-                document = _document(*row)
+                document = _document(row)
                 flow_id = document["_id"]
                 changed = _drop_items(document, "historyOutbox", "entryId",
                                       recorded.get(flow_id, ()))
@@ -1237,7 +1240,7 @@ class SqliteFlowStore:
         (tests compare backends through it; this store keeps keys verbatim)."""
         rows = self.database.query(f"SELECT {_ROW} FROM flows WHERE id = ?",
                                    (flow_key(flow_id),))
-        return encode_keys(_document(*rows[0])) if rows else None
+        return encode_keys(_document(rows[0])) if rows else None
 
     def drop_all(self) -> None:
         """Remove every flow and every history entry."""

@@ -212,14 +212,16 @@ class StatusConsumer:
                                                    on_message_callback=self._on_message)
         return channel
 
-    def _ack_settled(self, channel: Any) -> None:
+    def _ack_settled(self, channel: Any, *, now: bool = False) -> None:
         """Acknowledge every settled message at once (they are all written already).
 
-        The ack is queued on the connection, not flushed through a turn of pika's I/O loop
-        of its own (that flush was a sixth of the consumer's time): the loop's next
-        process_data_events sends it, at once, as it sends anything queued first."""
+        At the end of a turn of the loop the ack is only queued on the connection: the
+        loop's next process_data_events sends it at once (flushing it through a turn of
+        pika's I/O loop of its own was a sixth of the consumer's time). ``now``: sent
+        before this returns."""
         if self._unacked_tag:
-            channel._impl.basic_ack(self._unacked_tag, multiple=True)
+            ack = channel.basic_ack if now else channel._impl.basic_ack
+            ack(self._unacked_tag, multiple=True)
             self._unacked_tag = self._unacked_count = 0
 
     def _settled(self, channel: Any, delivery_tag: int) -> None:
@@ -227,7 +229,7 @@ class StatusConsumer:
         self._unacked_count += 1
         # Ack before the window is used up, so the broker keeps sending while we write.
         if self._unacked_count * 2 >= self._settings.consumer_prefetch:
-            self._ack_settled(channel)
+            self._ack_settled(channel, now=True)
 
     def _pause(self, seconds: float) -> bool:
         """Wait while keeping the connection's heartbeats; False when asked to stop."""

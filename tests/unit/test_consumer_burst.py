@@ -42,17 +42,28 @@ class RecordingRelay:
         self.handed.append(dict(flow))
 
 
+class QueuedAcks:
+    """pika's underlying channel, as far as acks go: queued, sent by the loop's next turn."""
+
+    def __init__(self, channel: FakeChannel) -> None:
+        self._channel = channel
+
+    def basic_ack(self, delivery_tag: int, multiple: bool = False) -> None:
+        self._channel.acked.append((delivery_tag, multiple))
+
+
 class FakeChannel:
     """What the consumer does on its channel: acknowledgements and dead-letter copies."""
 
     def __init__(self) -> None:
         self.acked: list[tuple[int, bool]] = []
+        self.sent_at_once: list[int] = []  # acks the blocking channel flushed as it was told
         self.dead_lettered: list[bytes] = []
-        self._impl = self  # acks are queued on pika's underlying channel: here, the same
-
+        self._impl = QueuedAcks(self)  # pika's underlying channel: acks only queued there
 
     def basic_ack(self, delivery_tag: int, multiple: bool = False) -> None:
         self.acked.append((delivery_tag, multiple))
+        self.sent_at_once.append(delivery_tag)
 
     def basic_publish(self, *, exchange: str, routing_key: str, body: bytes,
                       properties: Any) -> None:
@@ -122,6 +133,18 @@ def test_a_burst_is_applied_in_order_and_acknowledged_once_written(parts) -> Non
     if parts.store.history_with_change:
         handed = handed[-1:]
     assert [(flow["_id"], flow["status"]) for flow in parts.relay.handed] == handed
+
+
+def test_an_ack_that_frees_the_window_goes_out_at_once_the_rest_at_the_next_turn(
+        parts, settings: Settings) -> None:
+    """Half the prefetch window settled: acked at once, so the broker sends more while the
+    rest is written; what is settled at the end of a turn is queued for the next one."""
+    parts.consumer = StatusConsumer(settings.replace(consumer_prefetch=4), parts.service,
+                                    Metrics())
+    deliver(parts, *[("flow.started", report("flow.started", flow_id))
+                     for flow_id in parts.flows])
+    assert parts.channel.acked == [(2, True), (3, True)]
+    assert parts.channel.sent_at_once == [2]
 
 
 @pytest.mark.parametrize("failure", [

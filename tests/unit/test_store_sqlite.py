@@ -4,6 +4,7 @@ what it keeps across reopening, its JSON encoding, and backup and restore under 
 from __future__ import annotations
 
 import json
+import os
 import re
 import sqlite3
 import threading
@@ -317,8 +318,6 @@ def test_the_threads_of_a_process_write_on_one_connection_and_read_their_write(
 def test_a_forked_child_writes_on_a_connection_of_its_own(tmp_path: Path) -> None:
     """gunicorn forks its workers: a child must not write on the connection its parent
     opened (nor queue behind the parent's writers); both go on writing to the one file."""
-    import os
-
     store = SqliteFlowStore.open(str(tmp_path / "flows.sqlite3"))
     try:
         with store.database.writing() as parents:
@@ -427,7 +426,6 @@ def test_a_commit_that_fails_leaves_no_transaction_for_the_next_write_to_join(
 def test_writers_queue_on_the_write_turn_and_a_held_turn_is_unavailability(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import fcntl
-    import os
 
     from flow_repository.adapters.store import StoreUnavailable, sqlite
 
@@ -661,7 +659,7 @@ def test_a_flow_read_to_be_shown_is_decoded_once_per_stored_state_with_its_proje
 
     first = listed()
     assert isinstance(first, SharedDocument) and first["name"] == "first"
-    first.projections[str] = "derived once"
+    first.projections[len] = "derived once"  # keyed by the function that derived it
     assert listed() is first  # the row unchanged: the same document, what was derived kept
     assert reader.get(flow["_id"], ("alice",), shared=True) is first  # GET of one flow too
     assert reader.get(flow["_id"], ("bob",), shared=True) is None  # still owner-scoped

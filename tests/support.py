@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -39,13 +40,30 @@ PRODUCT_EVENTS = (
 
 
 def free_ports(count: int) -> list[int]:
-    """``count`` distinct TCP ports nobody listens on right now (all probed at once, so that
-    the system cannot hand the same one out twice)."""
-    probes = [socket.socket() for _ in range(count)]
+    """``count`` distinct TCP ports nobody uses right now, below the system's range of
+    ephemeral ports: a port the system handed out for probing could meanwhile become the
+    local port of an outgoing connection (a relay's to RabbitMQ), and the server started
+    on it then failed with "Address already in use". All are held at once while probed."""
     try:
-        for probe in probes:
-            probe.bind(("127.0.0.1", 0))
-        return [probe.getsockname()[1] for probe in probes]
+        lowest_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+                               .split()[0])
+    except OSError:  # not Linux
+        lowest_ephemeral = 32768
+    candidates = random.sample(range(10_000, lowest_ephemeral), k=min(count * 20,
+                                                                      lowest_ephemeral - 10_000))
+    probes: list[socket.socket] = []
+    try:
+        for port in candidates:
+            probe = socket.socket()
+            try:
+                probe.bind(("0.0.0.0", port))  # as the servers bind
+            except OSError:
+                probe.close()
+                continue
+            probes.append(probe)
+            if len(probes) == count:
+                return [probe.getsockname()[1] for probe in probes]
+        raise RuntimeError(f"no {count} free ports below {lowest_ephemeral}")
     finally:
         for probe in probes:
             probe.close()
